@@ -1,0 +1,1 @@
+"""tickcast's streaming daemon: Kafka ticks in, batched GRU predictions out."""

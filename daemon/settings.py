@@ -1,0 +1,56 @@
+"""All of the daemon's settings, read once at the edge (environment, then CLI flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """``TICKCAST_*`` environment variables; CLI flags of the same name override them."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TICKCAST_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="ignore",
+    )
+
+    # Kafka
+    bootstrap_servers: str = "localhost:9092"
+    input_topic: str = "ticks"
+    output_topic: str = "predictions"
+    dlq_topic: str = "ticks.dlq"
+    group_id: str = "tickcast"
+    client_id: str = "tickcast"
+    delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+
+    # Model
+    checkpoint_dir: Path = Path("./checkpoints")
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    checkpoint_poll_s: float = Field(default=2.0, gt=0)
+
+    # Batching and flow control
+    max_batch_size: int = Field(default=1024, ge=1, le=65536)
+    max_batch_delay_ms: float = Field(default=5.0, ge=0)
+    fetch_max_records: int = Field(default=5000, ge=1)
+    max_inflight_batches: int = Field(default=8, ge=1)
+    conflate: bool = False
+
+    # Input validation
+    max_tick_bytes: int = Field(default=4096, ge=64)
+    max_symbol_length: int = Field(default=64, ge=1)
+
+    # HTTP and lifecycle
+    metrics_port: int = Field(default=9400, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
+    shutdown_timeout_s: float = Field(default=10.0, gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
