@@ -1,0 +1,183 @@
+"""The daemon's Prometheus metrics, all on one injected registry.
+
+Names follow ``tickcast_<noun>_<unit>``: counters end in ``_total``, durations are
+histograms in seconds. No metric has a per-symbol label: symbols are unbounded.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    Summary,
+)
+from prometheus_client.gc_collector import GCCollector
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+FAST_SECONDS_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+LATENCY_SECONDS_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+LAG_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 3600.0, 86400.0)
+
+
+class DaemonMetrics:
+    """Every metric the daemon exports. Tests build one on a fresh ``CollectorRegistry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        if process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+
+        # Flow
+        self.ticks_consumed = Counter(
+            "tickcast_ticks_consumed_total", "Records read from the input topic.", registry=r
+        )
+        self.bad_ticks = Counter(
+            "tickcast_bad_ticks_total",
+            "Ticks that could not be used, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "tickcast_dead_letter_records_total",
+            "Records written to the dead-letter topic.",
+            registry=r,
+        )
+        self.ticks_dropped = Counter(
+            "tickcast_ticks_dropped_total",
+            "Valid ticks dropped without a prediction, by reason (not_newer: ts not after the "
+            "symbol's last tick, e.g. a redelivery).",
+            ["reason"],
+            registry=r,
+        )
+        self.ticks_conflated = Counter(
+            "tickcast_ticks_conflated_total",
+            "Windows skipped because a newer window of the same symbol was queued (conflation).",
+            registry=r,
+        )
+        self.predictions_published = Counter(
+            "tickcast_predictions_published_total",
+            "Predictions acknowledged by the broker.",
+            registry=r,
+        )
+        self.restored_ticks = Counter(
+            "tickcast_restored_ticks_total",
+            "Ticks replayed into windows after a partition assignment (not scored).",
+            registry=r,
+        )
+
+        # Latency and batching
+        self.batch_size = Histogram(
+            "tickcast_batch_size",
+            "Windows scored per forward pass.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "tickcast_inference_seconds",
+            "Time of one batched forward pass, scaling included.",
+            buckets=FAST_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.end_to_end_seconds = Histogram(
+            "tickcast_end_to_end_seconds",
+            "Tick consumed to its prediction acknowledged.",
+            buckets=LATENCY_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.event_time_lag_seconds = Histogram(
+            "tickcast_event_time_lag_seconds",
+            "Prediction published minus the tick's event time.",
+            buckets=LAG_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.restore_seconds = Histogram(
+            "tickcast_restore_seconds",
+            "Partition assigned to its windows restored and scoring (time to first prediction).",
+            buckets=LATENCY_SECONDS_BUCKETS,
+            registry=r,
+        )
+
+        # State
+        self.consumer_lag = Gauge(
+            "tickcast_consumer_lag_records",
+            "High watermark minus position, per input partition.",
+            ["partition"],
+            registry=r,
+        )
+        self.assigned_partitions = Gauge(
+            "tickcast_assigned_partitions",
+            "Input partitions assigned to this instance.",
+            registry=r,
+        )
+        self.symbols_tracked = Gauge(
+            "tickcast_symbols_tracked", "Symbols with a window in memory.", registry=r
+        )
+        self.inflight_windows = Gauge(
+            "tickcast_inflight_windows",
+            "Windows queued or being scored, not yet acknowledged.",
+            registry=r,
+        )
+        self.fetch_paused = Gauge(
+            "tickcast_fetch_paused", "1 while fetching is paused for backpressure.", registry=r
+        )
+
+        # Model
+        self.model_info = Info(
+            "tickcast_model", "The model version in service and its device.", registry=r
+        )
+        self.model_age_seconds = Gauge(
+            "tickcast_model_age_seconds",
+            "Seconds since the serving checkpoint was created.",
+            registry=r,
+        )
+        self.model_reloads = Counter(
+            "tickcast_model_reloads_total",
+            "Checkpoint swap attempts, by result.",
+            ["result"],
+            registry=r,
+        )
+        # Live accuracy: |prediction - realised next price| for the GRU and for the naive
+        # forecast (last price). rate(_sum)/rate(_count) gives a rolling MAE per forecaster.
+        self.live_abs_error = Summary(
+            "tickcast_live_absolute_error",
+            "Absolute error of each prediction once its symbol's next tick arrives, by forecaster.",
+            ["forecaster"],
+            registry=r,
+        )

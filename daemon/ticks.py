@@ -1,0 +1,169 @@
+"""Decoding and validating ticks from the input topic.
+
+A tick's value is a UTF-8 JSON object ``{"symbol": "QQQ", "price": 312.45, "ts": 1704205800000}``;
+unknown extra fields are ignored and the value's symbol is authoritative (the key is only
+a partitioning hint). Anything else becomes a :class:`BadTick` with a reason, bound for
+the dead-letter topic: a bad tick never raises and never blocks its partition.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+
+# Event times must fit a float64 exactly and be after 1970; the upper bound (year ~2286)
+# rejects values in micro- or nanoseconds, a common producer mistake.
+MAX_TS_MS = 10**13
+
+
+class RawRecord(Protocol):
+    """What we need of an aiokafka ``ConsumerRecord``."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BadTick:
+    """A record that cannot be used, with the reason it goes to the dead-letter topic."""
+
+    record: RawRecord
+    reason: str  # short, bounded vocabulary: used as a metric label
+    detail: str  # human-readable, goes into a header
+
+
+@dataclass
+class DecodedTicks:
+    """The valid ticks of one fetch, as parallel arrays in consumption order."""
+
+    symbols: list[str] = field(default_factory=list)
+    prices: np.ndarray = field(default_factory=lambda: np.empty(0, np.float64))
+    ts: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    partitions: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
+    offsets: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+
+BAD_TICK_REASONS = (
+    "empty",
+    "oversized",
+    "not_utf8",
+    "not_json",
+    "not_object",
+    "missing_field",
+    "bad_symbol",
+    "bad_price",
+    "bad_ts",
+)
+
+
+class _InvalidTickError(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _validate(obj: Any, max_symbol_length: int) -> tuple[str, float, int]:
+    """(symbol, price, ts) of one decoded JSON value, or raise :class:`_InvalidTickError`."""
+    if not isinstance(obj, dict):
+        raise _InvalidTickError(
+            "not_object", f"value is a JSON {type(obj).__name__}, not an object"
+        )
+    try:
+        symbol, price, ts = obj["symbol"], obj["price"], obj["ts"]
+    except KeyError as exc:
+        raise _InvalidTickError("missing_field", f"missing field {exc.args[0]!r}") from None
+    if not isinstance(symbol, str) or not symbol or len(symbol) > max_symbol_length:
+        raise _InvalidTickError(
+            "bad_symbol", f"symbol must be a non-empty string of at most {max_symbol_length} chars"
+        )
+    if not symbol.isprintable():
+        raise _InvalidTickError("bad_symbol", "symbol has non-printable characters")
+    # bool is an int subclass in Python: true/false are neither prices nor times.
+    if isinstance(price, bool) or not isinstance(price, int | float):
+        raise _InvalidTickError("bad_price", f"price must be a number, got {type(price).__name__}")
+    price = float(price)
+    if not math.isfinite(price) or price <= 0.0:
+        raise _InvalidTickError("bad_price", f"price must be finite and positive, got {price!r}")
+    if isinstance(ts, float) and ts.is_integer():
+        ts = int(ts)
+    if isinstance(ts, bool) or not isinstance(ts, int):
+        raise _InvalidTickError(
+            "bad_ts", f"ts must be integer epoch milliseconds, got {type(ts).__name__}"
+        )
+    if not 0 < ts < MAX_TS_MS:
+        raise _InvalidTickError("bad_ts", f"ts {ts} is not epoch milliseconds")
+    return symbol, price, ts
+
+
+def decode_ticks(
+    records: Sequence[RawRecord], *, max_tick_bytes: int, max_symbol_length: int
+) -> tuple[DecodedTicks, list[BadTick]]:
+    """Split records into valid ticks (as arrays) and bad ticks (with reasons)."""
+    symbols: list[str] = []
+    prices: list[float] = []
+    times: list[int] = []
+    partitions: list[int] = []
+    offsets: list[int] = []
+    bad: list[BadTick] = []
+    loads = orjson.loads
+    for record in records:
+        value = record.value
+        if not value:
+            bad.append(BadTick(record, "empty", "record has no value"))
+            continue
+        if len(value) > max_tick_bytes:
+            detail = f"value is {len(value)} bytes, limit {max_tick_bytes}"
+            bad.append(BadTick(record, "oversized", detail))
+            continue
+        try:
+            obj = loads(value)
+        except orjson.JSONDecodeError as exc:
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                bad.append(BadTick(record, "not_utf8", "value is not UTF-8"))
+            else:
+                bad.append(BadTick(record, "not_json", f"value is not JSON: {exc}"[:200]))
+            continue
+        try:
+            symbol, price, ts = _validate(obj, max_symbol_length)
+        except _InvalidTickError as invalid:
+            bad.append(BadTick(record, invalid.reason, invalid.detail))
+            continue
+        symbols.append(symbol)
+        prices.append(price)
+        times.append(ts)
+        partitions.append(record.partition)
+        offsets.append(record.offset)
+    decoded = DecodedTicks(
+        symbols=symbols,
+        prices=np.asarray(prices, dtype=np.float64),
+        ts=np.asarray(times, dtype=np.int64),
+        partitions=np.asarray(partitions, dtype=np.int32),
+        offsets=np.asarray(offsets, dtype=np.int64),
+    )
+    return decoded, bad
+
+
+def encode_tick(symbol: str, price: float, ts: int) -> bytes:
+    """The canonical tick value (used by ``tickcast replay`` and the tests)."""
+    return orjson.dumps({"symbol": symbol, "price": price, "ts": ts})

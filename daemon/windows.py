@@ -1,0 +1,232 @@
+"""Per-symbol rolling price windows in preallocated arrays (pure, no I/O).
+
+Each symbol owns one row ("slot") of a ``[capacity, window_length]`` float64 array holding
+its last prices oldest -> newest; arrays grow in chunks, so a tick costs no Python object.
+:meth:`SymbolWindows.apply` takes a whole fetch of ticks at once and, with array operations
+only, drops ticks that are not newer than their symbol's last tick, rolls every window
+forward, and returns the full window behind each accepted tick.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+GROWTH_CHUNK = 4096
+NO_TS = np.iinfo(np.int64).min
+
+
+@dataclass(frozen=True)
+class AppliedTicks:
+    """What :meth:`SymbolWindows.apply` did with a batch of ticks.
+
+    ``accepted`` indexes the input ticks that moved a window, in input order; the other
+    arrays are parallel to it. ``ready`` marks the accepted ticks whose window is full;
+    ``windows`` holds exactly those windows, one row each, oldest price first.
+    """
+
+    accepted: np.ndarray  # int64 indices into the input
+    slots: np.ndarray  # int64 slot of each accepted tick
+    prev_ts: np.ndarray  # int64 ts of the symbol's previous tick (NO_TS if none)
+    ready: np.ndarray  # bool, window full after this tick
+    windows: np.ndarray  # [ready.sum(), window_length] float64
+    n_input: int
+
+    @property
+    def dropped(self) -> int:
+        """Ticks in the input that were not newer than their symbol's last tick."""
+        return self.n_input - len(self.accepted)
+
+
+class SymbolWindows:
+    """The last ``window_length`` prices of every symbol, plus bookkeeping per slot."""
+
+    def __init__(self, window_length: int, initial_capacity: int = GROWTH_CHUNK) -> None:
+        if window_length < 2:
+            raise ValueError("window_length must be at least 2")
+        self.window_length = window_length
+        self._slots: dict[str, int] = {}
+        self._free: list[int] = []
+        self._capacity = 0
+        self.prices = np.empty((0, window_length), np.float64)
+        self.count = np.empty(0, np.int64)  # prices seen (may exceed window_length)
+        self.last_ts = np.empty(0, np.int64)
+        self.partition = np.empty(0, np.int32)
+        # The newest prediction per slot and the tick ts it was made for: when the next
+        # tick arrives, its realised price scores that prediction (live accuracy).
+        self.last_prediction = np.empty(0, np.float64)
+        self.last_prediction_ts = np.empty(0, np.int64)
+        self._grow(max(initial_capacity, 1))
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __contains__(self, symbol: object) -> bool:
+        return symbol in self._slots
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.prices, self.count, self.last_ts, self.partition)
+        extra = (self.last_prediction, self.last_prediction_ts)
+        return sum(a.nbytes for a in arrays + extra)
+
+    def _grow(self, new_capacity: int) -> None:
+        def grown(array: np.ndarray, fill: float | int) -> np.ndarray:
+            out = np.full((new_capacity, *array.shape[1:]), fill, dtype=array.dtype)
+            out[: len(array)] = array
+            return out
+
+        self.prices = grown(self.prices, np.nan)
+        self.count = grown(self.count, 0)
+        self.last_ts = grown(self.last_ts, NO_TS)
+        self.partition = grown(self.partition, -1)
+        self.last_prediction = grown(self.last_prediction, np.nan)
+        self.last_prediction_ts = grown(self.last_prediction_ts, NO_TS)
+        self._free.extend(range(new_capacity - 1, self._capacity - 1, -1))
+        self._capacity = new_capacity
+
+    def slot_of(self, symbol: str) -> int | None:
+        return self._slots.get(symbol)
+
+    def window(self, symbol: str) -> np.ndarray | None:
+        """A copy of the symbol's stored prices, oldest first (fewer when not yet full)."""
+        slot = self._slots.get(symbol)
+        if slot is None:
+            return None
+        n = min(int(self.count[slot]), self.window_length)
+        return self.prices[slot, self.window_length - n :].copy()
+
+    def slots_for(self, symbols: list[str], partitions: np.ndarray) -> np.ndarray:
+        """Slot per symbol, allocating new ones (recording the input partition)."""
+        slots = np.empty(len(symbols), np.int64)
+        lookup = self._slots
+        for i, symbol in enumerate(symbols):
+            slot = lookup.get(symbol)
+            if slot is None:
+                if not self._free:
+                    self._grow(self._capacity + max(GROWTH_CHUNK, self._capacity // 4))
+                slot = self._free.pop()
+                lookup[symbol] = slot
+                self.partition[slot] = partitions[i]
+            slots[i] = slot
+        return slots
+
+    def drop_partitions(self, partitions: set[int]) -> int:
+        """Forget every symbol read from these input partitions (on revocation)."""
+        if not partitions:
+            return 0
+        doomed = [s for s, slot in self._slots.items() if int(self.partition[slot]) in partitions]
+        for symbol in doomed:
+            slot = self._slots.pop(symbol)
+            self._reset(slot)
+            self._free.append(slot)
+        return len(doomed)
+
+    def _reset(self, slot: int) -> None:
+        self.prices[slot] = np.nan
+        self.count[slot] = 0
+        self.last_ts[slot] = NO_TS
+        self.partition[slot] = -1
+        self.last_prediction[slot] = np.nan
+        self.last_prediction_ts[slot] = NO_TS
+
+    def apply(self, slots: np.ndarray, prices: np.ndarray, ts: np.ndarray) -> AppliedTicks:
+        """Roll windows forward by a batch of ticks given in consumption order.
+
+        A tick is accepted only if its ts is after every earlier tick of its symbol (stored
+        or earlier in this batch), so a redelivered or out-of-order tick never corrupts a
+        window. Vectorised: ticks are grouped by slot with a stable sort, and each window is
+        a slice of ``[stored window, new prices]`` for its group.
+        """
+        n = len(slots)
+        w = self.window_length
+        if n == 0:
+            empty = np.empty(0, np.int64)
+            return AppliedTicks(empty, empty, empty, np.empty(0, bool), np.empty((0, w)), n_input=0)
+
+        order = np.argsort(slots, kind="stable")
+        sorted_slots = slots[order]
+        sorted_ts = ts[order]
+        first = np.r_[True, sorted_slots[1:] != sorted_slots[:-1]]
+        group_of = np.cumsum(first) - 1  # group index of each sorted tick
+
+        # Running max of ts within each group, seeded by the slot's stored last ts. Groups
+        # are made disjoint in value by an offset so one cumulative max serves them all.
+        prior = self.last_ts[sorted_slots[first]]
+        base = int(min(sorted_ts.min(), prior[prior != NO_TS].min(initial=sorted_ts.min())))
+        rel_ts = sorted_ts - base
+        rel_prior = np.where(prior == NO_TS, -1, prior - base)
+        span = int(max(rel_ts.max(), rel_prior.max())) + 2
+        n_groups = len(prior)
+        if span * n_groups >= np.iinfo(np.int64).max // 2:
+            raise OverflowError("tick timestamps span too wide a range for one batch")
+        offset = np.arange(n_groups, dtype=np.int64) * span
+        keys = np.empty(n + n_groups, np.int64)
+        starts = np.flatnonzero(first)
+        tick_pos = np.arange(n) + group_of + 1
+        keys[starts + np.arange(n_groups)] = rel_prior + offset
+        keys[tick_pos] = rel_ts + offset[group_of]
+        running = np.maximum.accumulate(keys)
+        accepted_sorted = keys[tick_pos] > running[tick_pos - 1]
+
+        keep = order[accepted_sorted]
+        accepted = np.sort(keep)  # input order
+        if len(accepted) == 0:
+            empty = np.empty(0, np.int64)
+            return AppliedTicks(empty, empty, empty, np.empty(0, bool), np.empty((0, w)), n_input=n)
+
+        # Regroup the accepted ticks by slot (stable keeps time order within a symbol).
+        acc_order = accepted[np.argsort(slots[accepted], kind="stable")]
+        acc_slots = slots[acc_order]
+        acc_first = np.r_[True, acc_slots[1:] != acc_slots[:-1]]
+        acc_group = np.cumsum(acc_first) - 1
+        group_slots = acc_slots[acc_first]
+        group_start = np.flatnonzero(acc_first)
+        group_size = np.diff(np.r_[group_start, len(acc_order)])
+        rank = np.arange(len(acc_order)) - group_start[acc_group]
+
+        # ext holds, per group, the stored window followed by the new prices.
+        g = len(group_slots)
+        seg_start = np.arange(g) * w + group_start  # where each group's segment begins
+        ext = np.empty(g * w + len(acc_order), np.float64)
+        stored_idx = seg_start[:, None] + np.arange(w)
+        ext[stored_idx] = self.prices[group_slots]
+        new_pos = seg_start[acc_group] + w + rank
+        ext[new_pos] = prices[acc_order]
+
+        prior_count = self.count[group_slots][acc_group]
+        full = prior_count + rank + 1 >= w
+        ready_rows = new_pos[full] - w + 1
+        windows = ext[ready_rows[:, None] + np.arange(w)]
+
+        # Previous tick's ts for each accepted tick (stored last ts for a group's first).
+        acc_ts = ts[acc_order]
+        prev_ts = np.empty(len(acc_order), np.int64)
+        prev_ts[1:] = acc_ts[:-1]
+        prev_ts[acc_first] = self.last_ts[group_slots]
+
+        # Write back: each group's last w values become its stored window.
+        last_pos = seg_start + w + group_size  # one past each group's last price
+        self.prices[group_slots] = ext[(last_pos - w)[:, None] + np.arange(w)]
+        self.count[group_slots] += group_size
+        self.last_ts[group_slots] = acc_ts[group_start + group_size - 1]
+
+        # Report in input order: map the grouped arrays back through acc_order.
+        back = np.argsort(acc_order, kind="stable")
+        ready_input_order = full[back]
+        # windows are in grouped order; reorder the ready ones to input order
+        grouped_ready_index = np.cumsum(full) - 1
+        window_rows = grouped_ready_index[back][ready_input_order]
+        return AppliedTicks(
+            accepted=acc_order[back],
+            slots=acc_slots[back],
+            prev_ts=prev_ts[back],
+            ready=ready_input_order,
+            windows=windows[window_rows],
+            n_input=n,
+        )

@@ -1,0 +1,97 @@
+"""SymbolWindows against a plain per-tick reference implementation."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from daemon.windows import NO_TS, SymbolWindows
+
+
+class ReferenceWindows:
+    """The obvious per-tick loop the vectorised code must agree with."""
+
+    def __init__(self, w: int) -> None:
+        self.w = w
+        self.hist: dict[str, list[float]] = {}
+        self.last: dict[str, int] = {}
+
+    def tick(self, symbol: str, price: float, ts: int) -> tuple[bool, np.ndarray | None, int]:
+        prev = self.last.get(symbol, NO_TS)
+        if ts <= prev:
+            return False, None, prev
+        self.last[symbol] = ts
+        h = self.hist.setdefault(symbol, [])
+        h.append(price)
+        window = np.array(h[-self.w :]) if len(h) >= self.w else None
+        return True, window, prev
+
+
+def run_both(w: int, batches: list[list[tuple[str, float, int]]]) -> None:
+    fast = SymbolWindows(w, initial_capacity=2)
+    ref = ReferenceWindows(w)
+    for batch in batches:
+        symbols = [b[0] for b in batch]
+        prices = np.array([b[1] for b in batch], np.float64)
+        ts = np.array([b[2] for b in batch], np.int64)
+        slots = fast.slots_for(symbols, np.zeros(len(batch), np.int32))
+        applied = fast.apply(slots, prices, ts)
+        expected = [ref.tick(*b) for b in batch]
+        exp_accepted = [i for i, e in enumerate(expected) if e[0]]
+        assert applied.accepted.tolist() == exp_accepted
+        assert applied.dropped == len(batch) - len(exp_accepted)
+        assert applied.prev_ts.tolist() == [expected[i][2] for i in exp_accepted]
+        exp_windows = [expected[i][1] for i in exp_accepted if expected[i][1] is not None]
+        assert applied.ready.sum() == len(exp_windows)
+        if exp_windows:
+            np.testing.assert_array_equal(applied.windows, np.stack(exp_windows))
+        for i, idx in enumerate(applied.accepted):
+            assert applied.slots[i] == fast.slot_of(symbols[idx])
+
+
+tick = st.tuples(
+    st.sampled_from(["A", "B", "C", "D", "E"]),
+    st.floats(min_value=0.01, max_value=1e6, allow_nan=False),
+    st.integers(min_value=1, max_value=40),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(w=st.integers(2, 6), batches=st.lists(st.lists(tick, max_size=30), max_size=6))
+def test_matches_reference_including_out_of_order_and_duplicates(w, batches):
+    run_both(w, batches)
+
+
+def test_window_is_oldest_first_and_rolls():
+    wins = SymbolWindows(3)
+    slots = wins.slots_for(["X"] * 5, np.zeros(5, np.int32))
+    applied = wins.apply(slots, np.arange(1.0, 6.0), np.arange(1, 6))
+    np.testing.assert_array_equal(applied.windows, [[1, 2, 3], [2, 3, 4], [3, 4, 5]])
+    np.testing.assert_array_equal(wins.window("X"), [3, 4, 5])
+
+
+def test_redelivered_ticks_are_dropped_and_window_unchanged():
+    wins = SymbolWindows(3)
+    s = wins.slots_for(["X"] * 4, np.zeros(4, np.int32))
+    wins.apply(s, np.array([1.0, 2, 3, 4]), np.array([10, 20, 30, 40]))
+    again = wins.apply(s[:2], np.array([3.0, 4]), np.array([30, 40]))
+    assert again.dropped == 2
+    assert len(again.windows) == 0
+    np.testing.assert_array_equal(wins.window("X"), [2, 3, 4])
+
+
+def test_grows_past_capacity_and_drops_partitions():
+    wins = SymbolWindows(2, initial_capacity=1)
+    symbols = [f"S{i}" for i in range(10_000)]
+    parts = np.arange(10_000, dtype=np.int32) % 3
+    slots = wins.slots_for(symbols, parts)
+    wins.apply(slots, np.ones(10_000), np.ones(10_000, np.int64))
+    assert len(wins) == 10_000 and wins.capacity >= 10_000
+    removed = wins.drop_partitions({1})
+    assert removed == sum(1 for p in parts if p == 1)
+    assert "S1" not in wins and "S0" in wins
+    # Freed slots are reused and start empty.
+    new = wins.slots_for(["NEW"], np.array([1], np.int32))
+    assert wins.window("NEW") is not None and len(wins.window("NEW")) == 0
+    assert int(new[0]) < wins.capacity
