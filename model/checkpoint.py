@@ -125,7 +125,9 @@ def save_checkpoint(checkpoint_dir: Path | str, model: PriceGRU, meta: Checkpoin
     final = root / meta.version
     if final.exists():
         raise CheckpointError(f"checkpoint version {meta.version!r} already exists in {root}")
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    state = {
+        name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
+    }
     weights = save_safetensors(state, metadata={"format": "pt", "version": meta.version})
     meta = meta.model_copy(
         update={
@@ -156,7 +158,9 @@ def read_meta(version_dir: Path) -> CheckpointMeta:
     try:
         meta = CheckpointMeta.model_validate(raw)
     except ValidationError as exc:
-        raise CheckpointError(f"{meta_path} does not describe a tickcast checkpoint: {exc}") from exc
+        raise CheckpointError(
+            f"{meta_path} does not describe a tickcast checkpoint: {exc}"
+        ) from exc
     if meta.format_version != FORMAT_VERSION:
         raise CheckpointError(
             f"{meta_path}: checkpoint format {meta.format_version} is not supported "

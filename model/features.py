@@ -29,7 +29,9 @@ class ScaledWindows:
     span: torch.Tensor  # [batch] float64, each window's (max - min), floored
 
 
-def as_price_tensor(prices: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+def as_price_tensor(
+    prices: np.ndarray | torch.Tensor, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """A float64 tensor on ``device`` from a [batch, window] array of prices."""
     if isinstance(prices, np.ndarray):
         prices = torch.from_numpy(np.ascontiguousarray(prices, dtype=np.float64))

@@ -59,9 +59,11 @@ def predict_prices(model: nn.Module, prices: np.ndarray | torch.Tensor) -> torch
     forward, but always the same scaling.
     """
     device = next(model.parameters()).device
-    windows = prices.to(device) if isinstance(prices, torch.Tensor) else torch.from_numpy(
-        np.ascontiguousarray(prices, dtype=np.float64)
-    ).to(device)
+    windows = (
+        prices.to(device)
+        if isinstance(prices, torch.Tensor)
+        else torch.from_numpy(np.ascontiguousarray(prices, dtype=np.float64)).to(device)
+    )
     scaled = scale_windows(windows)
     with torch.inference_mode():
         return unscale(model(scaled.inputs), scaled)
