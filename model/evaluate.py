@@ -1,0 +1,148 @@
+"""Forecast quality against the naive forecast (next price = last price), and the picture.
+
+Figures, each for the GRU and for the naive forecast, over the same windows:
+
+- ``rmse`` and ``mae`` in price units;
+- ``mape`` in percent of the actual price;
+- ``directional_accuracy``: the share of windows where ``sign(predicted - last)`` equals
+  ``sign(actual - last)``. Windows where the actual price did not move have no direction
+  and are left out (their count is ``flat_windows``). A forecast of *no move* when the
+  price did move counts as a miss, so the naive forecast scores 0 by construction: it never
+  calls a direction. ``None`` when every window is flat.
+
+The headline is ``rmse_ratio`` = RMSE(GRU) / RMSE(naive): below 1 beats the naive
+forecast, which on liquid prices is very hard to beat.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import nn
+
+from model.gru import predict_prices
+
+PREDICT_BATCH_SIZE = 8192
+
+
+def predict_windows(
+    model: nn.Module, windows: np.ndarray, batch_size: int = PREDICT_BATCH_SIZE
+) -> np.ndarray:
+    """Next-price predictions (float64) for [n, window] price windows, in bounded batches."""
+    if len(windows) == 0:
+        return np.empty(0)
+    model.eval()
+    parts = [
+        predict_prices(model, windows[start : start + batch_size]).cpu().numpy()
+        for start in range(0, len(windows), batch_size)
+    ]
+    return np.concatenate(parts)
+
+
+def forecast_errors(actual: np.ndarray, predicted: np.ndarray, last: np.ndarray) -> dict[str, Any]:
+    """RMSE, MAE, MAPE (%) and directional accuracy of one forecast; see the module doc."""
+    error = predicted - actual
+    moved = np.sign(actual - last)
+    called = np.sign(predicted - last)
+    directional = moved != 0
+    hits = int(np.sum(called[directional] == moved[directional]))
+    n_directional = int(directional.sum())
+    return {
+        "rmse": float(np.sqrt(np.mean(error**2))),
+        "mae": float(np.mean(np.abs(error))),
+        "mape": float(np.mean(np.abs(error) / np.abs(actual)) * 100.0),
+        "directional_accuracy": hits / n_directional if n_directional else None,
+    }
+
+
+def evaluate_forecasts(
+    actual: np.ndarray, predicted: np.ndarray, last: np.ndarray
+) -> dict[str, Any]:
+    """Compare a forecast with the naive one on the same windows.
+
+    ``actual``: the true next prices; ``predicted``: the model's; ``last``: each window's
+    newest price (the naive forecast). Returns ``{"windows", "flat_windows", "gru",
+    "naive", "rmse_ratio"}`` with plain floats, ready for JSON.
+    """
+    actual, predicted, last = (np.asarray(a, dtype=np.float64) for a in (actual, predicted, last))
+    if not actual.shape == predicted.shape == last.shape or actual.ndim != 1:
+        raise ValueError(
+            f"actual, predicted and last must be 1-D of one length, got shapes "
+            f"{actual.shape}, {predicted.shape}, {last.shape}"
+        )
+    if len(actual) == 0:
+        raise ValueError("no forecasts to evaluate")
+    gru = forecast_errors(actual, predicted, last)
+    naive = forecast_errors(actual, last, last)
+    return {
+        "windows": len(actual),
+        "flat_windows": int(np.sum(actual == last)),
+        "gru": gru,
+        "naive": naive,
+        "rmse_ratio": rmse_ratio(gru["rmse"], naive["rmse"]),
+    }
+
+
+def rmse_ratio(model_rmse: float, naive_rmse: float) -> float:
+    if naive_rmse > 0:
+        return model_rmse / naive_rmse
+    return 1.0 if model_rmse == 0 else math.inf
+
+
+def evaluate_model(model: nn.Module, windows: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+    """:func:`evaluate_forecasts` of ``model`` on [n, window] windows and their next prices."""
+    predicted = predict_windows(model, windows)
+    return evaluate_forecasts(targets, predicted, windows[:, -1])
+
+
+def plot_predictions(
+    path: Path | str,
+    actual: np.ndarray,
+    predicted: np.ndarray,
+    last_n: int = 200,
+    *,
+    title: str | None = None,
+    ts: np.ndarray | None = None,
+) -> Path:
+    """Save predicted vs actual prices over the last ``last_n`` points as a PNG.
+
+    Uses the Agg canvas directly (no pyplot, no global backend state), and writes through
+    a temp file and a rename so a reader never sees half a picture.
+    """
+    path = Path(path)
+    actual = np.asarray(actual, dtype=np.float64)[-last_n:]
+    predicted = np.asarray(predicted, dtype=np.float64)[-last_n:]
+    if ts is not None:
+        x: Any = np.asarray(ts, dtype=np.int64)[-last_n:].astype("datetime64[ms]")
+    else:
+        x = np.arange(len(actual))
+    figure = Figure(figsize=(10, 5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot(x, actual, label="actual", color="tab:blue", linewidth=1.5)
+    axes.plot(x, predicted, label="predicted", color="tab:orange", linewidth=1.2)
+    axes.set_title(title or f"Predicted vs actual price, last {len(actual)} test points")
+    axes.set_xlabel("time" if ts is not None else "test point")
+    axes.set_ylabel("price")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    if ts is not None:
+        figure.autofmt_xdate()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        figure.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
