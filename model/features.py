@@ -34,7 +34,10 @@ def as_price_tensor(
 ) -> torch.Tensor:
     """A float64 tensor on ``device`` from a [batch, window] array of prices."""
     if isinstance(prices, np.ndarray):
-        prices = torch.from_numpy(np.ascontiguousarray(prices, dtype=np.float64))
+        array = np.ascontiguousarray(prices, dtype=np.float64)
+        if not array.flags.writeable:
+            array = array.copy()  # torch cannot wrap read-only memory (it warns)
+        prices = torch.from_numpy(array)
     return prices.to(device=device, dtype=torch.float64)
 
 

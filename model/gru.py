@@ -7,7 +7,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from model.features import scale_windows, unscale
+from model.features import as_price_tensor, scale_windows, unscale
 
 
 class ModelConfig(BaseModel):
@@ -59,11 +59,6 @@ def predict_prices(model: nn.Module, prices: np.ndarray | torch.Tensor) -> torch
     forward, but always the same scaling.
     """
     device = next(model.parameters()).device
-    windows = (
-        prices.to(device)
-        if isinstance(prices, torch.Tensor)
-        else torch.from_numpy(np.ascontiguousarray(prices, dtype=np.float64)).to(device)
-    )
-    scaled = scale_windows(windows)
+    scaled = scale_windows(as_price_tensor(prices, device))
     with torch.inference_mode():
         return unscale(model(scaled.inputs), scaled)
