@@ -1,0 +1,115 @@
+"""Training on real data: the loss goes down, the best weights come back, runs repeat exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.data import WindowSet, chronological_split, load_series
+from model.gru import ModelConfig, PriceGRU, predict_prices
+from model.train import TrainConfig, resolve_device, train_model
+
+WINDOW = 30
+
+
+@pytest.fixture(scope="module")
+def nasdaq_split() -> tuple[WindowSet, WindowSet]:
+    """The last 1200 days of the real NASDAQ index, split in time."""
+    (series,) = load_series("dataset:nasdaq")
+    split = chronological_split(
+        type(series)(series.symbol, series.source, series.ts[-1200:], series.prices[-1200:]),
+        window_length=WINDOW,
+    )
+    return split.train, split.val
+
+
+def fit(data: tuple[WindowSet, WindowSet], model: ModelConfig, config: TrainConfig):  # type: ignore[no-untyped-def]
+    train, val = data
+    return train_model(
+        train.windows, train.targets, val.windows, val.targets, model, config, progress=False
+    )
+
+
+def test_defaults() -> None:
+    config = TrainConfig()
+    assert (config.epochs, config.batch_size, config.lr, config.weight_decay) == (30, 256, 1e-3, 0)
+    assert (config.patience, config.seed, config.device) == (5, 0, "auto")
+
+
+def test_untrained_residual_model_is_the_naive_forecast(
+    nasdaq_split: tuple[WindowSet, WindowSet],
+) -> None:
+    windows = nasdaq_split[1].windows
+    predicted = predict_prices(PriceGRU(ModelConfig(window_length=WINDOW)), windows).numpy()
+    np.testing.assert_allclose(predicted, windows[:, -1], rtol=1e-6)
+
+
+def test_training_lowers_validation_loss(nasdaq_split: tuple[WindowSet, WindowSet]) -> None:
+    # The seed's plain head starts far from the answer, so learning must show.
+    result = fit(
+        nasdaq_split,
+        ModelConfig(hidden_size=16, window_length=WINDOW, residual=False),
+        TrainConfig(epochs=4, lr=1e-2, batch_size=64),
+    )
+    assert result.history[0].epoch == 0
+    assert result.best_val_loss < 0.5 * result.history[0].val_loss
+    assert result.history[-1].train_loss < result.history[1].train_loss
+    assert result.best_val_loss == min(h.val_loss for h in result.history)
+    assert result.history[result.best_epoch].val_loss == result.best_val_loss
+    assert not result.model.training
+
+
+def test_residual_model_never_ends_worse_than_untrained(
+    nasdaq_split: tuple[WindowSet, WindowSet],
+) -> None:
+    result = fit(
+        nasdaq_split,
+        ModelConfig(hidden_size=8, window_length=WINDOW),
+        TrainConfig(epochs=3, lr=3e-2, batch_size=64, patience=1),
+    )
+    assert result.best_val_loss <= result.history[0].val_loss
+    # Early stopping: never more than `patience` epochs after the best one.
+    assert len(result.history) - 1 <= result.best_epoch + 1
+    # The returned weights are the best epoch's: recomputing the val loss gives it back.
+    train, val = nasdaq_split
+    from model.features import scale_targets, scale_windows
+
+    scaled = scale_windows(val.windows)
+    with torch.inference_mode():
+        loss = torch.nn.functional.mse_loss(
+            result.model(scaled.inputs), scale_targets(val.targets, scaled)
+        )
+    assert float(loss) == pytest.approx(result.best_val_loss, rel=1e-5)
+
+
+def test_training_is_reproducible(nasdaq_split: tuple[WindowSet, WindowSet]) -> None:
+    model = ModelConfig(hidden_size=8, window_length=WINDOW)
+    config = TrainConfig(epochs=2, lr=1e-2, batch_size=128)
+    first, second = fit(nasdaq_split, model, config), fit(nasdaq_split, model, config)
+    assert first.history == second.history
+    for name, tensor in first.model.state_dict().items():
+        assert torch.equal(tensor, second.model.state_dict()[name]), name
+    other = fit(nasdaq_split, model, config.model_copy(update={"seed": 1}))
+    assert other.history != first.history
+
+
+def test_thread_count_is_restored(nasdaq_split: tuple[WindowSet, WindowSet]) -> None:
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    fit(nasdaq_split, ModelConfig(hidden_size=4, window_length=WINDOW), TrainConfig(epochs=1, num_threads=1))
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
+
+
+def test_window_length_must_match(nasdaq_split: tuple[WindowSet, WindowSet]) -> None:
+    with pytest.raises(ValueError, match="expects"):
+        fit(nasdaq_split, ModelConfig(window_length=WINDOW + 1), TrainConfig(epochs=1))
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
