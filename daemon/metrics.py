@@ -6,6 +6,7 @@ histograms in seconds. No metric has a per-symbol label: symbols are unbounded.
 
 from __future__ import annotations
 
+import numpy as np
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -181,3 +182,23 @@ class DaemonMetrics:
             ["forecaster"],
             registry=r,
         )
+
+
+def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for every v, in one vectorised step.
+
+    A per-value ``observe`` costs about a microsecond of Python; at tens of thousands of
+    predictions a second that adds up. This counts bucket hits with ``np.searchsorted``
+    and adds them in one call per bucket (prometheus_client's buckets are
+    non-cumulative internally; exposition makes them cumulative).
+    """
+    if len(values) == 0:
+        return
+    upper_bounds = np.asarray(histogram._upper_bounds)
+    hits = np.bincount(
+        np.searchsorted(upper_bounds, values, side="left"), minlength=len(upper_bounds)
+    )
+    for bucket, count in zip(histogram._buckets, hits.tolist(), strict=False):
+        if count:
+            bucket.inc(count)
+    histogram._sum.inc(float(values.sum()))

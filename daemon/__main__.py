@@ -1,0 +1,7 @@
+"""``python -m daemon`` = ``tickcast serve``."""
+
+import sys
+
+from daemon.cli import main
+
+raise SystemExit(main(["serve", *sys.argv[1:]]))

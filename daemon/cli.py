@@ -1,0 +1,208 @@
+"""The ``tickcast`` command: serve, retrain, replay, demo, bench.
+
+Settings come from ``TICKCAST_*`` environment variables; a CLI flag of the same name
+(``--max-batch-size`` for ``TICKCAST_MAX_BATCH_SIZE``) overrides it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from pydantic import ValidationError
+
+from daemon.settings import Settings
+
+logger = logging.getLogger("tickcast")
+
+# Flags every Kafka-facing subcommand takes; the rest of Settings belongs to serve.
+KAFKA_FIELDS = (
+    "bootstrap_servers",
+    "input_topic",
+    "security_protocol",
+    "sasl_mechanism",
+    "sasl_username",
+    "sasl_password",
+    "ssl_cafile",
+)
+
+
+def add_settings_arguments(
+    parser: argparse.ArgumentParser, fields: Sequence[str] | None = None
+) -> None:
+    """One ``--flag`` per Settings field (default None: the environment decides)."""
+    group = parser.add_argument_group("settings (override TICKCAST_* environment variables)")
+    for name, field in Settings.model_fields.items():
+        if fields is not None and name not in fields:
+            continue
+        flag = "--" + name.replace("_", "-")
+        env = "TICKCAST_" + name.upper()
+        help_text = f"env {env} (default: {field.default})"
+        if field.annotation is bool:
+            group.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            group.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {
+        name: getattr(args, name)
+        for name in Settings.model_fields
+        if getattr(args, name, None) is not None
+    }
+    return Settings(**overrides)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("aiokafka", "kafka"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+# ---------------------------------------------------------------------------- serve
+def run_serve(args: argparse.Namespace) -> int:
+    from daemon.service import NoCheckpointError, TickcastService
+
+    settings = settings_from_args(args)
+    configure_logging(settings.log_level)
+
+    async def main() -> int:
+        try:
+            service = TickcastService(settings)
+        except NoCheckpointError as exc:
+            print(f"tickcast serve: {exc}", file=sys.stderr)
+            return 3
+        await service.serve()
+        return 130 if service.force_exit else 0
+
+    return asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------- replay
+def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="PATH|dataset:NAME",
+        help="CSV/Parquet with Date and Close columns, a long (symbol, ts, price) "
+        "table, or dataset:nasdaq|sp500|goog|eurusd|btcusd; repeat for more symbols",
+    )
+    parser.add_argument("--rate", default="max", help="ticks per second, or 'max' (default)")
+    parser.add_argument("--limit", type=int, default=None, help="stop after N ticks")
+    parser.add_argument(
+        "--restamp", action="store_true", help="replace historic event times with the wall clock"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_settings_arguments(parser, KAFKA_FIELDS)
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    from aiokafka import AIOKafkaProducer
+
+    from daemon.replay import TickStream, replay
+    from daemon.service import kafka_security_kwargs
+    from model.data import DataError, load_many
+
+    settings = settings_from_args(args)
+    configure_logging(settings.log_level)
+    try:
+        rate = None if args.rate == "max" else float(args.rate)
+        if rate is not None and rate <= 0:
+            raise ValueError
+    except ValueError:
+        print(
+            f"tickcast replay: --rate must be a positive number or 'max', got {args.rate!r}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        stream = TickStream.merge(load_many(args.data), limit=args.limit)
+    except DataError as exc:
+        print(f"tickcast replay: {exc}", file=sys.stderr)
+        return 2
+
+    async def main() -> int:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            **kafka_security_kwargs(settings),
+        )
+        await producer.start()
+        try:
+            sent = await replay(
+                producer,
+                settings.input_topic,
+                stream,
+                rate=rate,
+                restamp=args.restamp,
+                progress=not args.no_progress and sys.stderr.isatty(),
+            )
+        finally:
+            await producer.stop()
+        n_symbols = len(set(stream.symbols.tolist()))
+        print(f"replayed {sent} ticks of {n_symbols} symbols to {settings.input_topic}")
+        return 0
+
+    return asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------- retrain
+def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
+    from model.retrain import add_retrain_arguments as add
+
+    add(parser)
+
+
+def run_retrain(args: argparse.Namespace) -> int:
+    from model.retrain import run_retrain as run
+
+    return run(args)
+
+
+# ---------------------------------------------------------------------------- main
+Command = tuple[
+    str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]
+]
+
+
+def commands() -> list[Command]:
+    return [
+        ("serve", "run the streaming daemon", lambda p: add_settings_arguments(p), run_serve),
+        ("retrain", "train, evaluate and publish a checkpoint", add_retrain_arguments, run_retrain),
+        ("replay", "produce real price series as ticks", add_replay_arguments, run_replay),
+    ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tickcast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text, add_arguments, run in commands():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(command)
+        command.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except ValidationError as exc:
+        print(f"tickcast {args.command}: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

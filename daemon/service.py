@@ -1,0 +1,723 @@
+"""The daemon's lifecycle and its pipeline: ingest -> score -> acknowledge & commit.
+
+Three asyncio tasks joined by FIFO queues, so every prediction of a symbol leaves in tick
+order and offsets are committed strictly in order:
+
+* ingest: ``getmany`` micro-batches -> decode -> roll windows -> :class:`Chunk`
+* score: gather ready windows into one batch (size or delay, as Triton's dynamic batcher
+  does), one forward pass in a worker thread, hand predictions to the producer
+* acknowledge: wait for the broker's acks, then commit the input offsets they cover
+
+Lifecycle in the manner of uvicorn: :meth:`TickcastService.serve` = ``startup()``,
+``main_loop()``, ``shutdown()``; signals only set ``should_exit`` and a second one forces
+the exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import signal
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord, TopicPartition
+
+from daemon.http import HealthServer
+from daemon.metrics import DaemonMetrics, observe_many
+from daemon.model_watcher import ModelWatcher
+from daemon.pipeline import Chunk, Dispatched, ScoringRows
+from daemon.predictor import Predictor, load_predictor, resolve_device
+from daemon.publisher import BatchPublisher, OutRecord
+from daemon.settings import Settings
+from daemon.ticks import BadTick, decode_ticks
+from daemon.windows import SymbolWindows
+from model.checkpoint import CheckpointError, read_latest
+
+logger = logging.getLogger(__name__)
+
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+RETRY_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+class NoCheckpointError(RuntimeError):
+    """The daemon cannot start: there is no loadable checkpoint."""
+
+
+def kafka_security_kwargs(settings: Settings) -> dict[str, Any]:
+    """aiokafka connection arguments for the configured security protocol."""
+    kwargs: dict[str, Any] = {"security_protocol": settings.security_protocol}
+    if settings.sasl_mechanism:
+        kwargs["sasl_mechanism"] = settings.sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.sasl_username
+        if settings.sasl_password is not None:
+            kwargs["sasl_plain_password"] = settings.sasl_password.get_secret_value()
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        kwargs["ssl_context"] = create_ssl_context(
+            cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None
+        )
+    return kwargs
+
+
+def load_serving_predictor(settings: Settings) -> Predictor:
+    """The checkpoint named by LATEST, loaded and self-tested; NoCheckpointError if none."""
+    root = Path(settings.checkpoint_dir)
+    version = read_latest(root)
+    hint = f"train one with: tickcast retrain --data dataset:nasdaq --checkpoint-dir {root}"
+    if version is None:
+        raise NoCheckpointError(f"no checkpoint in {root} (no LATEST file); {hint}")
+    try:
+        return load_predictor(root / version, resolve_device(settings.device))
+    except CheckpointError as exc:
+        raise NoCheckpointError(f"checkpoint {version} in {root} is not loadable: {exc}") from exc
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, service: TickcastService) -> None:
+        self._service = service
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self._service.on_revoked(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self._service.on_assigned(list(assigned))
+
+
+class TickcastService:
+    """One daemon instance: a consumer-group member that scores and publishes ticks."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: DaemonMetrics | None = None,
+        predictor: Predictor | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or DaemonMetrics()
+        self.predictor = predictor or load_serving_predictor(settings)
+        self.windows = SymbolWindows(self.predictor.window_length)
+        self.should_exit = asyncio.Event()
+        self.force_exit = False
+        self.started = False
+        self._stopping = False
+        self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tickcast-infer")
+        self._pending_predictor: Predictor | None = None
+
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._publisher: BatchPublisher | None = None
+        self._chunks: asyncio.Queue[Chunk | None] = asyncio.Queue()
+        self._dispatched: asyncio.Queue[Dispatched | None] = asyncio.Queue()
+        self._inflight_chunks = 0
+        self._inflight_windows = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._resume = asyncio.Event()
+        self._resume.set()
+        self._low_water = 0
+        # Per input partition: replay records below this offset into windows only.
+        self._restore_until: dict[int, int] = {}
+        self._assigned_at: dict[int, float] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._http = HealthServer(self, settings.metrics_host, settings.metrics_port)
+        self._watcher = ModelWatcher(self, settings.checkpoint_dir, settings.checkpoint_poll_s)
+        self._set_model_metrics()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def serve(self) -> None:
+        with self.capture_signals():
+            await self.startup()
+            if self.should_exit.is_set():
+                return
+            try:
+                await self.main_loop()
+            finally:
+                await self.shutdown()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in HANDLED_SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.handle_exit, sig)
+                installed.append(sig)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self._watcher.check_now)
+            installed.append(signal.SIGHUP)
+        try:
+            yield
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    def handle_exit(self, sig: int | None = None) -> None:
+        if self.should_exit.is_set() and sig == signal.SIGINT:
+            # A second Ctrl-C: the user does not want to wait for a graceful stop.
+            self.force_exit = True
+            for task in self._tasks:
+                task.cancel()
+        self.should_exit.set()
+
+    async def startup(self) -> None:
+        s = self.settings
+        security = kafka_security_kwargs(s)
+        await self._http.start()
+        transactional = s.delivery == "exactly_once"
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=s.bootstrap_servers,
+            client_id=f"{s.client_id}-producer",
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=2,
+            max_batch_size=256 * 1024,
+            request_timeout_ms=30_000,
+            transactional_id=f"{s.group_id}-{s.client_id}" if transactional else None,
+            **security,
+        )
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.bootstrap_servers,
+            group_id=s.group_id,
+            client_id=f"{s.client_id}-consumer",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            **security,
+        )
+        await self._producer.start()
+        await self._consumer.start()
+        self._publisher = BatchPublisher(self._producer)
+        self._consumer.subscribe([s.input_topic], listener=_Rebalance(self))
+        self.started = True
+        logger.info(
+            "tickcast serving %s -> %s (model %s on %s, batch<=%d, delay %.1f ms)",
+            s.input_topic,
+            s.output_topic,
+            self.predictor.version,
+            self.predictor.device,
+            s.max_batch_size,
+            s.max_batch_delay_ms,
+        )
+
+    async def main_loop(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._ingest_loop(), name="tickcast-ingest"),
+            asyncio.create_task(self._score_loop(), name="tickcast-score"),
+            asyncio.create_task(self._ack_loop(), name="tickcast-ack"),
+            asyncio.create_task(self._watcher.run(), name="tickcast-model-watcher"),
+            asyncio.create_task(self._lag_loop(), name="tickcast-lag"),
+        ]
+        stop = asyncio.create_task(self.should_exit.wait())
+        done, _ = await asyncio.wait([stop, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stop and not task.cancelled() and task.exception() is not None:
+                logger.error("pipeline task %s failed", task.get_name(), exc_info=task.exception())
+                self.should_exit.set()
+        stop.cancel()
+
+    async def shutdown(self) -> None:
+        """Stop fetching, drain what was fetched, commit, leave the group: bounded in time."""
+        self._stopping = True
+        logger.info("shutting down: draining %d in-flight chunks", self._inflight_chunks)
+        self._resume.set()
+        pipeline, helpers = self._tasks[:3], self._tasks[3:]
+        for task in helpers:
+            task.cancel()
+        try:
+            async with asyncio.timeout(self.settings.shutdown_timeout_s):
+                if pipeline:
+                    ingest, score, ack = pipeline
+                    await asyncio.gather(ingest, return_exceptions=True)
+                    await self._chunks.put(None)
+                    await asyncio.gather(score, ack, return_exceptions=True)
+        except TimeoutError:
+            logger.warning(
+                "graceful stop took over %.1fs; cancelling (uncommitted ticks are redelivered)",
+                self.settings.shutdown_timeout_s,
+            )
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()  # leaves the group
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                await self._producer.stop()  # flushes
+        await self._http.stop()
+        self._inference.shutdown(wait=False, cancel_futures=True)
+        logger.info("stopped")
+
+    # ------------------------------------------------------------------ readiness
+    def readiness(self) -> dict[str, bool]:
+        consumer = self._consumer
+        producer = self._producer
+        return {
+            "model_loaded": self.predictor is not None,
+            "partitions_assigned": bool(consumer is not None and consumer.assignment()),
+            "producer_connected": bool(
+                producer is not None and self.started and not producer._closed
+            ),
+            "not_stopping": not self._stopping and not self.should_exit.is_set(),
+        }
+
+    # ------------------------------------------------------------------ rebalance
+    async def on_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Finish and commit what was fetched from these partitions, then forget them."""
+        if not revoked:
+            return
+        try:
+            async with asyncio.timeout(self.settings.shutdown_timeout_s):
+                await self._drained.wait()
+        except TimeoutError:
+            logger.warning(
+                "revocation: pipeline not drained in time; some ticks will be redelivered"
+            )
+        parts = {tp.partition for tp in revoked if tp.topic == self.settings.input_topic}
+        dropped = self.windows.drop_partitions(parts)
+        for p in parts:
+            self._restore_until.pop(p, None)
+            self._assigned_at.pop(p, None)
+            with contextlib.suppress(KeyError):
+                self.metrics.consumer_lag.remove(str(p))
+        self.metrics.symbols_tracked.set(len(self.windows))
+        logger.info("partitions revoked: %s (%d symbols dropped)", sorted(parts), dropped)
+
+    async def on_assigned(self, assigned: list[TopicPartition]) -> None:
+        """Rebuild each symbol's window from the input topic before scoring new ticks.
+
+        The partition is read again from its beginning; records below the committed
+        offset only roll windows forward (no predictions, no dead letters: both were
+        produced before), so the first new tick is scored on exactly the window an
+        uninterrupted run would have had.
+        """
+        consumer = self._consumer
+        assert consumer is not None
+        now = time.monotonic()
+        for tp in assigned:
+            committed = await consumer.committed(tp)
+            self._assigned_at[tp.partition] = now
+            if committed:
+                self._restore_until[tp.partition] = committed
+                consumer.seek_to_beginning(tp)
+        self.metrics.assigned_partitions.set(len(consumer.assignment()))
+        logger.info(
+            "partitions assigned: %s (restoring %s)",
+            sorted(tp.partition for tp in assigned),
+            {p: o for p, o in self._restore_until.items()},
+        )
+
+    # ------------------------------------------------------------------ ingest
+    async def _ingest_loop(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        s = self.settings
+        max_inflight = s.max_inflight_batches * s.max_batch_size
+        while not self.should_exit.is_set():
+            if self._inflight_windows > max_inflight:
+                await self._pause_until_drained(consumer, max_inflight // 2)
+                continue
+            try:
+                fetched = await consumer.getmany(timeout_ms=100, max_records=s.fetch_max_records)
+            except KafkaError as exc:
+                logger.warning("fetch failed (%s); retrying", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if fetched:
+                chunk = self._build_chunk(fetched)
+                if chunk is not None:
+                    self._inflight_chunks += 1
+                    self._inflight_windows += len(chunk.rows)
+                    self._drained.clear()
+                    self.metrics.inflight_windows.set(self._inflight_windows)
+                    await self._chunks.put(chunk)
+
+    async def _pause_until_drained(self, consumer: AIOKafkaConsumer, low_water: int) -> None:
+        """Backpressure: stop fetching while inference is behind, instead of buffering."""
+        partitions = list(consumer.assignment())
+        consumer.pause(*partitions)
+        self.metrics.fetch_paused.set(1)
+        self._low_water = low_water
+        self._resume.clear()
+        try:
+            await self._resume.wait()
+        finally:
+            consumer.resume(*[tp for tp in partitions if tp in consumer.assignment()])
+            self.metrics.fetch_paused.set(0)
+
+    def _build_chunk(self, fetched: dict[TopicPartition, list[ConsumerRecord]]) -> Chunk | None:
+        s = self.settings
+        live: list[ConsumerRecord] = []
+        restoring: list[ConsumerRecord] = []
+        commit: dict[TopicPartition, int] = {}
+        for tp, records in fetched.items():
+            if not records:
+                continue
+            until = self._restore_until.get(tp.partition)
+            if until is not None:
+                split = bisect.bisect_left(records, until, key=lambda r: r.offset)
+                replayed, records = records[:split], records[split:]
+                restoring.extend(replayed)
+                if records or (replayed and replayed[-1].offset >= until - 1):
+                    self._finish_restore(tp.partition)
+            if records:
+                live.extend(records)
+                commit[tp] = records[-1].offset + 1
+        n_records = len(live) + len(restoring)
+        self.metrics.ticks_consumed.inc(len(live))
+        if restoring:
+            self._restore(restoring)
+        if not live:
+            return None
+        consumed_at = time.time()
+        decoded, bad = decode_ticks(
+            live, max_tick_bytes=s.max_tick_bytes, max_symbol_length=s.max_symbol_length
+        )
+        for tick in bad:
+            self.metrics.bad_ticks.labels(tick.reason).inc()
+        slots = self.windows.slots_for(decoded.symbols, decoded.partitions)
+        applied = self.windows.apply(slots, decoded.prices, decoded.ts)
+        if applied.dropped:
+            self.metrics.ticks_dropped.labels("not_newer").inc(applied.dropped)
+        self.metrics.symbols_tracked.set(len(self.windows))
+        idx = applied.accepted[applied.ready]
+        rows = ScoringRows(
+            windows=applied.windows,
+            symbols=np.asarray(decoded.symbols, dtype=object)[idx]
+            if len(idx)
+            else np.empty(0, object),
+            prices=decoded.prices[idx],
+            ts=decoded.ts[idx],
+            prev_ts=applied.prev_ts[applied.ready],
+            slots=applied.slots[applied.ready],
+            partitions=decoded.partitions[idx],
+            offsets=decoded.offsets[idx],
+            consumed_at=np.full(len(idx), consumed_at),
+        )
+        return Chunk(rows=rows, bad=bad, commit=commit, n_records=n_records)
+
+    def _restore(self, records: list[ConsumerRecord]) -> None:
+        """Roll windows forward over already-processed records (no scoring)."""
+        s = self.settings
+        decoded, _ = decode_ticks(
+            records, max_tick_bytes=s.max_tick_bytes, max_symbol_length=s.max_symbol_length
+        )
+        slots = self.windows.slots_for(decoded.symbols, decoded.partitions)
+        self.windows.apply(slots, decoded.prices, decoded.ts)
+        self.metrics.restored_ticks.inc(len(records))
+
+    def _finish_restore(self, partition: int) -> None:
+        self._restore_until.pop(partition, None)
+        started = self._assigned_at.pop(partition, None)
+        if started is not None:
+            self.metrics.restore_seconds.observe(time.monotonic() - started)
+
+    # ------------------------------------------------------------------ score
+    async def _score_loop(self) -> None:
+        s = self.settings
+        delay_s = s.max_batch_delay_ms / 1000.0
+        pending: deque[list[Any]] = deque()  # [chunk, next row index]
+        pending_rows = 0
+        closing = False
+        while True:
+            if not pending:
+                if closing:
+                    break
+                chunk = await self._chunks.get()
+                if chunk is None:
+                    break
+                pending.append([chunk, 0])
+                pending_rows = len(chunk.rows)
+            # Gather more until the batch is full or the oldest window waited long enough.
+            deadline = time.monotonic() + delay_s
+            while pending_rows < s.max_batch_size and not closing:
+                try:
+                    chunk = self._chunks.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - time.monotonic()
+                    if pending_rows == 0 or remaining <= 0:
+                        break
+                    try:
+                        chunk = await asyncio.wait_for(self._chunks.get(), remaining)
+                    except TimeoutError:
+                        break
+                if chunk is None:
+                    closing = True
+                    break
+                pending.append([chunk, 0])
+                pending_rows += len(chunk.rows)
+            batch_parts, completed = self._take_batch(pending, s.max_batch_size)
+            pending_rows -= sum(len(p) for p in batch_parts)
+            await self._score_and_publish(batch_parts, completed)
+        await self._dispatched.put(None)
+
+    @staticmethod
+    def _take_batch(
+        pending: deque[list[Any]], max_rows: int
+    ) -> tuple[list[ScoringRows], list[Chunk]]:
+        parts: list[ScoringRows] = []
+        completed: list[Chunk] = []
+        room = max_rows
+        while pending and room > 0:
+            chunk, start = pending[0]
+            stop = min(len(chunk.rows), start + room)
+            if stop > start:
+                parts.append(chunk.rows.take(start, stop))
+                room -= stop - start
+            if stop == len(chunk.rows):
+                completed.append(chunk)
+                pending.popleft()
+            else:
+                pending[0][1] = stop
+        # Chunks with no windows (only bad ticks, or windows not yet full) ride along.
+        while pending and len(pending[0][0].rows) == 0:
+            completed.append(pending.popleft()[0])
+        return parts, completed
+
+    async def _score_and_publish(self, parts: list[ScoringRows], completed: list[Chunk]) -> None:
+        if self._pending_predictor is not None:
+            # Swap between two batches: no batch ever mixes two models.
+            self.predictor, self._pending_predictor = self._pending_predictor, None
+            self._set_model_metrics()
+        predictor = self.predictor
+        rows = ScoringRows.concat(parts) if parts else ScoringRows.empty(predictor.window_length)
+        if self.settings.conflate and len(rows):
+            rows = self._conflate(rows)
+        predictions = np.empty(0)
+        if len(rows):
+            started = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            predictions = await loop.run_in_executor(
+                self._inference, predictor.predict, rows.windows
+            )
+            self.metrics.inference_seconds.observe(time.perf_counter() - started)
+            self.metrics.batch_size.observe(len(rows))
+            self._record_live_accuracy(rows, predictions)
+        records = self._prediction_records(rows, predictions, predictor.version)
+        dead = [self._dead_letter_record(b) for chunk in completed for b in chunk.bad]
+        deliveries = await self._send_with_retry(self.settings.output_topic, records)
+        deliveries += await self._send_with_retry(self.settings.dlq_topic, dead)
+        await self._dispatched.put(Dispatched(deliveries, rows, predictions, completed))
+
+    def _conflate(self, rows: ScoringRows) -> ScoringRows:
+        """Keep only each symbol's newest window in this batch (TICKCAST_CONFLATE)."""
+        reversed_slots = rows.slots[::-1]
+        _, first_from_end = np.unique(reversed_slots, return_index=True)
+        keep = np.sort(len(rows) - 1 - first_from_end)
+        skipped = len(rows) - len(keep)
+        if skipped:
+            self.metrics.ticks_conflated.inc(skipped)
+            self._inflight_windows -= skipped
+            rows = ScoringRows(**{k: getattr(rows, k)[keep] for k in rows.__dataclass_fields__})
+        return rows
+
+    def _record_live_accuracy(self, rows: ScoringRows, predictions: np.ndarray) -> None:
+        """Score each symbol's previous prediction against the price that just arrived.
+
+        A previous prediction counts only if it was made for the tick right before this one
+        (its ts equals this row's prev_ts). Vectorised over the batch, rows of one symbol
+        taken in order.
+        """
+        w = self.windows
+        order = np.argsort(rows.slots, kind="stable")
+        slots = rows.slots[order]
+        same_as_prev_row = np.r_[False, slots[1:] == slots[:-1]]
+        prev_pred = np.where(
+            same_as_prev_row, np.r_[np.nan, predictions[order][:-1]], w.last_prediction[slots]
+        )
+        prev_pred_ts = np.where(
+            same_as_prev_row, np.r_[0, rows.ts[order][:-1]], w.last_prediction_ts[slots]
+        )
+        valid = (prev_pred_ts == rows.prev_ts[order]) & np.isfinite(prev_pred)
+        actual = rows.prices[order][valid]
+        if len(actual):
+            last_price = rows.windows[order][valid, -2]
+            gru = np.abs(actual - prev_pred[valid])
+            naive = np.abs(actual - last_price)
+            for forecaster, errors in (("gru", gru), ("naive", naive)):
+                summary = self.metrics.live_abs_error.labels(forecaster)
+                summary._count.inc(len(errors))
+                summary._sum.inc(float(errors.sum()))
+        last_of_slot = np.r_[slots[1:] != slots[:-1], True]
+        w.last_prediction[slots[last_of_slot]] = predictions[order][last_of_slot]
+        w.last_prediction_ts[slots[last_of_slot]] = rows.ts[order][last_of_slot]
+
+    @staticmethod
+    def _prediction_records(
+        rows: ScoringRows, predictions: np.ndarray, version: str
+    ) -> list[OutRecord]:
+        produced_at = int(time.time() * 1000)
+        version_header = version.encode()
+        dumps = orjson.dumps
+        out = []
+        for symbol, ts, price, predicted, partition, offset in zip(
+            rows.symbols.tolist(),
+            rows.ts.tolist(),
+            rows.prices.tolist(),
+            predictions.tolist(),
+            rows.partitions.tolist(),
+            rows.offsets.tolist(),
+            strict=True,
+        ):
+            value = dumps(
+                {
+                    "symbol": symbol,
+                    "ts": ts,
+                    "price": price,
+                    "predicted": predicted,
+                    "model_version": version,
+                    "produced_at": produced_at,
+                }
+            )
+            headers = [
+                ("model_version", version_header),
+                ("input_partition", str(partition).encode()),
+                ("input_offset", str(offset).encode()),
+            ]
+            out.append(OutRecord(symbol.encode(), value, headers))
+        return out
+
+    @staticmethod
+    def _dead_letter_record(tick: BadTick) -> OutRecord:
+        r = tick.record
+        headers = [*list(r.headers or ())]
+        headers += [
+            ("tickcast.reason", tick.reason.encode()),
+            ("tickcast.detail", tick.detail.encode("utf-8", "replace")[:512]),
+            ("tickcast.source", f"{r.topic}/{r.partition}/{r.offset}".encode()),
+        ]
+        return OutRecord(r.key, r.value or b"", headers)
+
+    async def _send_with_retry(self, topic: str, records: list[OutRecord]) -> list[Any]:
+        assert self._publisher is not None
+        attempt = 0
+        while True:
+            try:
+                return await self._publisher.send(topic, records)
+            except KafkaError as exc:
+                if self.force_exit:
+                    raise
+                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                logger.warning("send to %s failed (%s); retrying in %.2fs", topic, exc, delay)
+                await asyncio.sleep(delay)
+                attempt += 1
+
+    # ------------------------------------------------------------------ acknowledge
+    async def _ack_loop(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None and self._publisher is not None
+        while True:
+            item = await self._dispatched.get()
+            if item is None:
+                break
+            await self._await_deliveries(item)
+            now = time.time()
+            n = len(item.rows)
+            if n:
+                self.metrics.predictions_published.inc(n)
+                observe_many(self.metrics.end_to_end_seconds, now - item.rows.consumed_at)
+                observe_many(
+                    self.metrics.event_time_lag_seconds,
+                    np.maximum(now - item.rows.ts / 1000.0, 0.0),
+                )
+            dead = sum(len(c.bad) for c in item.completed)
+            if dead:
+                self.metrics.dead_letters.inc(dead)
+            self._inflight_windows -= n
+            if item.completed:
+                commit: dict[TopicPartition, int] = {}
+                for chunk in item.completed:
+                    commit.update(chunk.commit)
+                await self._commit(consumer, commit)
+                self._inflight_chunks -= len(item.completed)
+            self.metrics.inflight_windows.set(self._inflight_windows)
+            if self._inflight_chunks == 0:
+                self._drained.set()
+            if not self._resume.is_set() and self._inflight_windows <= self._low_water:
+                self._resume.set()
+
+    async def _await_deliveries(self, item: Dispatched) -> None:
+        assert self._publisher is not None
+        deliveries = list(item.deliveries)
+        attempt = 0
+        while deliveries:
+            failed = []
+            for delivery in deliveries:
+                try:
+                    await delivery.future
+                except KafkaError as exc:
+                    logger.warning(
+                        "delivery to %s[%d] failed: %s", delivery.topic, delivery.partition, exc
+                    )
+                    failed.append(delivery)
+            if not failed:
+                return
+            # Broker outage: send the same records again until they are acknowledged.
+            delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+            await asyncio.sleep(delay)
+            attempt += 1
+            deliveries = []
+            for delivery in failed:
+                while True:
+                    try:
+                        deliveries.append(await self._publisher.resend(delivery))
+                        break
+                    except KafkaError as exc:
+                        logger.warning("resend failed (%s); retrying", exc)
+                        await asyncio.sleep(delay)
+
+    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        assigned = consumer.assignment()
+        offsets = {tp: o for tp, o in offsets.items() if tp in assigned}
+        if not offsets:
+            return
+        for attempt, delay in enumerate(RETRY_BACKOFF_S):
+            try:
+                await consumer.commit(offsets)
+                return
+            except KafkaError as exc:
+                # A later commit covers these offsets too; redelivery is the worst case.
+                logger.warning("commit failed (attempt %d): %s", attempt + 1, exc)
+                await asyncio.sleep(delay)
+
+    # ------------------------------------------------------------------ misc
+    async def _lag_loop(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        while True:
+            await asyncio.sleep(1.0)
+            self.metrics.model_age_seconds.set(
+                max(time.time() - self.predictor.checkpoint.meta.created_at_epoch(), 0.0)
+            )
+            for tp in consumer.assignment():
+                high = consumer.highwater(tp)
+                if high is None:
+                    continue
+                with contextlib.suppress(Exception):
+                    position = await consumer.position(tp)
+                    self.metrics.consumer_lag.labels(str(tp.partition)).set(max(high - position, 0))
+
+    def request_swap(self, predictor: Predictor) -> None:
+        """Serve ``predictor`` from the next batch on (called by the model watcher)."""
+        self._pending_predictor = predictor
+
+    def _set_model_metrics(self) -> None:
+        self.metrics.model_info.info(
+            {"version": self.predictor.version, "device": str(self.predictor.device)}
+        )
+        self.metrics.model_age_seconds.set(
+            max(time.time() - self.predictor.checkpoint.meta.created_at_epoch(), 0.0)
+        )

@@ -1,0 +1,177 @@
+"""Helpers for tests that run the daemon against the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+import torch
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from prometheus_client import CollectorRegistry
+
+from daemon.metrics import DaemonMetrics
+from daemon.service import TickcastService
+from daemon.settings import Settings
+from model.checkpoint import CheckpointMeta, new_version, promote, save_checkpoint
+from model.gru import ModelConfig, PriceGRU
+
+
+def make_checkpoint(root: Path, seed: int = 7, window_length: int = 60) -> str:
+    """A checkpoint with seeded random weights (head included), promoted to LATEST.
+
+    Untrained residual models equal the naive forecast whatever the window holds, which
+    would hide window bugs; random head weights make every price of the window matter.
+    """
+    torch.manual_seed(seed)
+    model = PriceGRU(ModelConfig(window_length=window_length))
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    torch.nn.init.normal_(model.head.bias, std=0.05)
+    version = new_version()
+    save_checkpoint(root, model, CheckpointMeta(version=version, architecture=model.config))
+    promote(root, version)
+    return version
+
+
+@dataclass
+class Prediction:
+    key: bytes
+    symbol: str
+    ts: int
+    price: float
+    predicted: float
+    model_version: str
+    partition: int
+    offset: int
+    headers: dict[str, bytes]
+
+
+def tick_records(
+    symbols: list[str], prices: list[float], ts: list[int]
+) -> list[tuple[bytes, bytes]]:
+    return [
+        (s.encode(), orjson.dumps({"symbol": s, "price": p, "ts": t}))
+        for s, p, t in zip(symbols, prices, ts, strict=True)
+    ]
+
+
+async def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value=v, key=k) for k, v in records]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def consume(
+    bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0, settle_s: float = 0.0
+) -> list[Prediction]:
+    """Read a topic from the beginning until ``expected`` records (then ``settle_s`` more)."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+    )
+    await consumer.start()
+    out: list[Prediction] = []
+    deadline = time.monotonic() + timeout_s
+    settle_until: float | None = None
+    try:
+        while time.monotonic() < deadline:
+            if len(out) >= expected:
+                settle_until = settle_until or time.monotonic() + settle_s
+                if time.monotonic() >= settle_until:
+                    break
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                for r in records:
+                    v = orjson.loads(r.value)
+                    out.append(
+                        Prediction(
+                            key=r.key,
+                            symbol=v["symbol"],
+                            ts=v["ts"],
+                            price=v["price"],
+                            predicted=v["predicted"],
+                            model_version=v["model_version"],
+                            partition=r.partition,
+                            offset=r.offset,
+                            headers=dict(r.headers),
+                        )
+                    )
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def consume_raw(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0) -> list:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    out: list = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(out) < expected and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                out.extend(records)
+    finally:
+        await consumer.stop()
+    return out
+
+
+def daemon_settings(
+    bootstrap: str, topics: dict[str, str], checkpoint_dir: Path, group: str, **extra: object
+) -> Settings:
+    return Settings(
+        bootstrap_servers=bootstrap,
+        input_topic=topics["input"],
+        output_topic=topics["output"],
+        dlq_topic=topics["dlq"],
+        group_id=group,
+        checkpoint_dir=checkpoint_dir,
+        metrics_port=0,
+        device="cpu",
+        checkpoint_poll_s=0.2,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(settings: Settings) -> AsyncIterator[TickcastService]:
+    """An in-process daemon on a fresh metrics registry; graceful stop on exit."""
+    service = TickcastService(settings, DaemonMetrics(CollectorRegistry()))
+    task = asyncio.create_task(service.serve())
+    deadline = time.monotonic() + 60
+    while not all(service.readiness().values()):
+        if task.done():
+            await task
+            raise RuntimeError("daemon exited during start-up")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"daemon not ready: {service.readiness()}")
+        await asyncio.sleep(0.05)
+    try:
+        yield service
+    finally:
+        service.handle_exit()
+        await asyncio.wait_for(task, 60)
+
+
+def reference_predictions(checkpoint_dir: Path, windows: np.ndarray) -> np.ndarray:
+    from model.checkpoint import load_latest
+    from model.gru import predict_prices
+
+    return predict_prices(load_latest(checkpoint_dir).model, windows).numpy()
+
+
+def expected_windows(prices: np.ndarray, window_length: int) -> np.ndarray:
+    """Every full window of one symbol's prices, oldest first."""
+    return np.lib.stride_tricks.sliding_window_view(prices, window_length)
