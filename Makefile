@@ -1,0 +1,24 @@
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install lint format test bench
+
+## install: system tools, the virtualenv, the package with [data,dev], the Kafka jars
+install:
+	.ci/run --install-only
+
+## lint: ruff (lint + format check) and mypy, as CI would
+lint:
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+
+## format: apply ruff's formatting and safe fixes
+format:
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+## test: the whole suite, starting the real Kafka broker (same command as README.md)
+test:
+	$(BIN)/python -m pytest
+
+## bench: the end-to-end benchmark
+bench:
+	$(BIN)/tickcast bench

@@ -1,0 +1,80 @@
+"""Suite-wide fixtures: the real Apache Kafka broker, random topics and consumer groups.
+
+By default one broker (``daemon.embedded_kafka.KafkaBroker``) serves the whole session.
+``TICKCAST_TEST_BOOTSTRAP=host:port`` points the suite at an existing broker instead; tests
+that restart the broker are then skipped, since the suite does not own it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Iterator, Mapping
+from typing import Protocol
+from uuid import uuid4
+
+import pytest
+
+from daemon.embedded_kafka import BrokerError, KafkaBroker, create_topics
+
+BOOTSTRAP_ENV_VAR = "TICKCAST_TEST_BOOTSTRAP"
+
+
+class TopicFactory(Protocol):
+    def __call__(
+        self,
+        partitions: int = 1,
+        prefix: str = "ticks",
+        config: Mapping[str, str] | None = None,
+    ) -> Awaitable[str]: ...
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    """The session's broker, for tests that stop or restart it (leave it running)."""
+    if os.environ.get(BOOTSTRAP_ENV_VAR):
+        pytest.skip(f"{BOOTSTRAP_ENV_VAR} is set: the suite does not own that broker")
+    broker = KafkaBroker(tmp_path_factory.mktemp("kafka"))
+    try:
+        broker.start()
+    except BrokerError as error:
+        failure = str(error)
+    else:
+        failure = ""
+    if failure:  # failed, not skipped: a suite without its broker proves nothing
+        pytest.fail(f"could not start the test Kafka broker: {failure}", pytrace=False)
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(request: pytest.FixtureRequest) -> str:
+    """``bootstrap_servers`` of the test broker."""
+    external = os.environ.get(BOOTSTRAP_ENV_VAR)
+    if external:
+        return external
+    broker: KafkaBroker = request.getfixturevalue("kafka_broker")
+    return broker.bootstrap
+
+
+@pytest.fixture
+def topic_factory(kafka_bootstrap: str) -> TopicFactory:
+    """``await topic_factory(partitions=3)``: a new, randomly named topic, ready to use."""
+
+    async def create_topic(
+        partitions: int = 1,
+        prefix: str = "ticks",
+        config: Mapping[str, str] | None = None,
+    ) -> str:
+        name = f"{prefix}-{uuid4().hex[:10]}"
+        await create_topics(kafka_bootstrap, [name], partitions=partitions, config=config)
+        return name
+
+    return create_topic
+
+
+@pytest.fixture
+def unique_group() -> str:
+    """A consumer group id no other test uses."""
+    return f"group-{uuid4().hex[:10]}"
