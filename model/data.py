@@ -342,6 +342,12 @@ class ChronologicalSplit:
 def _split_counts(targets: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
     test = max(1, round(targets * test_fraction))
     val = max(1, round(targets * val_fraction))
+    # Rounding up small splits can leave training nothing; give it back one at a time.
+    while targets - val - test < 1 and (val > 1 or test > 1):
+        if val >= test:
+            val -= 1
+        else:
+            test -= 1
     return targets - val - test, val, test
 
 

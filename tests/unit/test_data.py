@@ -78,7 +78,9 @@ def test_long_table_gives_one_series_per_symbol(tmp_path: Path, ts_kind: str) ->
         ts: object = series.ts[:200]
         if ts_kind == "datetime":
             ts = pd.to_datetime(series.ts[:200], unit="ms", utc=True)
-        parts.append(pd.DataFrame({"symbol": series.symbol, "ts": ts, "price": series.prices[:200]}))
+        parts.append(
+            pd.DataFrame({"symbol": series.symbol, "ts": ts, "price": series.prices[:200]})
+        )
     # Interleave the symbols' rows, as a tick log would.
     table = pd.concat(parts).sample(frac=1.0, random_state=0).rename(columns={"price": "Price"})
     table.to_parquet(tmp_path / "ticks.parquet")

@@ -22,7 +22,9 @@ def goog_windows() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["residual", "plain"])
-def trained_on_100(request: pytest.FixtureRequest, goog_windows: tuple[np.ndarray, np.ndarray]) -> PriceGRU:
+def trained_on_100(
+    request: pytest.FixtureRequest, goog_windows: tuple[np.ndarray, np.ndarray]
+) -> PriceGRU:
     """A model trained a little on ~100-priced data (residual head, or the seed's plain one)."""
     windows, targets = goog_windows
     result = train_model(
@@ -62,7 +64,9 @@ def test_target_round_trip(goog_windows: tuple[np.ndarray, np.ndarray]) -> None:
     np.testing.assert_allclose(back, targets, rtol=1e-6)
 
 
-def test_scaling_is_invariant_to_the_price_level(goog_windows: tuple[np.ndarray, np.ndarray]) -> None:
+def test_scaling_is_invariant_to_the_price_level(
+    goog_windows: tuple[np.ndarray, np.ndarray],
+) -> None:
     windows, _ = goog_windows
     base = scale_windows(windows).inputs
     for factor in (1e4, 1e-5):

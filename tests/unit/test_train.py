@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from model.data import WindowSet, chronological_split, load_series
+from model.features import scale_targets, scale_windows
 from model.gru import ModelConfig, PriceGRU, predict_prices
-from model.train import TrainConfig, resolve_device, train_model
+from model.train import TrainConfig, TrainResult, resolve_device, train_model
 
 WINDOW = 30
 
@@ -24,7 +25,7 @@ def nasdaq_split() -> tuple[WindowSet, WindowSet]:
     return split.train, split.val
 
 
-def fit(data: tuple[WindowSet, WindowSet], model: ModelConfig, config: TrainConfig):  # type: ignore[no-untyped-def]
+def fit(data: tuple[WindowSet, WindowSet], model: ModelConfig, config: TrainConfig) -> TrainResult:
     train, val = data
     return train_model(
         train.windows, train.targets, val.windows, val.targets, model, config, progress=False
@@ -72,9 +73,7 @@ def test_residual_model_never_ends_worse_than_untrained(
     # Early stopping: never more than `patience` epochs after the best one.
     assert len(result.history) - 1 <= result.best_epoch + 1
     # The returned weights are the best epoch's: recomputing the val loss gives it back.
-    train, val = nasdaq_split
-    from model.features import scale_targets, scale_windows
-
+    val = nasdaq_split[1]
     scaled = scale_windows(val.windows)
     with torch.inference_mode():
         loss = torch.nn.functional.mse_loss(
@@ -96,7 +95,11 @@ def test_training_is_reproducible(nasdaq_split: tuple[WindowSet, WindowSet]) -> 
 
 def test_thread_count_is_restored(nasdaq_split: tuple[WindowSet, WindowSet]) -> None:
     before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    fit(nasdaq_split, ModelConfig(hidden_size=4, window_length=WINDOW), TrainConfig(epochs=1, num_threads=1))
+    fit(
+        nasdaq_split,
+        ModelConfig(hidden_size=4, window_length=WINDOW),
+        TrainConfig(epochs=1, num_threads=1),
+    )
     assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
 
 

@@ -1,0 +1,207 @@
+"""Checkpoints: exact round trip, refusal of code-running pickles, damage, atomic LATEST."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import model.checkpoint as checkpoint_module
+from model.checkpoint import (
+    LATEST_FILE,
+    META_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    CheckpointMeta,
+    DataRange,
+    load_checkpoint,
+    load_latest,
+    new_version,
+    promote,
+    read_latest,
+    save_checkpoint,
+)
+from model.data import load_series, make_windows
+from model.gru import ModelConfig, PriceGRU, predict_prices
+
+CONFIG = ModelConfig(hidden_size=8, window_length=20)
+
+
+@pytest.fixture(scope="module")
+def windows() -> np.ndarray:
+    return make_windows(load_series("dataset:goog")[0].prices[:300], CONFIG.window_length)[0]
+
+
+def make_model(seed: int = 0) -> PriceGRU:
+    torch.manual_seed(seed)
+    model = PriceGRU(CONFIG)
+    with torch.no_grad():  # a non-zero head, as after training
+        torch.nn.init.normal_(model.head.weight, std=0.1)
+    return model.eval()
+
+
+def save(root: Path, model: PriceGRU | None = None, **meta: Any) -> Path:
+    version = meta.pop("version", None) or new_version()
+    return save_checkpoint(
+        root, model or make_model(), CheckpointMeta(version=version, architecture=CONFIG, **meta)
+    )
+
+
+def rewrite_meta(version_dir: Path, **changes: Any) -> None:
+    meta = json.loads((version_dir / META_FILE).read_text())
+    meta.update(changes)
+    (version_dir / META_FILE).write_text(json.dumps(meta))
+
+
+def test_round_trip_gives_identical_predictions(tmp_path: Path, windows: np.ndarray) -> None:
+    model = make_model()
+    data = [DataRange(source="dataset:goog", symbol="GOOG", start="a", end="b", rows=300)]
+    path = save(tmp_path, model, training_data=data, evaluation={"rmse_ratio": 0.99})
+    loaded = load_checkpoint(path)
+    assert torch.equal(predict_prices(loaded.model, windows), predict_prices(model, windows))
+    assert loaded.meta.architecture == CONFIG
+    assert loaded.meta.training_data == data
+    assert loaded.meta.evaluation == {"rmse_ratio": 0.99}
+    assert loaded.version == path.name
+    assert not loaded.model.training
+    assert sorted(p.name for p in path.iterdir()) == [META_FILE, WEIGHTS_FILE]
+
+
+class RunsCode:
+    """Unpickling this calls open(path, "w"), i.e. creates a file: code execution."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.path), "w"))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    # The payload is live: plain unpickling does create its marker.
+    proof = tmp_path / "proof-marker"
+    pickle.loads(pickle.dumps(RunsCode(proof))).close()
+    assert proof.exists()
+
+    version_dir = save(tmp_path / "ck")
+    marker = tmp_path / "marker"
+    torch.save({"gru.weight_ih_l0": RunsCode(marker)}, version_dir / WEIGHTS_FILE)
+    digest = hashlib.sha256((version_dir / WEIGHTS_FILE).read_bytes()).hexdigest()
+    rewrite_meta(version_dir, weights_sha256=digest)
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        load_checkpoint(version_dir)
+    assert not marker.exists()
+
+
+def test_truncated_weights_are_refused(tmp_path: Path) -> None:
+    version_dir = save(tmp_path)
+    weights = (version_dir / WEIGHTS_FILE).read_bytes()
+    (version_dir / WEIGHTS_FILE).write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(CheckpointError, match="truncated or tampered"):
+        load_checkpoint(version_dir)
+    # Even with a hash that matches the truncated file, it does not parse.
+    rewrite_meta(
+        version_dir, weights_sha256=hashlib.sha256(weights[: len(weights) // 2]).hexdigest()
+    )
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        load_checkpoint(version_dir)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"weights_sha256": "0" * 64}, "truncated or tampered"),
+        ({"architecture": {**CONFIG.model_dump(), "hidden_size": 16}}, "does not fit"),
+        ({"scaling": {"method": "global_minmax", "min_span_ratio": 1e-6}}, "scaling method"),
+        ({"format_version": 99}, "format 99 is not supported"),
+        ({"weights_file": "../elsewhere.safetensors"}, "plain file name"),
+        ({"architecture": "gru"}, "does not describe a tickcast checkpoint"),
+    ],
+)
+def test_tampered_meta_is_refused(tmp_path: Path, changes: dict[str, Any], message: str) -> None:
+    version_dir = save(tmp_path)
+    rewrite_meta(version_dir, **changes)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(version_dir)
+
+
+def test_meta_that_is_not_json_is_refused(tmp_path: Path) -> None:
+    version_dir = save(tmp_path)
+    (version_dir / META_FILE).write_text('{"version": ')
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(version_dir)
+
+
+def test_non_finite_weights_are_refused(tmp_path: Path) -> None:
+    model = make_model()
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))
+    with pytest.raises(CheckpointError, match="NaN or infinity"):
+        load_checkpoint(save(tmp_path, model))
+
+
+def test_an_existing_version_is_not_overwritten(tmp_path: Path) -> None:
+    path = save(tmp_path, version="v1")
+    with pytest.raises(CheckpointError, match="already exists"):
+        save(tmp_path, version="v1")
+    assert load_checkpoint(path).version == "v1"
+
+
+def test_promote_and_load_latest(tmp_path: Path, windows: np.ndarray) -> None:
+    assert read_latest(tmp_path) is None
+    with pytest.raises(CheckpointError, match="no checkpoint in service"):
+        load_latest(tmp_path)
+    first = save(tmp_path, make_model(1), version="v1")
+    second = save(tmp_path, make_model(2), version="v2")
+    promote(tmp_path, first.name)
+    assert read_latest(tmp_path) == "v1"
+    promote(tmp_path, second.name)
+    latest = load_latest(tmp_path)
+    assert latest.version == "v2"
+    assert torch.equal(
+        predict_prices(latest.model, windows), predict_prices(make_model(2), windows)
+    )
+    # Only the pointer and the two versions: no temp files left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST_FILE, "v1", "v2"]
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
+        promote(tmp_path, "v3")
+    assert read_latest(tmp_path) == "v2"
+
+
+def test_promote_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save(tmp_path, version="v1")
+    save(tmp_path, version="v2")
+    promote(tmp_path, "v1")
+
+    def crash(src: str, dst: str) -> None:
+        raise OSError("disk gone at the worst moment")
+
+    # A crash before the rename leaves the old pointer whole and no temp file behind.
+    monkeypatch.setattr(checkpoint_module.os, "replace", crash)
+    with pytest.raises(OSError, match="worst moment"):
+        promote(tmp_path, "v2")
+    monkeypatch.undo()
+    assert (tmp_path / LATEST_FILE).read_text() == "v1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST_FILE, "v1", "v2"]
+
+
+@pytest.mark.parametrize("pointer", ["../outside", ".hidden", "missing"])
+def test_bad_latest_pointer_is_refused(tmp_path: Path, pointer: str) -> None:
+    save(tmp_path, version="v1")
+    (tmp_path / LATEST_FILE).write_text(pointer + "\n")
+    with pytest.raises(CheckpointError):
+        load_latest(tmp_path)
+
+
+def test_latest_naming_a_mislabelled_version_is_refused(tmp_path: Path) -> None:
+    version_dir = save(tmp_path, version="v1")
+    version_dir.rename(tmp_path / "v2")
+    (tmp_path / LATEST_FILE).write_text("v2\n")
+    with pytest.raises(CheckpointError, match="says version 'v1'"):
+        load_latest(tmp_path)

@@ -1,0 +1,269 @@
+"""The retrain job end to end on small real slices: report, checkpoint, picture, promotion."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import model.retrain as retrain_module
+from model.checkpoint import (
+    LATEST_FILE,
+    CheckpointMeta,
+    load_checkpoint,
+    new_version,
+    promote,
+    read_latest,
+    save_checkpoint,
+)
+from model.data import chronological_split, load_series
+from model.gru import ModelConfig, PriceGRU
+from model.retrain import PLOT_FILE, add_retrain_arguments, decide_promotion, run_retrain
+from model.train import TrainResult
+
+WINDOW = 20
+FAST = ["--epochs", "2", "--hidden-size", "8", "--window-length", str(WINDOW), "--no-progress"]
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_retrain_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.fixture(scope="module")
+def goog_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The last 400 real GOOG daily bars in the seed's CSV layout."""
+    from backtesting.test import GOOG
+
+    frame = GOOG.iloc[-400:].rename_axis("Date").reset_index()
+    frame["Adj Close"] = frame["Close"]
+    path = tmp_path_factory.mktemp("data") / "goog.csv"
+    frame[["Date", "Open", "High", "Low", "Close", "Adj Close", "Volume"]].to_csv(path, index=False)
+    return path
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
+    assert run_retrain(parse(*argv, "--json")) == 0
+    report: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return report
+
+
+def spoiled(model: PriceGRU) -> PriceGRU:
+    """The same model with a residual correction that only adds error."""
+    with torch.no_grad():
+        model.head.bias.fill_(0.5)
+    return model
+
+
+def test_retrain_end_to_end(
+    goog_csv: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TICKCAST_CHECKPOINT_DIR", str(tmp_path / "ck"))
+    first = run_json(capsys, "--data", str(goog_csv), *FAST)
+    version_dir = Path(first["checkpoint"])
+    assert version_dir.parent == tmp_path / "ck"
+    assert first["promoted"] is True
+    assert first["reason"] == "no checkpoint in service yet"
+    assert read_latest(tmp_path / "ck") == first["version"]
+    assert Path(first["plot"]) == version_dir / PLOT_FILE
+    assert (version_dir / PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
+    evaluation = first["evaluation"]
+    assert evaluation["windows"] == first["windows"]["test"] == round((400 - WINDOW) * 0.15)
+    assert evaluation["rmse_ratio"] == pytest.approx(
+        evaluation["gru"]["rmse"] / evaluation["naive"]["rmse"]
+    )
+
+    meta = load_checkpoint(version_dir).meta
+    assert meta.architecture.window_length == WINDOW
+    assert meta.architecture.hidden_size == 8
+    assert meta.parent_version is None
+    (trained_on,) = meta.training_data
+    assert trained_on.symbol == "GOOG"
+    assert trained_on.rows == 400 - first["windows"]["test"]
+    assert trained_on.end < meta.evaluation["test_data"][0]["start"]
+    assert meta.evaluation["rmse_ratio"] == evaluation["rmse_ratio"]
+    assert meta.evaluation["promotion"]["promoted"] is True
+
+    # The same data and seed again: an equal model is "not worse", so it is promoted.
+    second = run_json(capsys, "--data", str(goog_csv), *FAST)
+    assert second["parent_version"] == first["version"]
+    assert second["evaluation"] == first["evaluation"]
+    assert second["promoted"] is True
+    assert second["incumbent_rmse"] == pytest.approx(evaluation["gru"]["rmse"])
+    assert read_latest(tmp_path / "ck") == second["version"]
+
+
+def test_text_report(goog_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = run_retrain(parse("--data", str(goog_csv), "--checkpoint-dir", str(tmp_path), *FAST))
+    out = capsys.readouterr().out
+    assert code == 0
+    for text in ("GRU", "naive (next = last)", "RMSE ratio GRU / naive", "promoted to LATEST"):
+        assert text in out
+    assert str(tmp_path / read_latest(tmp_path) / PLOT_FILE) in out  # type: ignore[operator]
+
+
+def test_a_worse_model_is_not_promoted_unless_forced(
+    goog_csv: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ck = str(tmp_path)
+    incumbent = run_json(capsys, "--data", str(goog_csv), "--checkpoint-dir", ck, *FAST)
+
+    train_model = retrain_module.train_model
+
+    def train_worse(*args: Any, **kwargs: Any) -> TrainResult:
+        result = train_model(*args, **kwargs)
+        spoiled(result.model)
+        return result
+
+    monkeypatch.setattr(retrain_module, "train_model", train_worse)
+    worse = run_json(capsys, "--data", str(goog_csv), "--checkpoint-dir", ck, *FAST)
+    assert worse["promoted"] is False
+    assert worse["reason"].startswith("worse:")
+    assert worse["evaluation"]["gru"]["rmse"] > worse["incumbent_rmse"]
+    assert read_latest(tmp_path) == incumbent["version"]
+    # Saved for inspection all the same, with its picture.
+    assert (Path(worse["checkpoint"]) / PLOT_FILE).exists()
+
+    forced = run_json(capsys, "--data", str(goog_csv), "--checkpoint-dir", ck, *FAST, "--force")
+    assert forced["promoted"] is True
+    assert read_latest(tmp_path) == forced["version"]
+
+    # Back to honest training: better than the spoiled one in service, so promoted.
+    monkeypatch.setattr(retrain_module, "train_model", train_model)
+    better = run_json(capsys, "--data", str(goog_csv), "--checkpoint-dir", ck, *FAST)
+    assert better["promoted"] is True
+    assert better["reason"].startswith("not worse:")
+    assert read_latest(tmp_path) == better["version"]
+
+
+@pytest.fixture(scope="module")
+def goog_test_windows() -> tuple[np.ndarray, np.ndarray]:
+    split = chronological_split(load_series("dataset:goog")[0], window_length=WINDOW)
+    return split.test.windows, split.test.targets
+
+
+def install(root: Path, model: PriceGRU) -> str:
+    version = new_version()
+    save_checkpoint(root, model, CheckpointMeta(version=version, architecture=model.config))
+    promote(root, version)
+    return version
+
+
+def test_decide_promotion_rule(
+    tmp_path: Path, goog_test_windows: tuple[np.ndarray, np.ndarray]
+) -> None:
+    windows, targets = goog_test_windows
+    naive_rmse = float(np.sqrt(np.mean((windows[:, -1] - targets) ** 2)))
+    # The untrained residual model is the naive forecast.
+    version = install(tmp_path, PriceGRU(ModelConfig(hidden_size=8, window_length=WINDOW)))
+    worse = decide_promotion(tmp_path, naive_rmse * 1.01, windows, targets)
+    assert (worse.promote, worse.incumbent_version) == (False, version)
+    assert worse.incumbent_rmse == pytest.approx(naive_rmse, rel=1e-6)
+    assert decide_promotion(tmp_path, naive_rmse * 0.99, windows, targets).promote
+    assert decide_promotion(tmp_path, naive_rmse * 1.01, windows, targets, force=True).promote
+
+
+def test_incomparable_or_broken_incumbent_promotes_with_a_warning(
+    tmp_path: Path,
+    goog_test_windows: tuple[np.ndarray, np.ndarray],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    windows, targets = goog_test_windows
+    caplog.set_level(logging.WARNING, logger="model.retrain")
+    install(tmp_path, PriceGRU(ModelConfig(hidden_size=8, window_length=WINDOW + 5)))
+    decision = decide_promotion(tmp_path, 1e9, windows, targets)
+    assert decision.promote
+    assert "window length" in decision.reason
+    assert "window length" in caplog.text
+
+    (tmp_path / read_latest(tmp_path) / "model.safetensors").write_bytes(b"garbage")  # type: ignore[operator]
+    caplog.clear()
+    decision = decide_promotion(tmp_path, 1e9, windows, targets)
+    assert decision.promote
+    assert "cannot be loaded" in decision.reason
+    assert "cannot be loaded" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("make_spec", "message"),
+    [
+        (lambda tmp: str(tmp / "missing.csv"), "does not exist"),
+        (
+            lambda tmp: "dataset:ftse",
+            "unknown dataset 'dataset:ftse'; known data sets: dataset:nasdaq",
+        ),
+        ("nan", "NaN"),
+        ("short", f"needs at least {WINDOW + 3}"),
+    ],
+    ids=["missing-file", "unknown-dataset", "nan-prices", "too-few-rows"],
+)
+def test_bad_input_exits_2_with_a_clear_message(
+    goog_csv: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    make_spec: Any,
+    message: str,
+) -> None:
+    if make_spec == "nan":
+        frame = pd.read_csv(goog_csv)
+        frame.loc[10, "Close"] = np.nan
+        frame.to_csv(tmp_path / "gaps.csv", index=False)
+        spec = str(tmp_path / "gaps.csv")
+    elif make_spec == "short":
+        pd.read_csv(goog_csv).iloc[: WINDOW + 2].to_csv(tmp_path / "short.csv", index=False)
+        spec = str(tmp_path / "short.csv")
+    else:
+        spec = make_spec(tmp_path)
+    code = run_retrain(parse("--data", spec, "--checkpoint-dir", str(tmp_path / "ck"), *FAST))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert message in captured.err
+    assert captured.err.startswith("tickcast retrain: error: ")
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
+    assert not (tmp_path / "ck" / LATEST_FILE).exists()
+
+
+def test_invalid_setting_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = run_retrain(
+        parse("--data", "dataset:goog", "--checkpoint-dir", str(tmp_path), "--epochs", "0")
+    )
+    assert code == 2
+    assert "--epochs" in capsys.readouterr().err
+
+
+def test_python_dash_m_model_missing_file(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "model",
+            "--data",
+            str(tmp_path / "QQQ.csv"),
+            "--checkpoint-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert f"price file {tmp_path / 'QQQ.csv'} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
