@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from model.retrain import add_retrain_arguments, run_retrain
 
@@ -19,7 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return run_retrain(args)
+    try:
+        return run_retrain(args)
+    except KeyboardInterrupt:
+        print("tickcast retrain: interrupted; nothing was promoted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -298,6 +298,12 @@ def run_retrain(args: argparse.Namespace) -> int:
         return _fail(f"invalid setting: {problems}")
     except ValueError as exc:
         return _fail(str(exc))
+    for flag, fraction in (
+        ("--val-fraction", args.val_fraction),
+        ("--test-fraction", args.test_fraction),
+    ):
+        if not 0 < fraction < 0.5:
+            return _fail(f"{flag} must lie strictly between 0 and 0.5, got {fraction}")
     try:
         series = load_training_data(args.data)
         parent = read_latest(checkpoint_dir)
@@ -309,7 +315,7 @@ def run_retrain(args: argparse.Namespace) -> int:
             test_fraction=args.test_fraction,
             progress=not args.no_progress,
         )
-    except (DataError, ValueError) as exc:
+    except DataError as exc:
         return _fail(str(exc))
 
     test = outcome.split.test

@@ -240,12 +240,21 @@ def test_bad_input_exits_2_with_a_clear_message(
     assert not (tmp_path / "ck" / LATEST_FILE).exists()
 
 
-def test_invalid_setting_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = run_retrain(
-        parse("--data", "dataset:goog", "--checkpoint-dir", str(tmp_path), "--epochs", "0")
-    )
-    assert code == 2
-    assert "--epochs" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--epochs", "0"], "--epochs"),
+        (["--device", "tpu"], "device 'tpu'"),
+        (["--val-fraction", "0.7"], "--val-fraction must lie strictly between 0 and 0.5"),
+    ],
+)
+def test_invalid_setting_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    args = parse("--data", "dataset:goog", "--checkpoint-dir", str(tmp_path), *flags)
+    assert run_retrain(args) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_python_dash_m_model_missing_file(tmp_path: Path) -> None:
