@@ -320,8 +320,8 @@ class KafkaBroker:
             *java_command,
             "kafka.tools.StorageTool",
             "format",
-            "--cluster-id",
-            random_cluster_id(),
+            # "=" form: a base64 id may start with "-", which argparse would take for a flag.
+            f"--cluster-id={random_cluster_id()}",
             "--config",
             str(config_path),
             "--ignore-formatted",

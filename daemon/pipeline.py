@@ -64,7 +64,6 @@ class Chunk:
     rows: ScoringRows
     bad: list[BadTick]
     commit: dict[TopicPartition, int]  # next offset to commit, per input partition
-    n_records: int = 0
 
 
 @dataclass

@@ -16,7 +16,6 @@ the exit.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import logging
 import signal
@@ -39,6 +38,7 @@ from daemon.model_watcher import ModelWatcher
 from daemon.pipeline import Chunk, Dispatched, ScoringRows
 from daemon.predictor import Predictor, load_predictor, resolve_device
 from daemon.publisher import BatchPublisher, OutRecord
+from daemon.restore import restore_windows
 from daemon.settings import Settings
 from daemon.ticks import BadTick, decode_ticks
 from daemon.windows import SymbolWindows
@@ -127,9 +127,11 @@ class TickcastService:
         self._resume = asyncio.Event()
         self._resume.set()
         self._low_water = 0
-        # Per input partition: replay records below this offset into windows only.
-        self._restore_until: dict[int, int] = {}
-        self._assigned_at: dict[int, float] = {}
+        # aiokafka hands out records of a newly assigned partition while the rebalance
+        # listener is still running, so records of partitions whose windows are not yet
+        # restored are parked here and released, in order, once they are.
+        self._ready_partitions: set[TopicPartition] = set()
+        self._parked: dict[TopicPartition, list[ConsumerRecord]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._http = HealthServer(self, settings.metrics_host, settings.metrics_port)
         self._watcher = ModelWatcher(self, settings.checkpoint_dir, settings.checkpoint_poll_s)
@@ -267,7 +269,11 @@ class TickcastService:
         producer = self._producer
         return {
             "model_loaded": self.predictor is not None,
-            "partitions_assigned": bool(consumer is not None and consumer.assignment()),
+            "partitions_assigned": bool(
+                consumer is not None
+                and consumer.assignment()
+                and consumer.assignment() <= self._ready_partitions
+            ),
             "producer_connected": bool(
                 producer is not None and self.started and not producer._closed
             ),
@@ -286,11 +292,12 @@ class TickcastService:
             logger.warning(
                 "revocation: pipeline not drained in time; some ticks will be redelivered"
             )
+        for tp in revoked:
+            self._ready_partitions.discard(tp)
+            self._parked.pop(tp, None)
         parts = {tp.partition for tp in revoked if tp.topic == self.settings.input_topic}
         dropped = self.windows.drop_partitions(parts)
         for p in parts:
-            self._restore_until.pop(p, None)
-            self._assigned_at.pop(p, None)
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(str(p))
         self.metrics.symbols_tracked.set(len(self.windows))
@@ -299,25 +306,35 @@ class TickcastService:
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
         """Rebuild each symbol's window from the input topic before scoring new ticks.
 
-        The partition is read again from its beginning; records below the committed
-        offset only roll windows forward (no predictions, no dead letters: both were
-        produced before), so the first new tick is scored on exactly the window an
-        uninterrupted run would have had.
+        Runs inside the rebalance, so the group consumer hands out no record of these
+        partitions until their windows are exactly what an uninterrupted run would have.
         """
         consumer = self._consumer
         assert consumer is not None
-        now = time.monotonic()
+        started = time.monotonic()
+        until: dict[TopicPartition, int] = {}
         for tp in assigned:
             committed = await consumer.committed(tp)
-            self._assigned_at[tp.partition] = now
             if committed:
-                self._restore_until[tp.partition] = committed
-                consumer.seek_to_beginning(tp)
+                until[tp] = committed
+        s = self.settings
+        replayed = await restore_windows(
+            self.windows,
+            until,
+            bootstrap_servers=s.bootstrap_servers,
+            max_tick_bytes=s.max_tick_bytes,
+            max_symbol_length=s.max_symbol_length,
+            consumer_kwargs=kafka_security_kwargs(s),
+        )
+        self._ready_partitions.update(assigned)
+        self.metrics.restored_ticks.inc(replayed)
+        self.metrics.restore_seconds.observe(time.monotonic() - started)
+        self.metrics.symbols_tracked.set(len(self.windows))
         self.metrics.assigned_partitions.set(len(consumer.assignment()))
         logger.info(
-            "partitions assigned: %s (restoring %s)",
+            "partitions assigned: %s (%d ticks replayed into windows up to the committed offsets)",
             sorted(tp.partition for tp in assigned),
-            {p: o for p, o in self._restore_until.items()},
+            replayed,
         )
 
     # ------------------------------------------------------------------ ingest
@@ -336,7 +353,7 @@ class TickcastService:
                 logger.warning("fetch failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
                 continue
-            if fetched:
+            if fetched or self._parked:
                 chunk = self._build_chunk(fetched)
                 if chunk is not None:
                     self._inflight_chunks += 1
@@ -361,25 +378,19 @@ class TickcastService:
     def _build_chunk(self, fetched: dict[TopicPartition, list[ConsumerRecord]]) -> Chunk | None:
         s = self.settings
         live: list[ConsumerRecord] = []
-        restoring: list[ConsumerRecord] = []
         commit: dict[TopicPartition, int] = {}
+        released = [tp for tp in self._parked if tp in self._ready_partitions]
+        if released:
+            fetched = dict(fetched)
+            for tp in released:
+                fetched[tp] = self._parked.pop(tp) + fetched.get(tp, [])
         for tp, records in fetched.items():
-            if not records:
-                continue
-            until = self._restore_until.get(tp.partition)
-            if until is not None:
-                split = bisect.bisect_left(records, until, key=lambda r: r.offset)
-                replayed, records = records[:split], records[split:]
-                restoring.extend(replayed)
-                if records or (replayed and replayed[-1].offset >= until - 1):
-                    self._finish_restore(tp.partition)
-            if records:
+            if records and tp not in self._ready_partitions:
+                self._parked.setdefault(tp, []).extend(records)
+            elif records:
                 live.extend(records)
                 commit[tp] = records[-1].offset + 1
-        n_records = len(live) + len(restoring)
         self.metrics.ticks_consumed.inc(len(live))
-        if restoring:
-            self._restore(restoring)
         if not live:
             return None
         consumed_at = time.time()
@@ -407,23 +418,7 @@ class TickcastService:
             offsets=decoded.offsets[idx],
             consumed_at=np.full(len(idx), consumed_at),
         )
-        return Chunk(rows=rows, bad=bad, commit=commit, n_records=n_records)
-
-    def _restore(self, records: list[ConsumerRecord]) -> None:
-        """Roll windows forward over already-processed records (no scoring)."""
-        s = self.settings
-        decoded, _ = decode_ticks(
-            records, max_tick_bytes=s.max_tick_bytes, max_symbol_length=s.max_symbol_length
-        )
-        slots = self.windows.slots_for(decoded.symbols, decoded.partitions)
-        self.windows.apply(slots, decoded.prices, decoded.ts)
-        self.metrics.restored_ticks.inc(len(records))
-
-    def _finish_restore(self, partition: int) -> None:
-        self._restore_until.pop(partition, None)
-        started = self._assigned_at.pop(partition, None)
-        if started is not None:
-            self.metrics.restore_seconds.observe(time.monotonic() - started)
+        return Chunk(rows=rows, bad=bad, commit=commit)
 
     # ------------------------------------------------------------------ score
     async def _score_loop(self) -> None:

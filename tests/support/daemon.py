@@ -175,3 +175,75 @@ def reference_predictions(checkpoint_dir: Path, windows: np.ndarray) -> np.ndarr
 def expected_windows(prices: np.ndarray, window_length: int) -> np.ndarray:
     """Every full window of one symbol's prices, oldest first."""
     return np.lib.stride_tricks.sliding_window_view(prices, window_length)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class DaemonProcess:
+    """``python -m daemon`` in a child process, for crash tests (SIGKILL)."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        import os
+
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "TICKCAST_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+            "TICKCAST_INPUT_TOPIC": settings.input_topic,
+            "TICKCAST_OUTPUT_TOPIC": settings.output_topic,
+            "TICKCAST_DLQ_TOPIC": settings.dlq_topic,
+            "TICKCAST_GROUP_ID": settings.group_id,
+            "TICKCAST_CHECKPOINT_DIR": str(settings.checkpoint_dir),
+            "TICKCAST_METRICS_PORT": str(self.port),
+            "TICKCAST_METRICS_HOST": "127.0.0.1",
+            "TICKCAST_DEVICE": "cpu",
+            "TICKCAST_DELIVERY": settings.delivery,
+        }
+        self.log_path = log_path
+        self.process: object = None
+
+    def start(self) -> None:
+        import subprocess
+        import sys
+
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "daemon"], env=self.env, stdout=self._log, stderr=self._log
+        )
+
+    async def wait_ready(self, timeout_s: float = 90.0) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:  # type: ignore[attr-defined]
+                raise RuntimeError(f"daemon exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"daemon not ready: {self.log_path.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        import signal
+
+        self.process.send_signal(signal.SIGKILL)  # type: ignore[attr-defined]
+        self.process.wait(10)  # type: ignore[attr-defined]
+        self._log.close()
+
+    def terminate(self, timeout_s: float = 30) -> int:
+        import signal
+
+        self.process.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+        code = int(self.process.wait(timeout_s))  # type: ignore[attr-defined]
+        self._log.close()
+        return code

@@ -1,0 +1,107 @@
+"""Garbage interleaved with real ticks: every good tick predicted, every bad one dead-lettered."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from uuid import uuid4
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from daemon.embedded_kafka import create_topics
+from model.data import load_series
+from tests.support.daemon import (
+    consume,
+    consume_raw,
+    daemon_settings,
+    make_checkpoint,
+    produce,
+    running_daemon,
+    tick_records,
+)
+
+pytestmark = pytest.mark.kafka
+
+MAX_TICK_BYTES = 512
+
+
+def _json(obj: object) -> bytes:
+    return orjson.dumps(obj)
+
+
+good = {"symbol": "BAD", "price": 1.5, "ts": 1}
+bad_ticks = st.one_of(
+    st.just((b"", "empty")),
+    st.binary(min_size=1, max_size=40).map(lambda b: (b"\xff\xfe" + b, "not_utf8")),
+    st.text(max_size=30).map(lambda t: (("{" + t).encode(), "not_json")),
+    st.one_of(st.lists(st.integers(), max_size=3), st.integers(), st.text(max_size=5)).map(
+        lambda v: (_json(v), "not_object")
+    ),
+    st.sampled_from(["symbol", "price", "ts"]).map(
+        lambda k: (_json({f: v for f, v in good.items() if f != k}), "missing_field")
+    ),
+    st.sampled_from(["", 5, None, ["A"], "x" * 100, "TAB\tSYM"]).map(
+        lambda s: (_json({**good, "symbol": s}), "bad_symbol")
+    ),
+    st.one_of(
+        st.sampled_from([0, -1, "12", True, None, -1e308, [1.0]]),
+        st.floats(max_value=0, allow_nan=False, allow_infinity=False),
+    ).map(lambda p: (_json({**good, "price": p}), "bad_price")),
+    st.sampled_from(["1", 1.5, -5, 0, 10**14, True, None]).map(
+        lambda t: (_json({**good, "ts": t}), "bad_ts")
+    ),
+    st.integers(MAX_TICK_BYTES + 1, 2000).map(
+        lambda n: (_json({**good, "pad": "x" * n}), "oversized")
+    ),
+)
+
+
+@settings(
+    max_examples=3,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(garbage=st.lists(bad_ticks, min_size=1, max_size=40), seed=st.randoms(use_true_random=False))
+def test_garbage_goes_to_dead_letters_and_good_ticks_flow(kafka_bootstrap, tmp_path, garbage, seed):
+    asyncio.run(_scenario(kafka_bootstrap, tmp_path / uuid4().hex, garbage, seed))
+
+
+async def _scenario(bootstrap, root, garbage, rng) -> None:
+    series = load_series("dataset:nasdaq")[0]
+    n_good = 80
+    good_records = tick_records(
+        ["NDX"] * n_good, series.prices[-n_good:].tolist(), series.ts[-n_good:].tolist()
+    )
+    mixed: list[tuple[bytes | None, bytes, str | None]] = [(k, v, None) for k, v in good_records]
+    for value, reason in garbage:
+        mixed.insert(rng.randrange(len(mixed) + 1), (b"NDX", value, reason))
+    topics = {k: f"{k}-{uuid4().hex[:8]}" for k in ("input", "output", "dlq")}
+    await create_topics(bootstrap, list(topics.values()), partitions=1)
+    make_checkpoint(root)
+    config = daemon_settings(
+        bootstrap, topics, root, f"g-{uuid4().hex[:8]}", max_tick_bytes=MAX_TICK_BYTES
+    )
+    async with running_daemon(config) as service:
+        await produce(bootstrap, topics["input"], [(k, v) for k, v, _ in mixed])
+        predictions = await consume(bootstrap, topics["output"], n_good - 59, settle_s=0.5)
+        dead = await consume_raw(bootstrap, topics["dlq"], len(garbage))
+        registry = service.metrics.registry
+        assert all(service.readiness().values()), "daemon must stay alive and ready"
+
+    assert [p.ts for p in predictions] == series.ts[-(n_good - 59) :].tolist()
+    assert all(math.isfinite(p.predicted) for p in predictions)
+    expected_dead = [(v, r) for _, v, r in mixed if r is not None]
+    assert [(d.value or b"", dict(d.headers)["tickcast.reason"].decode()) for d in dead] == [
+        (v, r) for v, r in expected_dead
+    ]
+    assert all(
+        dict(d.headers)["tickcast.source"].startswith(topics["input"].encode()) for d in dead
+    )
+    for reason in {r for _, r in expected_dead}:
+        count = sum(1 for _, r in expected_dead if r == reason)
+        assert registry.get_sample_value("tickcast_bad_ticks_total", {"reason": reason}) == count
+    assert registry.get_sample_value("tickcast_dead_letter_records_total") == len(garbage)
+    assert registry.get_sample_value("tickcast_ticks_consumed_total") == len(mixed)
