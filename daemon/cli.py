@@ -171,6 +171,31 @@ def run_retrain(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# ---------------------------------------------------------------------------- demo, bench
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from daemon.demo import add_demo_arguments as add
+
+    add(parser)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from daemon.demo import run_demo as run
+
+    return run(args)
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from daemon.bench import add_bench_arguments as add
+
+    add(parser)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from daemon.bench import run_bench as run
+
+    return run(args)
+
+
 # ---------------------------------------------------------------------------- main
 Command = tuple[
     str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]
@@ -182,6 +207,8 @@ def commands() -> list[Command]:
         ("serve", "run the streaming daemon", lambda p: add_settings_arguments(p), run_serve),
         ("retrain", "train, evaluate and publish a checkpoint", add_retrain_arguments, run_retrain),
         ("replay", "produce real price series as ticks", add_replay_arguments, run_replay),
+        ("demo", "one-command quickstart on an embedded broker", add_demo_arguments, run_demo),
+        ("bench", "end-to-end benchmark on a real broker", add_bench_arguments, run_bench),
     ]
 
 

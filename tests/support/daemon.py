@@ -218,20 +218,23 @@ class DaemonProcess:
         )
 
     async def wait_ready(self, timeout_s: float = 90.0) -> None:
-        import urllib.request
-
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:  # type: ignore[attr-defined]
                 raise RuntimeError(f"daemon exited: {self.log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
+            if await asyncio.to_thread(self._ready):
+                return
             await asyncio.sleep(0.2)
         raise TimeoutError(f"daemon not ready: {self.log_path.read_text()[-3000:]}")
+
+    def _ready(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
 
     def kill(self) -> None:
         import signal
