@@ -15,9 +15,13 @@ from typing import Protocol
 
 from daemon.metrics import DaemonMetrics
 from daemon.predictor import Predictor, load_predictor
-from model.checkpoint import CheckpointError, read_latest
+from model.checkpoint import META_FILE, WEIGHTS_FILE, CheckpointError, read_latest
 
 logger = logging.getLogger(__name__)
+
+# (version, its files' (mtime_ns, size)): what was rejected, so that a bad version is not
+# reloaded (and re-logged) every poll, yet is retried once its files change.
+_Signature = tuple[str, tuple[tuple[int, int] | None, ...]]
 
 
 class _Swappable(Protocol):
@@ -25,6 +29,18 @@ class _Swappable(Protocol):
     metrics: DaemonMetrics
 
     def request_swap(self, predictor: Predictor) -> None: ...
+
+
+def _signature(version_dir: Path) -> tuple[tuple[int, int] | None, ...]:
+    files = []
+    for name in (META_FILE, WEIGHTS_FILE):
+        try:
+            st = (version_dir / name).stat()
+        except OSError:
+            files.append(None)
+        else:
+            files.append((st.st_mtime_ns, st.st_size))
+    return tuple(files)
 
 
 class ModelWatcher:
@@ -35,13 +51,18 @@ class ModelWatcher:
         self._dir = Path(checkpoint_dir)
         self._poll_s = poll_s
         self._wake = asyncio.Event()
-        self._rejected: str | None = None  # don't retry (and re-log) the same bad version
+        self._rejected: _Signature | None = None
+        self._unreadable: str | None = None  # last LATEST read error, logged once
+        # The version handed to the service: an idle daemon swaps only at its next batch,
+        # and must not reload (and recount) the same version every poll until then.
+        self._requested: str | None = None
 
     def check_now(self) -> None:
         """SIGHUP: look at LATEST without waiting for the next poll."""
         self._wake.set()
 
     async def run(self) -> None:
+        """Check every ``poll_s`` seconds, or at once after :meth:`check_now`, until cancelled."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_s)
@@ -49,17 +70,40 @@ class ModelWatcher:
             await self.check()
 
     async def check(self) -> bool:
-        """Load and hand over a new LATEST; True when a swap was requested."""
+        """Load and hand over a new LATEST; True when a swap was requested.
+
+        Never raises for a bad checkpoint: whatever LATEST names, the model in service
+        keeps serving unless the new one loads and passes validation.
+        """
+        current = self._service.predictor
         try:
             version = read_latest(self._dir)
-        except OSError as exc:
-            logger.warning("cannot read %s/LATEST: %s", self._dir, exc)
+        except (OSError, ValueError) as exc:  # ValueError: LATEST is not UTF-8
+            if str(exc) != self._unreadable:
+                self._unreadable = str(exc)
+                logger.warning(
+                    "cannot read %s/LATEST, still serving %s: %s", self._dir, current.version, exc
+                )
             return False
-        current = self._service.predictor
-        if version is None or version == current.version or version == self._rejected:
+        self._unreadable = None
+        if version is None:
+            return False
+        if version == current.version:
+            if self._requested not in (None, version):
+                # LATEST rolled back before the requested swap took effect: cancel it.
+                self._service.request_swap(current)
+            self._requested = None
+            return False
+        if version == self._requested:
+            return False  # handed over; the service swaps it in at its next batch
+        version_dir = self._dir / version
+        signature = (version, _signature(version_dir))
+        if signature == self._rejected:
             return False
         try:
-            candidate = await asyncio.to_thread(load_predictor, self._dir / version, current.device)
+            if Path(version).name != version or version.startswith("."):
+                raise CheckpointError(f"LATEST names an invalid version {version!r}")
+            candidate = await asyncio.to_thread(load_predictor, version_dir, current.device)
             if candidate.window_length != current.window_length:
                 raise CheckpointError(
                     f"window length {candidate.window_length} differs from the running "
@@ -67,14 +111,19 @@ class ModelWatcher:
                 )
             if candidate.version != version:
                 raise CheckpointError(f"meta.json names version {candidate.version!r}")
-        except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
-            self._rejected = version
+        except Exception as exc:  # any failure rejects the checkpoint, never the daemon
+            self._rejected = signature
             self._service.metrics.model_reloads.labels("rejected").inc()
             logger.error(
-                "checkpoint %s rejected, still serving %s: %s", version, current.version, exc
+                "checkpoint %s rejected, still serving %s: %s: %s",
+                version,
+                current.version,
+                type(exc).__name__,
+                exc,
             )
             return False
         self._rejected = None
+        self._requested = version
         self._service.request_swap(candidate)
         self._service.metrics.model_reloads.labels("success").inc()
         logger.info(
