@@ -32,7 +32,7 @@ class _Swappable(Protocol):
 
 
 def _signature(version_dir: Path) -> tuple[tuple[int, int] | None, ...]:
-    files = []
+    files: list[tuple[int, int] | None] = []
     for name in (META_FILE, WEIGHTS_FILE):
         try:
             st = (version_dir / name).stat()
