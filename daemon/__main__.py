@@ -1,7 +1,9 @@
 """``python -m daemon`` = ``tickcast serve``."""
 
-import sys
+import argparse
 
-from daemon.cli import main
+from daemon.cli import add_settings_arguments, run_serve
 
-raise SystemExit(main(["serve", *sys.argv[1:]]))
+parser = argparse.ArgumentParser(prog="python -m daemon", description="run the streaming daemon")
+add_settings_arguments(parser)
+raise SystemExit(run_serve(parser.parse_args()))

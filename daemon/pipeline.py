@@ -74,3 +74,4 @@ class Dispatched:
     rows: ScoringRows
     predictions: np.ndarray
     completed: list[Chunk] = field(default_factory=list)
+    committed: bool = False  # offsets already committed inside a transaction

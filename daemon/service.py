@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, ProducerFenced
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from daemon.http import HealthServer
@@ -69,6 +71,18 @@ def kafka_security_kwargs(settings: Settings) -> dict[str, Any]:
             cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None
         )
     return kwargs
+
+
+def transactional_id(settings: Settings) -> str:
+    """The producer's transactional id in exactly-once mode.
+
+    Must be unique per running instance. Set TICKCAST_TRANSACTIONAL_ID to a stable name
+    per instance (e.g. the pod name of a StatefulSet) so that a restarted instance fences
+    its own zombie; the default (host and pid) is unique but not stable across restarts.
+    """
+    if settings.transactional_id:
+        return settings.transactional_id
+    return f"{settings.group_id}-{socket.gethostname()}-{os.getpid()}"
 
 
 def load_serving_predictor(settings: Settings) -> Predictor:
@@ -114,6 +128,7 @@ class TickcastService:
         self._stopping = False
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tickcast-infer")
         self._pending_predictor: Predictor | None = None
+        self._transactional = settings.delivery == "exactly_once"
 
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -177,7 +192,7 @@ class TickcastService:
         s = self.settings
         security = kafka_security_kwargs(s)
         await self._http.start()
-        transactional = s.delivery == "exactly_once"
+        transactional = self._transactional
         self._producer = AIOKafkaProducer(
             bootstrap_servers=s.bootstrap_servers,
             client_id=f"{s.client_id}-producer",
@@ -186,7 +201,7 @@ class TickcastService:
             linger_ms=2,
             max_batch_size=256 * 1024,
             request_timeout_ms=30_000,
-            transactional_id=f"{s.group_id}-{s.client_id}" if transactional else None,
+            transactional_id=transactional_id(s) if transactional else None,
             **security,
         )
         self._consumer = AIOKafkaConsumer(
@@ -454,18 +469,33 @@ class TickcastService:
                     break
                 pending.append([chunk, 0])
                 pending_rows += len(chunk.rows)
-            batch_parts, completed = self._take_batch(pending, s.max_batch_size)
+            batch_parts, completed = self._take_batch(
+                pending, s.max_batch_size, whole_chunks=self._transactional
+            )
             pending_rows -= sum(len(p) for p in batch_parts)
             await self._score_and_publish(batch_parts, completed)
         await self._dispatched.put(None)
 
     @staticmethod
     def _take_batch(
-        pending: deque[list[Any]], max_rows: int
+        pending: deque[list[Any]], max_rows: int, *, whole_chunks: bool = False
     ) -> tuple[list[ScoringRows], list[Chunk]]:
+        """Up to ``max_rows`` windows from the oldest pending chunks, and the chunks done.
+
+        With ``whole_chunks`` (exactly-once) a chunk is never split across two batches, so
+        each transaction commits exactly the offsets whose predictions it carries.
+        """
         parts: list[ScoringRows] = []
         completed: list[Chunk] = []
         room = max_rows
+        if whole_chunks:
+            while pending and (not completed or len(pending[0][0].rows) <= room):
+                chunk = pending.popleft()[0]
+                if len(chunk.rows):
+                    parts.append(chunk.rows)
+                room -= len(chunk.rows)
+                completed.append(chunk)
+            return parts, completed
         while pending and room > 0:
             chunk, start = pending[0]
             stop = min(len(chunk.rows), start + room)
@@ -503,9 +533,47 @@ class TickcastService:
             self._record_live_accuracy(rows, predictions)
         records = self._prediction_records(rows, predictions, predictor.version)
         dead = [self._dead_letter_record(b) for chunk in completed for b in chunk.bad]
-        deliveries = await self._send_with_retry(self.settings.output_topic, records)
-        deliveries += await self._send_with_retry(self.settings.dlq_topic, dead)
-        await self._dispatched.put(Dispatched(deliveries, rows, predictions, completed))
+        if self._transactional:
+            await self._publish_in_transaction(records, dead, completed)
+            deliveries = []
+        else:
+            deliveries = await self._send_with_retry(self.settings.output_topic, records)
+            deliveries += await self._send_with_retry(self.settings.dlq_topic, dead)
+        await self._dispatched.put(
+            Dispatched(deliveries, rows, predictions, completed, committed=self._transactional)
+        )
+
+    async def _publish_in_transaction(
+        self, records: list[OutRecord], dead: list[OutRecord], completed: list[Chunk]
+    ) -> None:
+        """Exactly-once: predictions, dead letters and input offsets in one transaction.
+
+        An aborted transaction's records are invisible to read_committed consumers, so on
+        a broker error the same records are sent again in a fresh transaction.
+        """
+        producer, publisher = self._producer, self._publisher
+        assert producer is not None and publisher is not None
+        offsets: dict[TopicPartition, int] = {}
+        for chunk in completed:
+            offsets.update(chunk.commit)
+        attempt = 0
+        while True:
+            try:
+                async with producer.transaction():
+                    deliveries = await publisher.send(self.settings.output_topic, records)
+                    deliveries += await publisher.send(self.settings.dlq_topic, dead)
+                    await asyncio.gather(*(d.future for d in deliveries))
+                    if offsets:
+                        await producer.send_offsets_to_transaction(offsets, self.settings.group_id)
+                return
+            except ProducerFenced:
+                # Another instance took over this transactional id: we are the zombie.
+                raise
+            except KafkaError as exc:
+                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                logger.warning("transaction failed (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                attempt += 1
 
     def _conflate(self, rows: ScoringRows) -> ScoringRows:
         """Keep only each symbol's newest window in this batch (TICKCAST_CONFLATE)."""
@@ -632,12 +700,12 @@ class TickcastService:
             if dead:
                 self.metrics.dead_letters.inc(dead)
             self._inflight_windows -= n
-            if item.completed:
+            if item.completed and not item.committed:
                 commit: dict[TopicPartition, int] = {}
                 for chunk in item.completed:
                     commit.update(chunk.commit)
                 await self._commit(consumer, commit)
-                self._inflight_chunks -= len(item.completed)
+            self._inflight_chunks -= len(item.completed)
             self.metrics.inflight_windows.set(self._inflight_windows)
             if self._inflight_chunks == 0:
                 self._drained.set()

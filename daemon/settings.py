@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     group_id: str = "tickcast"
     client_id: str = "tickcast"
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    transactional_id: str | None = None  # exactly_once: stable and unique per instance
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None

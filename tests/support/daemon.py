@@ -221,6 +221,7 @@ class DaemonProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:  # type: ignore[attr-defined]
+                self._log.close()
                 raise RuntimeError(f"daemon exited: {self.log_path.read_text()[-3000:]}")
             if await asyncio.to_thread(self._ready):
                 return

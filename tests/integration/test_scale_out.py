@@ -1,0 +1,170 @@
+"""Several daemons in one consumer group, exactly-once mode, and SASL.
+
+Kafka's partition assignment is the distributed engine: when an instance dies or joins,
+its partitions move, the new owner rebuilds the windows from the input topic, and the
+next tick of every moved symbol is scored on the window an uninterrupted single instance
+would have had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from daemon.embedded_kafka import KafkaBroker, create_topics, pick_free_ports
+from daemon.replay import TickStream, replay
+from model.data import load_many
+from tests.integration.test_daemon_recovery import check_complete, expected_count
+from tests.support.daemon import DaemonProcess, consume, daemon_settings, running_daemon
+
+pytestmark = pytest.mark.kafka
+
+PER_SYMBOL = 200
+SYMBOLS = ["dataset:nasdaq", "dataset:sp500", "dataset:goog", "dataset:eurusd", "dataset:btcusd"]
+
+
+def long_real_stream() -> TickStream:
+    series = load_many(SYMBOLS)
+    trimmed = [
+        type(s)(s.symbol, s.source, s.ts[-PER_SYMBOL:], s.prices[-PER_SYMBOL:]) for s in series
+    ]
+    return TickStream.merge(trimmed)
+
+
+@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
+async def test_kill_one_of_two_instances_mid_stream_then_add_a_third(
+    kafka_bootstrap, topic_factory, checkpoint_dir, unique_group, tmp_path, delivery
+):
+    topics = {
+        "input": await topic_factory(partitions=4, prefix="ticks"),
+        "output": await topic_factory(partitions=4, prefix="predictions"),
+        "dlq": await topic_factory(partitions=1, prefix="dlq"),
+    }
+    settings = daemon_settings(
+        kafka_bootstrap, topics, checkpoint_dir, unique_group, delivery=delivery
+    )
+    stream = long_real_stream()
+    first, second = (
+        DaemonProcess(settings, tmp_path / "a.log"),
+        DaemonProcess(settings, tmp_path / "b.log"),
+    )
+    first.start()
+    second.start()
+    await asyncio.gather(first.wait_ready(), second.wait_ready())
+
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        feeding = asyncio.create_task(replay(producer, topics["input"], stream, rate=250))
+        await asyncio.sleep(1.5)
+        assert not feeding.done(), "the kill must happen mid-stream"
+        first.kill()
+        third = DaemonProcess(settings, tmp_path / "c.log")
+        third.start()
+        await feeding
+    finally:
+        await producer.stop()
+    await third.wait_ready()
+    total = expected_count(stream)
+    predictions = await consume(
+        kafka_bootstrap, topics["output"], total, timeout_s=120, settle_s=2.0
+    )
+    assert second.terminate() == 0
+    assert third.terminate() == 0
+    exactly_once = delivery == "exactly_once"
+    check_complete(predictions, stream, checkpoint_dir, allow_duplicates=not exactly_once)
+    if exactly_once:
+        assert len(predictions) == total
+
+
+@pytest.fixture(scope="module")
+def sasl_broker(tmp_path_factory) -> tuple[str, str]:
+    """A second broker with a SASL/PLAIN listener (user tickcast / secret)."""
+    sasl_port, plain_port, controller_port = pick_free_ports(3)
+    jaas = (
+        "org.apache.kafka.common.security.plain.PlainLoginModule required "
+        'username="admin" password="admin-secret" '
+        'user_admin="admin-secret" user_tickcast="tickcast-secret";'
+    )
+    broker = KafkaBroker(
+        Path(tmp_path_factory.mktemp("sasl-kafka")),
+        port=plain_port,
+        controller_port=controller_port,
+        extra_properties={
+            "listeners": (
+                f"PLAINTEXT://127.0.0.1:{plain_port},SASL_PLAINTEXT://127.0.0.1:{sasl_port},"
+                f"CONTROLLER://127.0.0.1:{controller_port}"
+            ),
+            "advertised.listeners": (
+                f"PLAINTEXT://127.0.0.1:{plain_port},SASL_PLAINTEXT://127.0.0.1:{sasl_port}"
+            ),
+            "listener.security.protocol.map": (
+                "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT"
+            ),
+            "sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config": jaas,
+        },
+    )
+    broker.start()
+    try:
+        yield broker.bootstrap, f"127.0.0.1:{sasl_port}"
+    finally:
+        broker.stop()
+
+
+async def test_daemon_over_sasl_plain(sasl_broker, tmp_path):
+    from tests.support.daemon import make_checkpoint, produce, tick_records
+
+    plain, sasl = sasl_broker
+    topics = {k: f"{k}-{uuid4().hex[:8]}" for k in ("input", "output", "dlq")}
+    await create_topics(plain, list(topics.values()))
+    make_checkpoint(tmp_path / "ck")
+    settings = daemon_settings(
+        sasl,
+        topics,
+        tmp_path / "ck",
+        f"g-{uuid4().hex[:6]}",
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism="PLAIN",
+        sasl_username="tickcast",
+        sasl_password="tickcast-secret",
+    )
+    assert "tickcast-secret" not in repr(settings)  # a SecretStr never prints
+    series = load_many(["dataset:nasdaq"])[0]
+    async with running_daemon(settings):
+        await produce(
+            plain,
+            topics["input"],
+            tick_records(["NDX"] * 70, series.prices[-70:].tolist(), series.ts[-70:].tolist()),
+        )
+        predictions = await consume(plain, topics["output"], 11, timeout_s=60)
+    assert [p.ts for p in predictions] == series.ts[-11:].tolist()
+
+
+async def test_wrong_sasl_password_fails_start_with_a_clear_error(sasl_broker, tmp_path):
+    from aiokafka.errors import KafkaError
+
+    from daemon.service import TickcastService
+    from tests.support.daemon import make_checkpoint
+
+    _, sasl = sasl_broker
+    make_checkpoint(tmp_path / "ck")
+    topics = {"input": "i", "output": "o", "dlq": "d"}
+    settings = daemon_settings(
+        sasl,
+        topics,
+        tmp_path / "ck",
+        "g",
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism="PLAIN",
+        sasl_username="tickcast",
+        sasl_password="wrong",
+    )
+    service = TickcastService(settings)
+    with pytest.raises(KafkaError):
+        await service.startup()
+    await service.shutdown()
