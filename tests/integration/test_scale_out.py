@@ -9,6 +9,7 @@ would have had.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 from uuid import uuid4
 
@@ -82,7 +83,7 @@ async def test_kill_one_of_two_instances_mid_stream_then_add_a_third(
 
 
 @pytest.fixture(scope="module")
-def sasl_broker(tmp_path_factory) -> tuple[str, str]:
+def sasl_broker(tmp_path_factory) -> Iterator[tuple[str, str]]:
     """A second broker with a SASL/PLAIN listener (user tickcast / secret)."""
     sasl_port, plain_port, controller_port = pick_free_ports(3)
     jaas = (

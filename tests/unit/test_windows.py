@@ -42,7 +42,7 @@ def run_both(w: int, batches: list[list[tuple[str, float, int]]]) -> None:
         assert applied.accepted.tolist() == exp_accepted
         assert applied.dropped == len(batch) - len(exp_accepted)
         assert applied.prev_ts.tolist() == [expected[i][2] for i in exp_accepted]
-        exp_windows = [expected[i][1] for i in exp_accepted if expected[i][1] is not None]
+        exp_windows = [win for i in exp_accepted if (win := expected[i][1]) is not None]
         assert applied.ready.sum() == len(exp_windows)
         if exp_windows:
             np.testing.assert_array_equal(applied.windows, np.stack(exp_windows))
@@ -93,5 +93,7 @@ def test_grows_past_capacity_and_drops_partitions():
     assert "S1" not in wins and "S0" in wins
     # Freed slots are reused and start empty.
     new = wins.slots_for(["NEW"], np.array([1], np.int32))
-    assert wins.window("NEW") is not None and len(wins.window("NEW")) == 0
+    fresh = wins.window("NEW")
+    assert fresh is not None
+    assert len(fresh) == 0
     assert int(new[0]) < wins.capacity
