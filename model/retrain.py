@@ -14,7 +14,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +39,17 @@ from model.checkpoint import (
 from model.data import ChronologicalSplit, DataError, PriceSeries, chronological_split, load_many
 from model.evaluate import evaluate_forecasts, plot_predictions, predict_windows, rmse_ratio
 from model.gru import ModelConfig
+from model.kafka_source import load_kafka_series, parse_duration, parse_since
 from model.train import TrainConfig, TrainResult, resolve_device, train_model
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR_ENV = "TICKCAST_CHECKPOINT_DIR"
 DEFAULT_CHECKPOINT_DIR = "./checkpoints"
+BOOTSTRAP_SERVERS_ENV = "TICKCAST_BOOTSTRAP_SERVERS"
+DEFAULT_BOOTSTRAP_SERVERS = "localhost:9092"
+INPUT_TOPIC_ENV = "TICKCAST_INPUT_TOPIC"
+DEFAULT_INPUT_TOPIC = "ticks"
 PLOT_FILE = "predictions.png"
 EXIT_USAGE = 2  # bad input: missing file, unknown data set, NaN prices, too few rows
 EXIT_FAILURE = 1
@@ -204,13 +211,40 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the retrain flags to ``parser`` (``tickcast retrain`` and ``python -m model``)."""
     model_defaults = ModelConfig()
     train_defaults = TrainConfig()
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--data",
         action="append",
-        required=True,
         metavar="SPEC",
         help="a CSV/Parquet file (Date,Close or symbol,ts,price) or dataset:NAME "
         "(nasdaq, sp500, goog, eurusd, btcusd); repeat to train one model on several",
+    )
+    source.add_argument(
+        "--from-kafka",
+        action="store_true",
+        help="train on the ticks retained in the input topic (the daemon's own stream)",
+    )
+    kafka = parser.add_argument_group("--from-kafka")
+    kafka.add_argument(
+        "--bootstrap-servers",
+        help=f"default: ${BOOTSTRAP_SERVERS_ENV}, else {DEFAULT_BOOTSTRAP_SERVERS}",
+    )
+    kafka.add_argument(
+        "--input-topic", help=f"default: ${INPUT_TOPIC_ENV}, else {DEFAULT_INPUT_TOPIC}"
+    )
+    kafka.add_argument(
+        "--since",
+        type=_since_arg,
+        metavar="WHEN",
+        help="only records written since WHEN: a duration back from each run (7d, 12h) or "
+        "an ISO time (2024-05-01T00:00Z); by Kafka record timestamp",
+    )
+    parser.add_argument(
+        "--every",
+        type=parse_duration,
+        metavar="DURATION",
+        help="keep running: retrain, promote if not worse, sleep DURATION (1h, 30m, 90s), "
+        "repeat; SIGTERM stops it between runs",
     )
     parser.add_argument(
         "--checkpoint-dir",
@@ -281,8 +315,72 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
     return code
 
 
+def _since_arg(text: str) -> str:
+    """argparse type for --since: validated now, resolved at each run (``7d`` moves on)."""
+    try:
+        parse_since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
+
+
+def kafka_training_data(args: argparse.Namespace, window_length: int) -> list[PriceSeries]:
+    """--from-kafka: the ticks retained in the input topic, one series per symbol."""
+    bootstrap = (
+        args.bootstrap_servers or os.environ.get(BOOTSTRAP_SERVERS_ENV) or DEFAULT_BOOTSTRAP_SERVERS
+    )
+    topic = args.input_topic or os.environ.get(INPUT_TOPIC_ENV) or DEFAULT_INPUT_TOPIC
+    since_ms = parse_since(args.since) if args.since else None
+    # chronological_split needs a window, a next price, and one row each for val and test.
+    ticks = load_kafka_series(bootstrap, topic, min_ticks=window_length + 3, since_ms=since_ms)
+    logger.info("training data from %s: %s", topic, json.dumps(ticks.summary()))
+    return ticks.series
+
+
+class _StopBetweenRuns:
+    """SIGTERM/SIGINT: finish the current run, then stop; a second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopBetweenRuns:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.requested.is_set():
+            raise KeyboardInterrupt  # the second signal: do not wait for the run to end
+        self.requested.set()
+        logger.info("%s: stopping after the current run", signal.Signals(signum).name)
+
+
 def run_retrain(args: argparse.Namespace) -> int:
-    """Run the retrain job for parsed ``args``; returns the process exit code."""
+    """Run the retrain job for parsed ``args`` (once, or every ``--every``); exit code."""
+    every = getattr(args, "every", None)
+    if every is None:
+        return retrain_once(args)
+    runs = 0
+    with _StopBetweenRuns() as stop:
+        while not stop.requested.is_set():
+            runs += 1
+            code = retrain_once(args)
+            if code != 0:
+                # A scheduler outlives one bad run (a topic still filling, a broker restart).
+                logger.warning("retrain run %d failed with exit code %d", runs, code)
+            logger.info("retrain run %d done; next in %s", runs, every)
+            stop.requested.wait(every.total_seconds())
+    logger.info("retrain scheduler stopped after %d runs", runs)
+    return 0
+
+
+def retrain_once(args: argparse.Namespace) -> int:
+    """One retrain: load, train, evaluate, save, promote if not worse; the exit code."""
     started = time.perf_counter()
     checkpoint_dir = Path(
         args.checkpoint_dir or os.environ.get(CHECKPOINT_DIR_ENV) or DEFAULT_CHECKPOINT_DIR
@@ -305,7 +403,11 @@ def run_retrain(args: argparse.Namespace) -> int:
         if not 0 < fraction < 0.5:
             return _fail(f"{flag} must lie strictly between 0 and 0.5, got {fraction}")
     try:
-        series = load_training_data(args.data)
+        series = (
+            kafka_training_data(args, model_config.window_length)
+            if args.from_kafka
+            else load_training_data(args.data)
+        )
         parent = read_latest(checkpoint_dir)
         outcome = fit_and_evaluate(
             series,
