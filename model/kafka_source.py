@@ -212,12 +212,14 @@ async def read_topic_values(
     values: list[bytes | None] = []
     started = time.monotonic()
     try:
+        if topic not in await consumer.topics():
+            raise DataError(f"topic {topic!r} does not exist on {bootstrap_servers}")
+        # A group-less consumer tracks no topic's metadata until told to; aiokafka has no
+        # public call for that, so ask its client to track this one and wait for it.
+        await consumer._client.add_topic(topic)
         partitions = consumer.partitions_for_topic(topic)
         if not partitions:
-            await consumer.topics()  # fetch metadata once, then look again
-            partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            raise DataError(f"topic {topic!r} does not exist on {bootstrap_servers}")
+            raise DataError(f"no partition metadata for {topic!r} on {bootstrap_servers}")
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         ends: dict[TopicPartition, int] = await consumer.end_offsets(tps)

@@ -1,0 +1,209 @@
+"""``tickcast retrain --from-kafka`` on the real broker: the daemon's input topic as data."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from model.__main__ import main as retrain_main
+from model.checkpoint import load_latest, read_latest, read_meta
+from model.data import PriceSeries, load_many
+from tests.support.daemon import produce
+
+pytestmark = pytest.mark.kafka
+
+PER_SYMBOL = 300
+TINY = ["--epochs", "1", "--hidden-size", "8", "--batch-size", "512", "--device", "cpu"]
+GARBAGE: list[tuple[bytes | None, bytes]] = [
+    (None, b"not json at all"),
+    (None, b"\xff\xfe\x00"),
+    (b"X", orjson.dumps({"symbol": "X", "price": -1.0, "ts": 1_700_000_000_000})),
+    (b"X", orjson.dumps({"symbol": "X", "price": "1.0", "ts": 1_700_000_000_000})),
+    (b"X", orjson.dumps({"symbol": "X", "ts": 1_700_000_000_000})),
+    (b"X", orjson.dumps({"symbol": "X", "price": 1.0, "ts": 1_700_000_000_000_000})),
+    (None, b"[1, 2, 3]"),
+    (None, b""),
+]
+
+
+def real_series() -> list[PriceSeries]:
+    return [
+        PriceSeries(s.symbol, s.source, s.ts[-PER_SYMBOL:], s.prices[-PER_SYMBOL:])
+        for s in load_many(["dataset:nasdaq", "dataset:sp500"])
+    ]
+
+
+def tick(symbol: str, price: float, ts: int) -> tuple[bytes, bytes]:
+    return symbol.encode(), orjson.dumps({"symbol": symbol, "price": price, "ts": ts})
+
+
+@pytest.fixture
+def tick_topic(topic_factory, kafka_bootstrap: str) -> str:
+    """A 3-partition topic with two real series, garbage, duplicates and a too-short symbol."""
+
+    async def fill() -> str:
+        topic = await topic_factory(partitions=3, prefix="ticks")
+        records: list[tuple[bytes | None, bytes]] = []
+        for s in real_series():
+            records += [
+                tick(s.symbol, p, t) for p, t in zip(s.prices.tolist(), s.ts.tolist(), strict=True)
+            ]
+        records += GARBAGE
+        # A redelivered stretch (same symbol and ts, even with another price): first wins.
+        nasdaq = real_series()[0]
+        records += [tick("NASDAQ", 1.0, int(t)) for t in nasdaq.ts[:5].tolist()]
+        records += [tick("TINY", 10.0 + i, 1_700_000_000_000 + i) for i in range(10)]
+        await produce(kafka_bootstrap, topic, records)
+        return topic
+
+    return asyncio.run(fill())
+
+
+def test_retrain_from_kafka_trains_on_the_retained_ticks(
+    kafka_bootstrap: str,
+    tick_topic: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="model.kafka_source")
+    caplog.set_level(logging.INFO, logger="model.retrain")
+    root = tmp_path / "checkpoints"
+    code = retrain_main(
+        [
+            "--from-kafka",
+            "--bootstrap-servers",
+            kafka_bootstrap,
+            "--input-topic",
+            tick_topic,
+            "--checkpoint-dir",
+            str(root),
+            "--since",
+            "1h",  # all of it: every record was written in the last minute
+            "--json",
+            "--no-progress",
+            *TINY,
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert report["promoted"] is True
+    assert read_latest(root) == report["version"]
+    meta = read_meta(root / report["version"])
+    load_latest(root)  # a loadable checkpoint
+
+    # meta.training_data: both symbols, from the topic, starting at each one's first tick.
+    series = {s.symbol: s for s in real_series()}
+    ranges = {r.symbol: r for r in meta.training_data}
+    assert sorted(ranges) == ["NASDAQ", "SP500"]
+    for symbol, r in ranges.items():
+        s = series[symbol]
+        assert r.source == f"kafka:{tick_topic}"
+        assert (r.start, r.end) == s.iso_range(0, r.rows)
+        assert 0 < r.rows < PER_SYMBOL  # a prefix: validation and test rows held out
+    test_ranges = {r["symbol"]: r for r in meta.evaluation["test_data"]}
+    for symbol, s in series.items():
+        assert test_ranges[symbol]["end"] == s.iso_range(len(s) - 1)[1]
+
+    # The read's bookkeeping: garbage skipped by reason, duplicates and TINY left out.
+    [summary_line] = [r.getMessage() for r in caplog.records if "training data from" in r.msg]
+    summary = json.loads(summary_line.split(": ", 1)[1])
+    assert summary["records"] == 2 * PER_SYMBOL + len(GARBAGE) + 5 + 10
+    assert summary["invalid"] == {
+        "not_json": 2,
+        "bad_price": 2,
+        "missing_field": 1,
+        "bad_ts": 1,
+        "not_object": 1,
+        "empty": 1,
+    }
+    assert summary["duplicates"] == 5
+    assert summary["symbols"] == {"NASDAQ": PER_SYMBOL, "SP500": PER_SYMBOL}
+    assert summary["too_short"] == {"TINY": 10}
+    assert any("skipping TINY" in r.getMessage() for r in caplog.records)
+
+
+def test_since_after_every_record_finds_nothing(
+    kafka_bootstrap: str, tick_topic: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = retrain_main(
+        [
+            "--from-kafka",
+            "--bootstrap-servers",
+            kafka_bootstrap,
+            "--input-topic",
+            tick_topic,
+            "--checkpoint-dir",
+            str(tmp_path),
+            "--since",
+            "2099-01-01T00:00Z",
+            *TINY,
+        ]
+    )
+    assert code == 2
+    assert "holds no symbol" in capsys.readouterr().err
+    assert read_latest(tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--data", "dataset:goog", "--from-kafka"],
+        [],
+        ["--from-kafka", "--every", "soon"],
+        ["--from-kafka", "--every", "0s"],
+        ["--from-kafka", "--since", "last tuesday"],
+    ],
+)
+def test_source_and_schedule_flags_are_checked(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        retrain_main(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_every_keeps_retraining_until_sigterm(
+    kafka_bootstrap: str, tick_topic: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "checkpoints"
+    log_path = tmp_path / "retrain.log"
+    env = {
+        **os.environ,
+        "TICKCAST_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "TICKCAST_INPUT_TOPIC": tick_topic,
+        "TICKCAST_CHECKPOINT_DIR": str(root),
+    }
+    argv = [sys.executable, "-m", "model", "--from-kafka", "--every", "1s", "--no-progress"]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([*argv, *TINY], env=env, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 240
+            while "retrain run 2 done" not in log_path.read_text():
+                assert process.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.2)
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    text = log_path.read_text()
+    assert code == 0, text[-3000:]
+    runs = int(text.split("retrain scheduler stopped after ")[1].split()[0])
+    assert runs >= 2
+    versions = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(versions) == runs  # one checkpoint per run, promoted or not
+    assert read_latest(root) in versions
