@@ -144,7 +144,7 @@ def ensure_checkpoint(
         return version
     print(
         f"tickcast demo: no checkpoint in {checkpoint_dir}; training one on {TRAIN_DATA} "
-        "(about 10-30 s on a CPU)",
+        "(usually well under a minute on a CPU)",
         file=sys.stderr,
         flush=True,
     )
@@ -823,7 +823,7 @@ async def _drive(
     if not replay.cancelled() and replay.done() and replay.exception() is not None:
         raise RuntimeError(f"the replay failed: {replay.exception()!r}")
     summary = summarise(view, status, replay_s=replay_s, interrupted=interrupted)
-    _print_summary(console, summary)
+    _print_summary(console, summary, machine_line=args.headless)
     if args.summary_json is not None:
         args.summary_json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if args.headless and view.predictions == 0:
@@ -832,7 +832,7 @@ async def _drive(
     return EXIT_OK
 
 
-def _print_summary(console: Console, summary: dict[str, Any]) -> None:
+def _print_summary(console: Console, summary: dict[str, Any], *, machine_line: bool) -> None:
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{value:.4f}%"
 
@@ -842,8 +842,8 @@ def _print_summary(console: Console, summary: dict[str, Any]) -> None:
         f"mean absolute % error GRU {pct(summary['mape_pct']['gru'])} vs naive "
         f"{pct(summary['mape_pct']['naive'])} (model {summary['model_version']})"
     )
-    # One machine-readable line for scripts.
-    print("tickcast-demo-summary " + json.dumps(summary, separators=(",", ":")), flush=True)
+    if machine_line:  # one machine-readable line on stdout, for scripts
+        print("tickcast-demo-summary " + json.dumps(summary, separators=(",", ":")), flush=True)
 
 
 def run_demo(args: argparse.Namespace) -> int:
