@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -107,10 +108,9 @@ async def test_metric_values_of_a_known_run(
             "consumed",
         )
         for p in range(3):  # the lag loop samples once a second; None until it has
+            lag_labels = {"partition": str(p)}
             await eventually(
-                lambda p=p: registry.get_sample_value(
-                    "tickcast_consumer_lag_records", {"partition": str(p)}
-                ),
+                partial(registry.get_sample_value, "tickcast_consumer_lag_records", lag_labels),
                 0,
                 f"lag of partition {p}",
             )
