@@ -1,0 +1,293 @@
+"""A faster inference forward for :class:`~model.gru.PriceGRU`, with the same weights.
+
+``nn.GRU`` on CPU runs a generic kernel that does not know the input is one number per
+step. Here the single-layer GRU is written out cell by cell (PyTorch's gate order r, z, n)::
+
+    r  = sigmoid(W_ir x + b_ir + W_hr h + b_hr)
+    z  = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
+    n  = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+    h' = (1 - z) * n + z * h  =  n + z * (h - n)
+
+With ``input_size == 1`` the input projection ``W_i x`` is a broadcast, not a matmul, and
+``b_hr``/``b_hz`` fold into the input bias; each step is then one ``[B, H] @ [H, 3H]``
+matmul (``addmm``) plus element-wise gate math. :class:`FastGRUForward` runs that loop
+eagerly, and optionally compiles it with ``torch.compile`` (inductor fuses the gate math
+of each step into one C++ kernel) in a background thread, serving eagerly until the
+compiled function is ready. Models it does not cover (``num_layers > 1``) fall back to the
+module's own forward.
+
+FLOPs per window (multiply-add = 2), hidden size H, window T, input size 1::
+
+    T * (3H*H*2        hidden projection, h @ W_hh^T
+         + 3H*2        input projection x * W_ih + b  (broadcast)
+         + 3H          hidden bias of the n gate / gate adds
+         + ~10H)       sigmoid/tanh/products of the update (counted as 1 FLOP each)
+    + 2H + 1           the linear head
+
+For H=64, T=60: 60 * (24,576 + 384 + 192 + 640) + 129 ~= 1.55 MFLOP; :func:`gru_flops`
+computes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from model.gru import PriceGRU
+
+logger = logging.getLogger(__name__)
+
+CompileState = Literal["off", "compiling", "ready", "failed"]
+
+
+def gru_flops(hidden_size: int = 64, window_length: int = 60) -> int:
+    """Floating-point operations of one PriceGRU forward for one window (see module doc)."""
+    h = hidden_size
+    per_step = 3 * h * h * 2 + 3 * h * 2 + 3 * h + 10 * h
+    return window_length * per_step + 2 * h + 1
+
+
+def supports(model: PriceGRU) -> bool:
+    """True when the explicit cell loop reproduces this model (one layer, input size 1)."""
+    gru = model.gru
+    return (
+        gru.num_layers == 1
+        and gru.input_size == 1
+        and gru.batch_first
+        and not gru.bidirectional
+        and gru.bias
+        and getattr(gru, "proj_size", 0) == 0
+    )
+
+
+def gru_step(
+    x_t: torch.Tensor,
+    h: torch.Tensor,
+    w_i: torch.Tensor,
+    b_i: torch.Tensor,
+    w_hh_t: torch.Tensor,
+    b_hn: torch.Tensor,
+) -> torch.Tensor:
+    """One GRU step: ``x_t`` [B, 1], ``h`` [B, H] -> next ``h`` [B, H].
+
+    ``w_i`` [3H] is W_ih[:, 0]; ``b_i`` [3H] is b_ih with b_hr and b_hz folded in;
+    ``w_hh_t`` [H, 3H] is W_hh transposed; ``b_hn`` [H] the n gate's hidden bias.
+    """
+    hidden = h.shape[1]
+    gi = x_t * w_i + b_i
+    gh = h @ w_hh_t
+    rz = torch.sigmoid(gi[:, : 2 * hidden] + gh[:, : 2 * hidden])
+    r = rz[:, :hidden]
+    z = rz[:, hidden:]
+    n = torch.tanh(gi[:, 2 * hidden :] + r * (gh[:, 2 * hidden :] + b_hn))
+    return n + z * (h - n)
+
+
+Step = Callable[..., torch.Tensor]
+
+
+def cell_loop(
+    x: torch.Tensor,
+    w_i: torch.Tensor,
+    b_i: torch.Tensor,
+    w_hh_t: torch.Tensor,
+    b_hn: torch.Tensor,
+    head_w: torch.Tensor,
+    head_b: torch.Tensor,
+    residual: bool,
+    step: Step = gru_step,
+) -> torch.Tensor:
+    """The GRU + head on scaled inputs ``x`` [B, T] float32 -> [B] float32 (scaled)."""
+    hidden = w_hh_t.shape[0]
+    # Step 0: h = 0, so the hidden projection is zero and only b_hn survives.
+    gi = x[:, 0:1] * w_i + b_i
+    z = torch.sigmoid(gi[:, hidden : 2 * hidden])
+    n = torch.tanh(gi[:, 2 * hidden :] + torch.sigmoid(gi[:, :hidden]) * b_hn)
+    h = n - z * n
+    for t in range(1, x.shape[1]):
+        h = step(x[:, t : t + 1], h, w_i, b_i, w_hh_t, b_hn)
+    out = h @ head_w + head_b
+    if residual:
+        out = out + x[:, -1]
+    return out
+
+
+_COMPILED_STEPS: dict[tuple[str, str | None], Step] = {}
+_COMPILE_LOCK = threading.Lock()
+
+
+def compiled_step(device: torch.device, mode: str | None = None) -> Step:
+    """``torch.compile(gru_step)`` with a dynamic batch dimension, compiled once per process.
+
+    The weights are arguments, not constants, so every checkpoint (hot swaps included)
+    shares one compiled step; the first call with a new shape family compiles.
+    """
+    key = (device.type, mode)
+    with _COMPILE_LOCK:
+        step = _COMPILED_STEPS.get(key)
+        if step is None:
+            step = torch.compile(gru_step, mode=mode, dynamic=True, fullgraph=True)
+            _COMPILED_STEPS[key] = step
+        return step
+
+
+def _tensor(module: nn.Module, name: str) -> torch.Tensor:
+    value = getattr(module, name)
+    assert isinstance(value, torch.Tensor)
+    return value.detach()
+
+
+CompileUnit = Literal["step", "loop"]
+
+
+class FastGRUForward:
+    """Scaled windows [B, T, 1] -> scaled predictions [B], like ``PriceGRU.forward``.
+
+    ``compile`` names what ``torch.compile`` compiles, in a daemon thread, while calls
+    keep running the eager loop until it is ready (and for good if it fails):
+
+    * ``"step"``: one GRU step, dynamic batch dimension, shared by every model in the
+      process; a few seconds to compile, the 60-step loop stays in Python.
+    * ``"loop"``: the whole unrolled 60-step forward, static shapes, one compilation per
+      batch-size bucket (batches are zero-padded up to a bucket); fastest per call but
+      minutes of C++ compilation on a small machine.
+
+    Call from one thread at a time.
+    """
+
+    def __init__(
+        self,
+        model: PriceGRU,
+        *,
+        compile: CompileUnit | None = None,
+        compile_mode: str | None = None,
+        buckets: tuple[int, ...] = (256, 1024, 4096),
+    ) -> None:
+        self.model = model
+        self.supported = supports(model)
+        self.residual = model.config.residual
+        self.window_length = model.config.window_length
+        self.compile_unit = compile
+        self.buckets = tuple(sorted(buckets))
+        self.compile_mode = compile_mode
+        self.compile_state: CompileState = "off"
+        self.compile_seconds: float | None = None
+        self.compile_error: str | None = None
+        self._loop: Callable[..., torch.Tensor] | None = None
+        self._step: Step | None = None
+        self._ready = threading.Event()
+        if not self.supported:
+            return
+        gru = model.gru
+        hidden = gru.hidden_size
+        with torch.no_grad():
+            w_ih, w_hh, b_ih, b_hh = (
+                _tensor(gru, name)
+                for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+            )
+            b_i = b_ih.clone()
+            b_i[: 2 * hidden] += b_hh[: 2 * hidden]
+            self._params = (
+                w_ih[:, 0].contiguous(),
+                b_i.contiguous(),
+                w_hh.t().contiguous(),
+                b_hh[2 * hidden :].contiguous(),
+                model.head.weight.detach()[0].contiguous(),
+                model.head.bias.detach()[0].clone(),
+            )
+        self.device = self._params[0].device
+        if compile is not None:
+            self.compile_state = "compiling"
+            threading.Thread(target=self._compile, name="tickcast-compile-gru", daemon=True).start()
+
+    # ------------------------------------------------------------------ compile
+    def _compile(self) -> None:
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                if self.compile_unit == "step":
+                    step = compiled_step(self.device, self.compile_mode)
+                    # Two sizes: the first compiles, the second proves the batch is dynamic.
+                    for size in (64, 33):
+                        cell_loop(self._warm_input(size), *self._params, self.residual, step)
+                    self._step = step
+                else:
+                    loop = torch.compile(cell_loop, mode=self.compile_mode, fullgraph=True)
+                    for size in self.buckets:
+                        loop(self._warm_input(size), *self._params, self.residual)
+                    self._loop = loop
+            self.compile_seconds = time.perf_counter() - started
+            self.compile_state = "ready"
+            logger.info("compiled the GRU %s in %.1fs", self.compile_unit, self.compile_seconds)
+        except Exception as exc:  # whatever went wrong, eager serving goes on
+            self.compile_error = f"{type(exc).__name__}: {exc}"
+            self.compile_state = "failed"
+            logger.warning("torch.compile of the GRU failed; serving eagerly: %s", exc)
+        finally:
+            self._ready.set()
+
+    def _warm_input(self, size: int) -> torch.Tensor:
+        return torch.rand(size, self.window_length, device=self.device)
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Block until compilation ended; True when the compiled path is in use."""
+        if self.compile_state == "off":
+            return False
+        self._ready.wait(timeout)
+        return self.compile_state == "ready"
+
+    @property
+    def path(self) -> str:
+        """Which forward serves calls right now (for logs and the bench)."""
+        if not self.supported:
+            return "nn.GRU"
+        if self._loop is not None:
+            return "compiled-loop"
+        if self._step is not None:
+            return "compiled-step"
+        return "eager-cell"
+
+    def bucket_for(self, batch: int) -> int | None:
+        """The smallest bucket holding ``batch`` rows, or None when larger than all."""
+        for size in self.buckets:
+            if size >= batch:
+                return size
+        return None
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        if not self.supported:
+            return self.model(inputs)
+        x = inputs[..., 0] if inputs.ndim == 3 else inputs
+        loop = self._loop
+        if loop is not None:
+            return self._bucketed(loop, x)
+        step = self._step
+        if step is not None:
+            return cell_loop(x, *self._params, self.residual, step)
+        return cell_loop(x, *self._params, self.residual)
+
+    def _bucketed(self, loop: Callable[..., torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        largest = self.buckets[-1]
+        parts = []
+        for start in range(0, x.shape[0], largest):
+            part = x[start : start + largest]
+            n = part.shape[0]
+            size = self.bucket_for(n)
+            assert size is not None
+            if size != n:
+                part = torch.cat([part, part.new_zeros((size - n, part.shape[1]))])
+            parts.append(loop(part, *self._params, self.residual)[:n])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def eager_reference(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """``model(inputs)`` under inference mode: the nn.GRU path the fast one must match."""
+    with torch.inference_mode():
+        return model(inputs)
