@@ -204,6 +204,7 @@ async def read_topic_values(
         group_id=None,
         enable_auto_commit=False,
         isolation_level="read_committed",
+        auto_offset_reset="earliest",
         max_partition_fetch_bytes=8 * 1024 * 1024,
         request_timeout_ms=int(timeout_s * 1000),
         **(consumer_kwargs or {}),
@@ -223,15 +224,24 @@ async def read_topic_values(
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         ends: dict[TopicPartition, int] = await consumer.end_offsets(tps)
-        if since_ms is None:
-            await consumer.seek_to_beginning(*tps)
-        else:
+        starts: dict[TopicPartition, int] = await consumer.beginning_offsets(tps)
+        if since_ms is not None:
             found = await consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
             for tp in tps:
                 hit = found.get(tp)
                 # No record at or after since_ms: nothing of this partition is wanted.
-                consumer.seek(tp, hit.offset if hit is not None else ends[tp])
-        todo = {tp: end for tp, end in ends.items() if await consumer.position(tp) < end}
+                starts[tp] = hit.offset if hit is not None else ends[tp]
+        # Explicit seeks, checked: a fresh assignment also triggers aiokafka's own offset
+        # reset in the background, which can land after a seek_to_beginning() and move
+        # the position to the end (seen as a second read in one process finding nothing).
+        for tp in tps:
+            for _ in range(10):
+                consumer.seek(tp, starts[tp])
+                if await consumer.position(tp) == starts[tp]:
+                    break
+            else:
+                raise DataError(f"cannot seek {tp.topic}[{tp.partition}] to {starts[tp]}")
+        todo = {tp: end for tp, end in ends.items() if starts[tp] < end}
         deadline = time.monotonic() + timeout_s
         while todo:
             if time.monotonic() > deadline:
@@ -243,7 +253,7 @@ async def read_topic_values(
             for tp, batch in fetched.items():
                 end = todo.get(tp)
                 if end is not None:
-                    values.extend(r.value for r in batch if r.offset < end)
+                    values.extend(r.value for r in batch if starts[tp] <= r.offset < end)
             for tp in list(todo):
                 # Positions pass transaction markers and compacted gaps too.
                 if await consumer.position(tp) >= todo[tp]:
