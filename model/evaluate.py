@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +147,106 @@ def plot_predictions(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# --------------------------------------------------------------------------- significance
+
+
+@dataclass(frozen=True)
+class DieboldMariano:
+    """Diebold-Mariano test of equal squared-error loss, with the HLN correction.
+
+    ``statistic`` is the Harvey-Leybourne-Newbold corrected DM statistic, compared with a
+    Student t distribution with ``n - 1`` degrees of freedom. Negative means the model's
+    squared errors are smaller than the benchmark's. ``p_better`` is the one-sided p-value
+    of "the model is better" (H1: E[d] < 0); ``p_value`` is two-sided.
+    """
+
+    statistic: float
+    p_value: float
+    p_better: float
+    mean_loss_difference: float  # mean of e_model**2 - e_benchmark**2
+    n: int
+    horizon: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def diebold_mariano(
+    model_errors: np.ndarray, benchmark_errors: np.ndarray, horizon: int = 1
+) -> DieboldMariano:
+    """Diebold-Mariano (1995) test on squared errors with the HLN (1997) correction.
+
+    ``d_t = e_model_t**2 - e_benchmark_t**2``; the long-run variance of ``d`` uses the
+    autocovariances up to lag ``horizon - 1`` (an h-step forecast's errors are MA(h-1));
+    ``DM = mean(d) / sqrt(V / n)`` and ``DM* = DM * sqrt((n + 1 - 2h + h(h-1)/n) / n)``.
+    """
+    from scipy import stats  # type: ignore[import-untyped]  # scipy: see pyproject deps
+
+    model_errors = np.asarray(model_errors, dtype=np.float64)
+    benchmark_errors = np.asarray(benchmark_errors, dtype=np.float64)
+    if model_errors.shape != benchmark_errors.shape or model_errors.ndim != 1:
+        raise ValueError("model and benchmark errors must be 1-D of one length")
+    n = len(model_errors)
+    if n < 2:
+        raise ValueError("the Diebold-Mariano test needs at least two forecasts")
+    if not 1 <= horizon < n:
+        raise ValueError(f"horizon must lie in [1, {n - 1}], got {horizon}")
+    d = model_errors**2 - benchmark_errors**2
+    mean = float(d.mean())
+    centred = d - mean
+    variance = float(centred @ centred) / n
+    for lag in range(1, horizon):
+        variance += 2.0 * float(centred[lag:] @ centred[:-lag]) / n
+    if variance <= 0.0:
+        # Identical losses everywhere (e.g. the untrained residual model vs naive).
+        return DieboldMariano(0.0, 1.0, 0.5, mean, n, horizon)
+    dm = mean / math.sqrt(variance / n)
+    statistic = dm * math.sqrt((n + 1 - 2 * horizon + horizon * (horizon - 1) / n) / n)
+    t = stats.t(df=n - 1)
+    return DieboldMariano(
+        statistic=statistic,
+        p_value=float(2.0 * t.sf(abs(statistic))),
+        p_better=float(t.cdf(statistic)),
+        mean_loss_difference=mean,
+        n=n,
+        horizon=horizon,
+    )
+
+
+def block_bootstrap_rmse_ratio(
+    model_errors: np.ndarray,
+    benchmark_errors: np.ndarray,
+    *,
+    block_length: int | None = None,
+    resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile CI of RMSE(model) / RMSE(benchmark) by a circular moving-block bootstrap.
+
+    Blocks of consecutive forecasts are resampled together (the same indices for both
+    forecasts) so that volatility clustering survives resampling. ``block_length``
+    defaults to ``ceil(n ** (1/3))``.
+    """
+    model_sq = np.asarray(model_errors, dtype=np.float64) ** 2
+    bench_sq = np.asarray(benchmark_errors, dtype=np.float64) ** 2
+    n = len(model_sq)
+    if n == 0 or model_sq.shape != bench_sq.shape:
+        raise ValueError("model and benchmark errors must be 1-D of one non-zero length")
+    block = block_length or max(1, math.ceil(n ** (1 / 3)))
+    blocks = math.ceil(n / block)
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, n, size=(resamples, blocks))
+    indices = ((starts[:, :, None] + np.arange(block)) % n).reshape(resamples, -1)[:, :n]
+    model_mse = model_sq[indices].mean(axis=1)
+    bench_mse = bench_sq[indices].mean(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.sqrt(model_mse / bench_mse)
+    ratios = ratios[np.isfinite(ratios)]
+    if len(ratios) == 0:
+        return (math.nan, math.nan)
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.percentile(ratios, [tail, 100.0 - tail])
+    return float(low), float(high)

@@ -41,6 +41,12 @@ from model.evaluate import evaluate_forecasts, plot_predictions, predict_windows
 from model.gru import ModelConfig
 from model.kafka_source import load_kafka_series, parse_duration, parse_since
 from model.train import TrainConfig, TrainResult, resolve_device, train_model
+from model.walk_forward import (
+    DEFAULT_EVAL_FRACTION,
+    WalkForwardResult,
+    format_walk_forward,
+    run_walk_forward,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +278,29 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--val-fraction", type=float, default=0.15, help="default 0.15")
     parser.add_argument("--test-fraction", type=float, default=0.15, help="default 0.15")
+    parser.add_argument(
+        "--walk-forward",
+        type=int,
+        metavar="K",
+        help="evaluate on K successive walk-forward folds instead of one split: the newest "
+        "--walk-forward-span of each series is tested in K blocks, each by a model trained "
+        "only on what came before (validation = the newest --val-fraction of that); the "
+        "last fold's model is the candidate, gated on the last fold's test windows",
+    )
+    parser.add_argument(
+        "--walk-forward-span",
+        type=float,
+        default=DEFAULT_EVAL_FRACTION,
+        help=f"share of each series tested by the walk-forward folds (default "
+        f"{DEFAULT_EVAL_FRACTION})",
+    )
+    parser.add_argument(
+        "--walk-forward-scheme",
+        choices=("expanding", "rolling"),
+        default="expanding",
+        help="fit each fold on everything before its test block (expanding, default) or "
+        "on a fixed-length span just before it (rolling)",
+    )
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument(
         "--force",
@@ -402,6 +431,13 @@ def retrain_once(args: argparse.Namespace) -> int:
     ):
         if not 0 < fraction < 0.5:
             return _fail(f"{flag} must lie strictly between 0 and 0.5, got {fraction}")
+    folds = getattr(args, "walk_forward", None)
+    if folds is not None and folds < 1:
+        return _fail(f"--walk-forward must be at least 1, got {folds}")
+    if folds is not None and not 0 < args.walk_forward_span < 1:
+        return _fail(
+            f"--walk-forward-span must lie strictly between 0 and 1, got {args.walk_forward_span}"
+        )
     try:
         series = (
             kafka_training_data(args, model_config.window_length)
@@ -409,14 +445,33 @@ def retrain_once(args: argparse.Namespace) -> int:
             else load_training_data(args.data)
         )
         parent = read_latest(checkpoint_dir)
-        outcome = fit_and_evaluate(
-            series,
-            model_config,
-            train_config,
-            val_fraction=args.val_fraction,
-            test_fraction=args.test_fraction,
-            progress=not args.no_progress,
-        )
+        walk: WalkForwardResult | None = None
+        if folds is not None:
+            # The promotion gate below then scores candidate and LATEST on the same
+            # windows: the last fold's test block, which the candidate never trained on.
+            walk = run_walk_forward(
+                series,
+                folds,
+                model_config,
+                train_config,
+                eval_fraction=args.walk_forward_span,
+                val_fraction=args.val_fraction,
+                scheme=args.walk_forward_scheme,
+                progress=not args.no_progress,
+            )
+            final = walk.final
+            outcome = FitOutcome(
+                final.split, final.training, final.test_predicted, final.evaluation
+            )
+        else:
+            outcome = fit_and_evaluate(
+                series,
+                model_config,
+                train_config,
+                val_fraction=args.val_fraction,
+                test_fraction=args.test_fraction,
+                progress=not args.no_progress,
+            )
     except DataError as exc:
         return _fail(str(exc))
 
@@ -453,6 +508,7 @@ def retrain_once(args: argparse.Namespace) -> int:
                 "incumbent_version": decision.incumbent_version,
                 "incumbent_rmse": decision.incumbent_rmse,
             },
+            "walk_forward": walk.summary if walk is not None else None,
         },
         parent_version=parent,
     )
@@ -479,6 +535,7 @@ def retrain_once(args: argparse.Namespace) -> int:
         "evaluation": outcome.evaluation,
         "windows": meta.evaluation["windows"],
         "training": meta.evaluation["training"],
+        "walk_forward": meta.evaluation["walk_forward"],
         "seconds": round(time.perf_counter() - started, 3),
     }
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -536,6 +593,10 @@ def format_report(report: dict[str, Any]) -> str:
             f"{figures['mape']:>10.4f}{'n/a' if direction is None else f'{direction:.3f}':>11}"
         )
     rows.append(f"  RMSE ratio GRU / naive: {evaluation['rmse_ratio']:.4f}")
+    walk = report.get("walk_forward")
+    if walk:
+        rows[1] = f"held-out test of the last walk-forward fold, {evaluation['windows']} windows:"
+        rows.append(format_walk_forward(walk))
     status = "promoted to LATEST" if report["promoted"] else "NOT promoted"
     rows.append(f"{status}: {report['reason']}")
     rows.append(f"checkpoint: {report['checkpoint']}")

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -48,6 +49,12 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = Field(default=1.0, gt=0)
     # CPU threads; None = the CPUs this process may run on (not the machine's total).
     num_threads: int | None = Field(default=None, ge=1)
+    # "scaled": MSE of per-window-scaled prices, so a calm window (small span) weighs as
+    # much as a wild one. "relative": each window's squared error is weighted by
+    # (span / last price)^2, i.e. the squared error as a fraction of the price; this is
+    # closer to the price-unit RMSE the model is judged by, and still scale-free across
+    # symbols. Weights are normalised to mean 1 on the training windows.
+    loss: Literal["scaled", "relative"] = "scaled"
 
 
 @dataclass(frozen=True)
@@ -121,25 +128,39 @@ def _deterministic(threads: int | None) -> Iterator[None]:
 
 
 def _scaled_tensors(
-    windows: np.ndarray, targets: np.ndarray, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+    windows: np.ndarray, targets: np.ndarray, device: torch.device, loss: str = "scaled"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Model inputs, scaled targets and per-window loss weights (unnormalised)."""
     if len(windows) != len(targets):
         raise ValueError(f"{len(windows)} windows but {len(targets)} targets")
     if len(windows) == 0:
         raise ValueError("no windows to train or validate on")
     scaled = scale_windows(windows)
     scaled_targets = scale_targets(targets, scaled)
-    return scaled.inputs.to(device), scaled_targets.to(device)
+    if loss == "relative":
+        last = scaled.low + scaled.span * scaled.inputs[:, -1, 0].to(torch.float64)
+        weights = ((scaled.span / last) ** 2).to(torch.float32)
+    else:
+        weights = torch.ones(len(windows), dtype=torch.float32)
+    return scaled.inputs.to(device), scaled_targets.to(device), weights.to(device)
 
 
-def _mean_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+def _weighted_mse(
+    outputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    return (weights * (outputs - targets) ** 2).mean()
+
+
+def _mean_loss(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+) -> float:
     model.eval()
     total = 0.0
     with torch.inference_mode():
         for start in range(0, len(inputs), EVAL_BATCH_SIZE):
             batch = slice(start, start + EVAL_BATCH_SIZE)
             outputs = model(inputs[batch])
-            total += float(nn.functional.mse_loss(outputs, targets[batch], reduction="sum"))
+            total += float((weights[batch] * (outputs - targets[batch]) ** 2).sum())
     return total / len(inputs)
 
 
@@ -171,8 +192,13 @@ def train_model(
     started = time.perf_counter()
     with _deterministic(threads):
         torch.manual_seed(config.seed)
-        train_x, train_y = _scaled_tensors(train_windows, train_targets, device)
-        val_x, val_y = _scaled_tensors(val_windows, val_targets, device)
+        train_x, train_y, train_w = _scaled_tensors(
+            train_windows, train_targets, device, config.loss
+        )
+        val_x, val_y, val_w = _scaled_tensors(val_windows, val_targets, device, config.loss)
+        # One normaliser (the training mean) for both, so the two losses stay comparable.
+        norm = train_w.mean()
+        train_w, val_w = train_w / norm, val_w / norm
         model = PriceGRU(model_config).to(device)
         optimizer = torch.optim.Adam(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -180,7 +206,11 @@ def train_model(
         shuffle = torch.Generator().manual_seed(config.seed)
 
         history = [
-            EpochLoss(0, _mean_loss(model, train_x, train_y), _mean_loss(model, val_x, val_y))
+            EpochLoss(
+                0,
+                _mean_loss(model, train_x, train_y, train_w),
+                _mean_loss(model, val_x, val_y, val_w),
+            )
         ]
         best_epoch, best_val = 0, history[0].val_loss
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -198,13 +228,13 @@ def train_model(
             for start in range(0, len(order), config.batch_size):
                 batch = order[start : start + config.batch_size]
                 optimizer.zero_grad(set_to_none=True)
-                loss = nn.functional.mse_loss(model(train_x[batch]), train_y[batch])
+                loss = _weighted_mse(model(train_x[batch]), train_y[batch], train_w[batch])
                 loss.backward()
                 if config.grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
                 total += float(loss.detach()) * len(batch)
-            val_loss = _mean_loss(model, val_x, val_y)
+            val_loss = _mean_loss(model, val_x, val_y, val_w)
             history.append(EpochLoss(epoch, total / len(train_x), val_loss))
             if val_loss < best_val:
                 best_epoch, best_val = epoch, val_loss

@@ -1,0 +1,110 @@
+"""Walk-forward folds: time order, no leakage, exact coverage of the evaluated span."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model.data import DataError, PriceSeries
+from model.walk_forward import FoldBounds, fold_bounds, walk_forward_splits
+
+
+def test_fold_bounds_by_hand() -> None:
+    # 100 targets, the newest 30 tested in 2 blocks of 15; validation = 20 % of each fit.
+    assert fold_bounds(100, 2, eval_fraction=0.3, val_fraction=0.2) == [
+        FoldBounds(0, 56, 70, 85),
+        FoldBounds(0, 68, 85, 100),
+    ]
+    # Rolling: every fold fits on 70 targets, the span just before its test block.
+    assert fold_bounds(100, 2, eval_fraction=0.3, val_fraction=0.2, scheme="rolling") == [
+        FoldBounds(0, 56, 70, 85),
+        FoldBounds(15, 71, 85, 100),
+    ]
+
+
+def test_fold_bounds_refuse_what_cannot_work() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        fold_bounds(100, 0)
+    with pytest.raises(ValueError, match="at least 2"):
+        fold_bounds(5, 4, eval_fraction=0.9)
+    with pytest.raises(ValueError, match="scheme"):
+        fold_bounds(100, 2, scheme="sideways")  # type: ignore[arg-type]
+    short = PriceSeries("S", "synthetic", np.arange(12) * 1000, 1.0 + np.arange(12))
+    with pytest.raises(DataError, match="too few for 4 walk-forward folds"):
+        walk_forward_splits([short], 4, window_length=10)
+
+
+# Synthetic prices on purpose: price = 1 + row number (+ an offset per series), so every
+# window and target reveals exactly which rows of which series it came from.
+@settings(max_examples=80, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=0, max_value=150), min_size=1, max_size=3),
+    window=st.integers(min_value=1, max_value=20),
+    folds=st.integers(min_value=1, max_value=6),
+    eval_fraction=st.floats(min_value=0.05, max_value=0.8),
+    val_fraction=st.floats(min_value=0.01, max_value=0.5),
+    scheme=st.sampled_from(["expanding", "rolling"]),
+)
+def test_walk_forward_never_leaks(
+    lengths: list[int],
+    window: int,
+    folds: int,
+    eval_fraction: float,
+    val_fraction: float,
+    scheme: str,
+) -> None:
+    offset = 1e6
+    series = [
+        PriceSeries(
+            f"S{k}",
+            "synthetic",
+            np.arange(window + 2 * folds + 2 + extra, dtype=np.int64) * 1000,
+            1.0 + k * offset + np.arange(window + 2 * folds + 2 + extra),
+        )
+        for k, extra in enumerate(lengths)
+    ]
+    try:
+        splits = walk_forward_splits(
+            series,
+            folds,
+            window_length=window,
+            eval_fraction=eval_fraction,
+            val_fraction=val_fraction,
+            scheme=scheme,  # type: ignore[arg-type]
+        )
+    except DataError:
+        # Only when a series really is too short for the requested test span.
+        assert any(
+            (len(s) - window) - max(folds, round((len(s) - window) * eval_fraction)) < 2
+            for s in series
+        )
+        return
+    assert len(splits) == folds
+    tested: list[list[float]] = [[] for _ in series]
+    for split in splits:
+        for part in (split.train, split.val, split.test):
+            assert len(part) >= 1
+            rows = part.windows - 1.0 - part.series_index[:, None] * offset
+            target_rows = part.targets - 1.0 - part.series_index * offset
+            # Each window is the rows just before its target, oldest first, same series.
+            np.testing.assert_array_equal(rows, target_rows[:, None] - np.arange(window, 0, -1))
+        for k in range(len(series)):
+            train, val, test = (
+                p.targets[p.series_index == k] for p in (split.train, split.val, split.test)
+            )
+            train_windows = split.train.windows[split.train.series_index == k]
+            val_windows = split.val.windows[split.val.series_index == k]
+            assert min(len(train), len(val), len(test)) >= 1
+            # Time order: train < validation < test, for targets...
+            assert train.max() < val.min() and val.max() < test.min()
+            # ...and no price a model fits on (window or target) is a test target or later.
+            assert train_windows.max() < test.min() and val_windows.max() < test.min()
+            tested[k].extend(test.tolist())
+            cut = split.cuts[k]
+            assert (cut.train, cut.val, cut.test) == (len(train), len(val), len(test))
+    for k, one in enumerate(series):
+        # The test blocks cover the newest span exactly once, in order, without gaps.
+        block = np.array(tested[k])
+        np.testing.assert_array_equal(block, one.prices[len(one) - len(block) :])
