@@ -97,6 +97,16 @@ class DaemonMetrics:
             "Predictions acknowledged by the broker.",
             registry=r,
         )
+        self.snapshot_symbols = Counter(
+            "tickcast_snapshot_symbols_total",
+            "Symbol windows written to the state topic.",
+            registry=r,
+        )
+        self.restored_snapshots = Counter(
+            "tickcast_restored_snapshots_total",
+            "Symbol windows loaded from the state topic after a partition assignment.",
+            registry=r,
+        )
         self.restored_ticks = Counter(
             "tickcast_restored_ticks_total",
             "Ticks replayed into windows after a partition assignment (not scored).",

@@ -8,6 +8,7 @@ import numpy as np
 from aiokafka.structs import TopicPartition
 
 from daemon.publisher import Delivery
+from daemon.state_store import PendingSnapshot
 from daemon.ticks import BadTick
 
 
@@ -64,6 +65,8 @@ class Chunk:
     rows: ScoringRows
     bad: list[BadTick]
     commit: dict[TopicPartition, int]  # next offset to commit, per input partition
+    # Window state as of the end of this chunk, written once the chunk is committed.
+    snapshot: PendingSnapshot | None = None
 
 
 @dataclass

@@ -78,12 +78,13 @@ class BatchPublisher:
             by_partition.setdefault(p, []).append(record)
         deliveries: list[Delivery] = []
         for partition, items in by_partition.items():
-            deliveries.extend(await self._send_partition(topic, partition, items))
+            deliveries.extend(await self.send_to_partition(topic, partition, items))
         return deliveries
 
-    async def _send_partition(
+    async def send_to_partition(
         self, topic: str, partition: int, records: list[OutRecord]
     ) -> list[Delivery]:
+        """Send records to one explicit partition, in order."""
         deliveries: list[Delivery] = []
         batch = self._producer.create_batch()
         members: list[OutRecord] = []
@@ -118,7 +119,7 @@ class BatchPublisher:
 
     async def resend(self, delivery: Delivery) -> Delivery:
         """Send a failed delivery's records again (same partition, same order)."""
-        again = await self._send_partition(delivery.topic, delivery.partition, delivery.records)
+        again = await self.send_to_partition(delivery.topic, delivery.partition, delivery.records)
         # Several batches can come back if the batch size shrank; chain them into one.
         futures = [d.future for d in again]
         combined: asyncio.Future[object] = asyncio.ensure_future(asyncio.gather(*futures))

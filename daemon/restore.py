@@ -1,25 +1,70 @@
-"""Rebuilding windows from the input topic when partitions are assigned.
+"""Rebuilding windows when partitions are assigned (start, restart, rebalance).
 
-Windows live in memory, so a new owner of a partition (after a start, a crash or a
-rebalance) must rebuild them before it scores that partition's next tick. Records below
-the group's committed offset were already scored and dead-lettered by the previous owner;
-here they only roll windows forward. A separate consumer outside the group reads them, so
-the group consumer's own position (the committed offset) is never disturbed.
+Windows live in memory, so a new owner of a partition must rebuild them before it scores
+that partition's next tick. Records below the group's committed offset were already scored
+and dead-lettered by the previous owner; here they only roll windows forward. With a state
+topic, each symbol's latest snapshot is loaded first and the input is replayed only from the
+partition's snapshot marker; without one, from the beginning of the partition. A separate
+consumer outside the group does the reading, so the group consumer's position is untouched.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
+from daemon.state_store import decode_partition_state
 from daemon.ticks import decode_ticks
 from daemon.windows import SymbolWindows
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RestoreStats:
+    snapshots: int  # symbols loaded from the state topic
+    replayed: int  # input records replayed into windows
+    seconds: float
+
+
+async def _read_to_end(
+    consumer: AIOKafkaConsumer,
+    start: dict[TopicPartition, int | None],
+    end: dict[TopicPartition, int],
+    max_records: int,
+) -> Any:
+    """Yield record lists of each partition from ``start`` (None: beginning) below ``end``."""
+    todo = {tp: stop for tp, stop in end.items() if stop > 0}
+    from_beginning = [tp for tp in todo if start.get(tp) is None]
+    if from_beginning:
+        await consumer.seek_to_beginning(*from_beginning)
+    for tp in todo:
+        offset = start.get(tp)
+        if offset is not None:
+            consumer.seek(tp, offset)
+    for tp in list(todo):
+        if await consumer.position(tp) >= todo[tp]:
+            del todo[tp]
+    while todo:
+        fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=max_records)
+        for tp, batch in fetched.items():
+            stop = todo.get(tp)
+            if stop is None:
+                continue
+            keep = [r for r in batch if r.offset < stop]
+            if keep:
+                yield tp, keep
+            if len(keep) < len(batch) or (keep and keep[-1].offset >= stop - 1):
+                del todo[tp]
+        for tp in list(todo):
+            # Compaction or deletion can leave no record at stop - 1: go by the position.
+            if await consumer.position(tp) >= todo[tp]:
+                del todo[tp]
 
 
 async def restore_windows(
@@ -29,63 +74,66 @@ async def restore_windows(
     bootstrap_servers: str,
     max_tick_bytes: int,
     max_symbol_length: int,
+    state_topic: str | None = None,
     consumer_kwargs: dict[str, Any] | None = None,
-    fetch_max_records: int = 20_000,
-) -> int:
-    """Replay each partition from its beginning up to ``until[tp]`` into ``windows``.
+    fetch_max_records: int = 50_000,
+) -> RestoreStats:
+    """Restore the windows of every symbol in ``until``'s partitions up to those offsets.
 
-    Returns the number of records replayed. All partitions are read concurrently by one
-    consumer, so a long partition does not hold up the others' fetches.
+    All partitions are read concurrently by one consumer, so a long partition does not
+    hold up the others' fetches.
     """
+    started = time.monotonic()
     todo = {tp: end for tp, end in until.items() if end > 0}
     if not todo:
-        return 0
+        return RestoreStats(0, 0, 0.0)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers,
         group_id=None,
         enable_auto_commit=False,
+        auto_offset_reset="earliest",  # a marker below the log start: read what is left
         isolation_level="read_committed",
-        max_partition_fetch_bytes=8 * 1024 * 1024,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
         **(consumer_kwargs or {}),
     )
     await consumer.start()
-    replayed = 0
-    started = time.monotonic()
+    loaded = replayed = 0
+    replay_from: dict[TopicPartition, int | None] = dict.fromkeys(todo)
     try:
-        consumer.assign(list(todo))
-        await consumer.seek_to_beginning(*todo)
-        # Partitions whose retained log starts at or after the end have nothing to replay.
-        for tp in list(todo):
-            if await consumer.position(tp) >= todo[tp]:
-                del todo[tp]
-        while todo:
-            fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=fetch_max_records)
-            records = []
-            for tp, batch in fetched.items():
-                end = todo.get(tp)
-                if end is None:
+        if state_topic:
+            state_tps = {TopicPartition(state_topic, tp.partition): tp for tp in todo}
+            consumer.assign(list(state_tps))
+            ends = await consumer.end_offsets(list(state_tps))
+            latest: dict[TopicPartition, dict[bytes, bytes]] = {tp: {} for tp in state_tps}
+            async for stp, records in _read_to_end(consumer, {}, ends, fetch_max_records):
+                latest[stp].update((r.key, r.value) for r in records if r.key and r.value)
+            for stp, values in latest.items():
+                input_tp = state_tps[stp]
+                state = decode_partition_state(values, input_tp.partition, windows.window_length)
+                end = todo[input_tp]
+                if state.marker is None or state.marker > end or (state.offsets > end).any():
+                    # No marker, or state ahead of the committed offset (offsets were reset
+                    # by hand): the snapshots cannot be trusted; replay from the beginning.
                     continue
-                keep = [r for r in batch if r.offset < end]
-                records.extend(keep)
-                if (keep and keep[-1].offset >= end - 1) or len(keep) < len(batch):
-                    del todo[tp]
-            if records:
-                decoded, _ = decode_ticks(
-                    records, max_tick_bytes=max_tick_bytes, max_symbol_length=max_symbol_length
-                )
-                slots = windows.slots_for(decoded.symbols, decoded.partitions)
-                windows.apply(slots, decoded.prices, decoded.ts)
-                replayed += len(records)
-            for tp in list(todo):
-                # Compaction or deletion can leave no record at end - 1: stop at the position.
-                if await consumer.position(tp) >= todo[tp]:
-                    del todo[tp]
+                windows.load(state.snapshot)
+                loaded += len(state.snapshot)
+                replay_from[input_tp] = state.marker
+        consumer.assign(list(todo))
+        async for _, records in _read_to_end(consumer, replay_from, todo, fetch_max_records):
+            decoded, _ = decode_ticks(
+                records, max_tick_bytes=max_tick_bytes, max_symbol_length=max_symbol_length
+            )
+            slots = windows.slots_for(decoded.symbols, decoded.partitions)
+            windows.apply(slots, decoded.prices, decoded.ts)
+            replayed += len(records)
     finally:
         await consumer.stop()
+    stats = RestoreStats(loaded, replayed, time.monotonic() - started)
     logger.info(
-        "restored windows of %d partitions from %d records in %.2fs",
-        len(until),
-        replayed,
-        time.monotonic() - started,
+        "restored windows of %d partitions: %d symbols from snapshots, %d records replayed, %.2fs",
+        len(todo),
+        stats.snapshots,
+        stats.replayed,
+        stats.seconds,
     )
-    return replayed
+    return stats

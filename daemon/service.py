@@ -42,6 +42,7 @@ from daemon.predictor import Predictor, load_predictor, resolve_device
 from daemon.publisher import BatchPublisher, OutRecord
 from daemon.restore import restore_windows
 from daemon.settings import Settings
+from daemon.state_store import PendingSnapshot, StateWriter
 from daemon.ticks import BadTick, decode_ticks
 from daemon.windows import SymbolWindows
 from model.checkpoint import CheckpointError, read_latest
@@ -128,6 +129,12 @@ class TickcastService:
         self._stopping = False
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tickcast-infer")
         self._pending_predictor: Predictor | None = None
+        self._state_topic: str | None = None
+        self._state_producer: AIOKafkaProducer | None = None
+        self._state_writer: StateWriter | None = None
+        self._last_snapshot = time.monotonic()
+        # Per input partition: the offset after the last record rolled into the windows.
+        self._positions: dict[TopicPartition, int] = {}
         self._transactional = settings.delivery == "exactly_once"
 
         self._consumer: AIOKafkaConsumer | None = None
@@ -197,7 +204,7 @@ class TickcastService:
             bootstrap_servers=s.bootstrap_servers,
             client_id=f"{s.client_id}-producer",
             acks="all",
-            enable_idempotence=True,
+            enable_idempotence=s.enable_idempotence,
             linger_ms=2,
             max_batch_size=256 * 1024,
             request_timeout_ms=30_000,
@@ -217,6 +224,7 @@ class TickcastService:
         await self._producer.start()
         await self._consumer.start()
         self._publisher = BatchPublisher(self._producer)
+        await self._start_state_writer()
         self._consumer.subscribe([s.input_topic], listener=_Rebalance(self))
         self.started = True
         logger.info(
@@ -229,6 +237,49 @@ class TickcastService:
             s.max_batch_delay_ms,
         )
 
+    async def _start_state_writer(self) -> None:
+        """Window snapshots go to the state topic when it exists and fits the input topic."""
+        s = self.settings
+        consumer = self._consumer
+        assert consumer is not None
+        if s.snapshot_interval_s <= 0:
+            return
+        producer = self._producer
+        assert producer is not None
+        if s.state_topic not in await consumer.topics():
+            logger.warning(
+                "state topic %s does not exist: no window snapshots; a partition's windows "
+                "are restored by replaying it from its beginning",
+                s.state_topic,
+            )
+            return
+        state_parts = await producer.partitions_for(s.state_topic)
+        input_parts = await producer.partitions_for(s.input_topic)
+        if state_parts != input_parts:
+            logger.warning(
+                "state topic %s has %d partitions, input topic %s has %d: they must be "
+                "co-partitioned; no window snapshots",
+                s.state_topic,
+                len(state_parts),
+                s.input_topic,
+                len(input_parts),
+            )
+            return
+        self._state_producer = AIOKafkaProducer(
+            bootstrap_servers=s.bootstrap_servers,
+            client_id=f"{s.client_id}-state",
+            acks="all",
+            enable_idempotence=s.enable_idempotence,
+            linger_ms=20,
+            max_batch_size=1024 * 1024,
+            **kafka_security_kwargs(s),
+        )
+        await self._state_producer.start()
+        self._state_writer = StateWriter(
+            BatchPublisher(self._state_producer), s.state_topic, self.windows
+        )
+        self._state_topic = s.state_topic
+
     async def main_loop(self) -> None:
         self._tasks = [
             asyncio.create_task(self._ingest_loop(), name="tickcast-ingest"),
@@ -237,6 +288,10 @@ class TickcastService:
             asyncio.create_task(self._watcher.run(), name="tickcast-model-watcher"),
             asyncio.create_task(self._lag_loop(), name="tickcast-lag"),
         ]
+        if self._state_writer is not None:
+            self._tasks.append(
+                asyncio.create_task(self._state_writer.run(), name="tickcast-state-writer")
+            )
         stop = asyncio.create_task(self.should_exit.wait())
         done, _ = await asyncio.wait([stop, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -260,6 +315,13 @@ class TickcastService:
                     await asyncio.gather(ingest, return_exceptions=True)
                     await self._chunks.put(None)
                     await asyncio.gather(score, ack, return_exceptions=True)
+                if self._state_writer is not None:
+                    # Everything fetched is committed now: the last snapshot is exact.
+                    if (snapshot := self._maybe_snapshot(force=True)) is not None:
+                        self._write_snapshots(
+                            [Chunk(ScoringRows.empty(1), [], {}, snapshot)], committed=True
+                        )
+                    await self._state_writer.flush()
         except TimeoutError:
             logger.warning(
                 "graceful stop took over %.1fs; cancelling (uncommitted ticks are redelivered)",
@@ -271,9 +333,10 @@ class TickcastService:
         if self._consumer is not None:
             with contextlib.suppress(Exception):
                 await self._consumer.stop()  # leaves the group
-        if self._producer is not None:
-            with contextlib.suppress(Exception):
-                await self._producer.stop()  # flushes
+        for producer in (self._producer, self._state_producer):
+            if producer is not None:
+                with contextlib.suppress(Exception):
+                    await producer.stop()  # flushes
         await self._http.stop()
         self._inference.shutdown(wait=False, cancel_futures=True)
         logger.info("stopped")
@@ -309,6 +372,7 @@ class TickcastService:
             )
         for tp in revoked:
             self._ready_partitions.discard(tp)
+            self._positions.pop(tp, None)
             self._parked.pop(tp, None)
         parts = {tp.partition for tp in revoked if tp.topic == self.settings.input_topic}
         dropped = self.windows.drop_partitions(parts)
@@ -333,23 +397,28 @@ class TickcastService:
             if committed:
                 until[tp] = committed
         s = self.settings
-        replayed = await restore_windows(
+        stats = await restore_windows(
             self.windows,
             until,
             bootstrap_servers=s.bootstrap_servers,
             max_tick_bytes=s.max_tick_bytes,
             max_symbol_length=s.max_symbol_length,
+            state_topic=self._state_topic,
             consumer_kwargs=kafka_security_kwargs(s),
         )
+        for tp in assigned:
+            self._positions[tp] = until.get(tp, 0)
         self._ready_partitions.update(assigned)
-        self.metrics.restored_ticks.inc(replayed)
+        self.metrics.restored_ticks.inc(stats.replayed)
+        self.metrics.restored_snapshots.inc(stats.snapshots)
         self.metrics.restore_seconds.observe(time.monotonic() - started)
         self.metrics.symbols_tracked.set(len(self.windows))
         self.metrics.assigned_partitions.set(len(consumer.assignment()))
         logger.info(
-            "partitions assigned: %s (%d ticks replayed into windows up to the committed offsets)",
+            "partitions assigned: %s (windows restored: %d from snapshots, %d ticks replayed)",
             sorted(tp.partition for tp in assigned),
-            replayed,
+            stats.snapshots,
+            stats.replayed,
         )
 
     # ------------------------------------------------------------------ ingest
@@ -368,14 +437,18 @@ class TickcastService:
                 logger.warning("fetch failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
                 continue
-            if fetched or self._parked:
-                chunk = self._build_chunk(fetched)
-                if chunk is not None:
-                    self._inflight_chunks += 1
-                    self._inflight_windows += len(chunk.rows)
-                    self._drained.clear()
-                    self.metrics.inflight_windows.set(self._inflight_windows)
-                    await self._chunks.put(chunk)
+            chunk = self._build_chunk(fetched) if fetched or self._parked else None
+            if chunk is None and (snapshot := self._maybe_snapshot()) is not None:
+                # Idle: the snapshot rides an empty chunk, so it is written only once
+                # everything fetched before it is committed.
+                rows = ScoringRows.empty(self.windows.window_length)
+                chunk = Chunk(rows=rows, bad=[], commit={}, snapshot=snapshot)
+            if chunk is not None:
+                self._inflight_chunks += 1
+                self._inflight_windows += len(chunk.rows)
+                self._drained.clear()
+                self.metrics.inflight_windows.set(self._inflight_windows)
+                await self._chunks.put(chunk)
 
     async def _pause_until_drained(self, consumer: AIOKafkaConsumer, low_water: int) -> None:
         """Backpressure: stop fetching while inference is behind, instead of buffering."""
@@ -433,7 +506,25 @@ class TickcastService:
             offsets=decoded.offsets[idx],
             consumed_at=np.full(len(idx), consumed_at),
         )
-        return Chunk(rows=rows, bad=bad, commit=commit)
+        self._positions.update(commit)
+        return Chunk(rows=rows, bad=bad, commit=commit, snapshot=self._maybe_snapshot())
+
+    def _maybe_snapshot(self, force: bool = False) -> PendingSnapshot | None:
+        """Every SNAPSHOT_INTERVAL_S, copy the changed windows as of this fetch."""
+        if self._state_writer is None:
+            return None
+        now = time.monotonic()
+        if not force and now - self._last_snapshot < self.settings.snapshot_interval_s:
+            return None
+        if not self.windows.dirty.any():
+            return None
+        self._last_snapshot = now
+        offsets = {
+            tp.partition: position
+            for tp, position in self._positions.items()
+            if tp in self._ready_partitions
+        }
+        return PendingSnapshot(self.windows.take_snapshot(set(offsets)), offsets)
 
     # ------------------------------------------------------------------ score
     async def _score_loop(self) -> None:
@@ -704,7 +795,10 @@ class TickcastService:
                 commit: dict[TopicPartition, int] = {}
                 for chunk in item.completed:
                     commit.update(chunk.commit)
-                await self._commit(consumer, commit)
+                committed = await self._commit(consumer, commit)
+            else:
+                committed = item.committed
+            self._write_snapshots(item.completed, committed)
             self._inflight_chunks -= len(item.completed)
             self.metrics.inflight_windows.set(self._inflight_windows)
             if self._inflight_chunks == 0:
@@ -742,19 +836,38 @@ class TickcastService:
                         logger.warning("resend failed (%s); retrying", exc)
                         await asyncio.sleep(delay)
 
-    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
-        assigned = consumer.assignment()
-        offsets = {tp: o for tp, o in offsets.items() if tp in assigned}
-        if not offsets:
+    def _write_snapshots(self, chunks: list[Chunk], committed: bool) -> None:
+        """Snapshots go out only once their offsets are committed: never ahead of them."""
+        if self._state_writer is None:
             return
+        for chunk in chunks:
+            if chunk.snapshot is None:
+                continue
+            if committed:
+                self._state_writer.submit(chunk.snapshot)
+                self.metrics.snapshot_symbols.inc(len(chunk.snapshot.snapshot))
+            else:
+                # Not committed: write these symbols again with the next snapshot.
+                slots = [self.windows.slot_of(sym) for sym in chunk.snapshot.snapshot.symbols]
+                self.windows.dirty[[slot for slot in slots if slot is not None]] = True
+
+    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> bool:
+        """Commit offsets of still-assigned partitions; False when that did not happen."""
+        assigned = consumer.assignment()
+        mine = {tp: o for tp, o in offsets.items() if tp in assigned}
+        if len(mine) < len(offsets):
+            return False
+        if not mine:
+            return True
         for attempt, delay in enumerate(RETRY_BACKOFF_S):
             try:
-                await consumer.commit(offsets)
-                return
+                await consumer.commit(mine)
+                return True
             except KafkaError as exc:
                 # A later commit covers these offsets too; redelivery is the worst case.
                 logger.warning("commit failed (attempt %d): %s", attempt + 1, exc)
                 await asyncio.sleep(delay)
+        return False
 
     # ------------------------------------------------------------------ misc
     async def _lag_loop(self) -> None:

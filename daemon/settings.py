@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,10 +24,15 @@ class Settings(BaseSettings):
     input_topic: str = "ticks"
     output_topic: str = "predictions"
     dlq_topic: str = "ticks.dlq"
+    # Compacted, co-partitioned with the input topic; snapshots are off when it is missing.
+    state_topic: str = "ticks.state"
+    snapshot_interval_s: float = Field(default=10.0, ge=0)  # 0 turns snapshots off
     group_id: str = "tickcast"
     client_id: str = "tickcast"
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
     transactional_id: str | None = None  # exactly_once: stable and unique per instance
+    # Off only for brokers without InitProducerId (e.g. Tansu in the demo).
+    enable_idempotence: bool = True
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
@@ -55,3 +60,11 @@ class Settings(BaseSettings):
     metrics_host: str = "0.0.0.0"
     shutdown_timeout_s: float = Field(default=10.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _exactly_once_needs_idempotence(self) -> Settings:
+        if self.delivery == "exactly_once" and not self.enable_idempotence:
+            raise ValueError(
+                "TICKCAST_DELIVERY=exactly_once needs TICKCAST_ENABLE_IDEMPOTENCE=true"
+            )
+        return self

@@ -47,6 +47,7 @@ class SymbolWindows:
             raise ValueError("window_length must be at least 2")
         self.window_length = window_length
         self._slots: dict[str, int] = {}
+        self._symbol_of: list[str | None] = []  # slot -> symbol, for snapshots
         self._free: list[int] = []
         self._capacity = 0
         self.prices = np.empty((0, window_length), np.float64)
@@ -57,6 +58,8 @@ class SymbolWindows:
         # tick arrives, its realised price scores that prediction (live accuracy).
         self.last_prediction = np.empty(0, np.float64)
         self.last_prediction_ts = np.empty(0, np.int64)
+        # Slots changed since the last snapshot was taken (see take_snapshot).
+        self.dirty = np.empty(0, bool)
         self._grow(max(initial_capacity, 1))
 
     def __len__(self) -> int:
@@ -87,6 +90,8 @@ class SymbolWindows:
         self.partition = grown(self.partition, -1)
         self.last_prediction = grown(self.last_prediction, np.nan)
         self.last_prediction_ts = grown(self.last_prediction_ts, NO_TS)
+        self.dirty = grown(self.dirty, False)
+        self._symbol_of.extend([None] * (new_capacity - self._capacity))
         self._free.extend(range(new_capacity - 1, self._capacity - 1, -1))
         self._capacity = new_capacity
 
@@ -112,6 +117,7 @@ class SymbolWindows:
                     self._grow(self._capacity + max(GROWTH_CHUNK, self._capacity // 4))
                 slot = self._free.pop()
                 lookup[symbol] = slot
+                self._symbol_of[slot] = symbol
                 self.partition[slot] = partitions[i]
             slots[i] = slot
         return slots
@@ -123,6 +129,7 @@ class SymbolWindows:
         doomed = [s for s, slot in self._slots.items() if int(self.partition[slot]) in partitions]
         for symbol in doomed:
             slot = self._slots.pop(symbol)
+            self._symbol_of[slot] = None
             self._reset(slot)
             self._free.append(slot)
         return len(doomed)
@@ -134,6 +141,7 @@ class SymbolWindows:
         self.partition[slot] = -1
         self.last_prediction[slot] = np.nan
         self.last_prediction_ts[slot] = NO_TS
+        self.dirty[slot] = False
 
     def apply(self, slots: np.ndarray, prices: np.ndarray, ts: np.ndarray) -> AppliedTicks:
         """Roll windows forward by a batch of ticks given in consumption order.
@@ -215,6 +223,7 @@ class SymbolWindows:
         self.prices[group_slots] = ext[(last_pos - w)[:, None] + np.arange(w)]
         self.count[group_slots] += group_size
         self.last_ts[group_slots] = acc_ts[group_start + group_size - 1]
+        self.dirty[group_slots] = True
 
         # Report in input order: map the grouped arrays back through acc_order.
         back = np.argsort(acc_order, kind="stable")
@@ -230,3 +239,42 @@ class SymbolWindows:
             windows=windows[window_rows],
             n_input=n,
         )
+
+    def take_snapshot(self, partitions: set[int]) -> WindowSnapshot:
+        """Copy the state of every changed symbol of ``partitions`` and mark it clean."""
+        slots = np.flatnonzero(self.dirty & np.isin(self.partition, list(partitions)))
+        self.dirty[slots] = False
+        return WindowSnapshot(
+            symbols=[s for s in (self._symbol_of[i] for i in slots.tolist()) if s is not None],
+            partitions=self.partition[slots].copy(),
+            prices=self.prices[slots].copy(),
+            count=self.count[slots].copy(),
+            last_ts=self.last_ts[slots].copy(),
+        )
+
+    def load(self, snapshot: WindowSnapshot) -> None:
+        """Install symbols' saved state (restore); they count as clean."""
+        if snapshot.prices.shape[1:] != (self.window_length,):
+            raise ValueError(
+                f"snapshot windows of length {snapshot.prices.shape[1:]} do not fit "
+                f"window_length {self.window_length}"
+            )
+        slots = self.slots_for(snapshot.symbols, snapshot.partitions)
+        self.prices[slots] = snapshot.prices
+        self.count[slots] = snapshot.count
+        self.last_ts[slots] = snapshot.last_ts
+        self.dirty[slots] = False
+
+
+@dataclass(frozen=True)
+class WindowSnapshot:
+    """Saved state of some symbols: enough to resume their windows exactly."""
+
+    symbols: list[str]
+    partitions: np.ndarray  # int32, input partition of each symbol
+    prices: np.ndarray  # [n, window_length] float64
+    count: np.ndarray  # int64
+    last_ts: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.symbols)
