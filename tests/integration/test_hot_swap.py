@@ -216,7 +216,7 @@ async def test_swap_under_steady_load(
         f"longest elsewhere {baseline} ms; median {float(np.median(gaps)):.1f} ms"
     )
     print(f"\n{summary}")
-    if baseline >= MAX_SWAP_GAP_MS:
+    if longest_around >= MAX_SWAP_GAP_MS and baseline >= MAX_SWAP_GAP_MS:
         # Every check above passed; only the timing bound cannot be judged on a machine
         # that stalls the daemon this long without any swap.
         pytest.skip(f"CPU-starved run, the {MAX_SWAP_GAP_MS} ms bound is not judged: {summary}")
