@@ -147,10 +147,15 @@ async def test_swap_under_steady_load(
         # Mid-stream: the first ~180 ticks fill windows, predictions flow from ~0.9 s on.
         await asyncio.sleep(2.5)
         assert not replaying.done()
+
         # Publish it as the retrain job does: the finished version directory moves in,
-        # then LATEST is replaced atomically.
-        (staging / new).rename(checkpoint_dir / new)
-        promote(checkpoint_dir, new)
+        # then LATEST is replaced atomically. In a thread: promote() fsyncs, and this
+        # event loop is the daemon's too (in production the job is another process).
+        def publish() -> None:
+            (staging / new).rename(checkpoint_dir / new)
+            promote(checkpoint_dir, new)
+
+        await asyncio.to_thread(publish)
         await replaying
         predictions = await read_predictions(kafka_bootstrap, daemon_topics["output"], expected)
         await asyncio.sleep(0.2)
