@@ -1,0 +1,1210 @@
+"""``tickcast bench``: the end-to-end benchmark, in one run, on a real Kafka broker.
+
+Phases (each daemon runs as a child process, ``python -m daemon.bench``, so its CPU time
+and RSS are its own; the broker, the tick producer and the prediction consumer share the
+same machine, as they would on a small box):
+
+* (a) model ceiling: ``Predictor.predict`` (scale + forward + unscale) on batches alone,
+  swept over batch sizes, for nn.GRU and the explicit GRU-cell forward (eager, and
+  ``torch.compile``-d), on 1 and 2 threads; plus the FLOP fraction of a measured sgemm peak.
+* (b) naive baseline: the seed's way, one forward pass per tick: the daemon itself with
+  ``max_batch_size=1`` and ``nn.GRU``, draining a backlog through Kafka.
+* (c) tickcast: the daemon with its defaults (dynamic batching, fast forward) draining
+  the same kind of backlog; every tick with a full window must come back predicted.
+* latency: the (c) daemon under live, rate-limited load (fractions of (c)); ticks carry
+  the wall clock as ``ts``, and latency = time a consumer of the output topic receives
+  the prediction - ts.
+* conflation: ingest rate with ``conflate=True`` on a few hot symbols.
+* memory: 1,000,000 symbols in a child that builds the service and fills its windows
+  directly (not through Kafka); the RSS is the child's real RSS.
+* soak (``--soak SECONDS``): the (c) daemon's RSS sampled under half load.
+
+Prices are real (``dataset:nasdaq``, ``sp500``, ``goog``, ``eurusd``, ``btcusd``),
+replicated over S symbols: ``NASDAQ.17`` is NASDAQ's series started at another offset
+(and cycled when it runs out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+logger = logging.getLogger(__name__)
+
+REAL_SERIES = (
+    "dataset:nasdaq",
+    "dataset:sp500",
+    "dataset:goog",
+    "dataset:eurusd",
+    "dataset:btcusd",
+)
+BATCH_SIZES = (1, 16, 64, 256, 512, 1024, 2048, 4096)
+TARGETS = {
+    "c_over_b": 20.0,
+    "c_over_a": 0.6,
+    "p99_ms_at_half_load": 50.0,
+    "rss_1m_symbols_bytes": 1 << 30,
+    "serving_ceiling_windows_per_s": 60_000.0,
+}
+WINDOW = 60
+
+
+# ============================================================================ plan
+@dataclass(frozen=True)
+class Plan:
+    """How much of everything one run does (``--quick`` shrinks it)."""
+
+    symbols: int
+    naive_predictions: int
+    predictions: int
+    live_seconds: float
+    loads: tuple[float, ...]
+    batch_sizes: tuple[int, ...]
+    seconds_per_point: float
+    memory_symbols: int
+    conflate_symbols: int
+    conflate_ticks: int
+    max_batch_size: int
+    compile: str
+    compile_loop_in_ceiling: bool
+    compile_in_ceiling: bool
+    soak_seconds: float
+    daemon_threads: int | None
+
+    @staticmethod
+    def from_args(args: argparse.Namespace) -> Plan:
+        quick = bool(args.quick)
+        return Plan(
+            symbols=args.symbols_live or (100 if quick else 1000),
+            naive_predictions=args.naive_predictions or (100 if quick else 1000),
+            predictions=args.predictions or (10_000 if quick else 100_000),
+            live_seconds=args.live_seconds or (2.0 if quick else 10.0),
+            loads=(0.5,) if quick else (0.25, 0.5, 0.75, 1.0),
+            batch_sizes=(1, 256, 1024) if quick else BATCH_SIZES,
+            seconds_per_point=0.1 if quick else 0.6,
+            memory_symbols=args.symbols if args.symbols is not None else 1_000_000,
+            conflate_symbols=50,
+            conflate_ticks=3_000 if quick else 50_000,
+            max_batch_size=args.max_batch_size,
+            compile=args.compile,
+            compile_loop_in_ceiling=bool(args.compile_loop),
+            compile_in_ceiling=not quick,
+            soak_seconds=float(args.soak or 0.0),
+            daemon_threads=args.daemon_threads,
+        )
+
+
+# ============================================================================ prices
+@dataclass(frozen=True)
+class TickSource:
+    """Real prices for S symbols; tick k belongs to symbol k % S (round robin)."""
+
+    names: list[str]
+    key_bytes: list[bytes]
+    prices: np.ndarray  # [S, ticks_per_symbol] float64
+    note: str
+
+    @staticmethod
+    def build(n_symbols: int, ticks_per_symbol: int) -> TickSource:
+        from model.data import load_many
+
+        series = load_many(list(REAL_SERIES))
+        names: list[str] = []
+        rows = np.empty((n_symbols, ticks_per_symbol))
+        steps = np.arange(ticks_per_symbol)
+        for i in range(n_symbols):
+            base = series[i % len(series)]
+            replica = i // len(series)
+            names.append(f"{base.symbol}.{replica}")
+            offset = (replica * 97) % len(base.prices)
+            rows[i] = base.prices[(offset + steps) % len(base.prices)]
+        note = (
+            f"{n_symbols} symbols replicate {len(series)} real series "
+            f"({', '.join(s.symbol for s in series)}); replica r starts r*97 rows later "
+            "and cycles; ts = wall clock at produce time"
+        )
+        return TickSource(names, [n.encode() for n in names], rows, note)
+
+    @property
+    def n_symbols(self) -> int:
+        return len(self.names)
+
+
+class TickWriter:
+    """Produces ticks k = start.. of a :class:`TickSource`, stamped with the wall clock."""
+
+    def __init__(self, source: TickSource, producer: Any, topic: str) -> None:
+        from daemon.publisher import BatchPublisher
+
+        self.source = source
+        self.topic = topic
+        self.publisher = BatchPublisher(producer)
+        self.next_tick = 0
+        self.last_step_ts = 0
+        self.pending: list[Any] = []
+
+    def _records(self, n: int) -> list[Any]:
+        from daemon.publisher import OutRecord
+
+        s = self.source
+        k = np.arange(self.next_tick, self.next_tick + n)
+        sym, step = k % s.n_symbols, k // s.n_symbols
+        if step[-1] >= s.prices.shape[1]:
+            raise RuntimeError("the tick source ran out of prices; build it larger")
+        # A symbol's ts must grow: one ms per round robin at least, else the wall clock.
+        first = max(int(time.time() * 1000), self.last_step_ts + 1)
+        ts = first + (step - step[0])
+        self.last_step_ts = int(ts[-1])
+        self.next_tick += n
+        prices = s.prices[sym, step]
+        dumps, names, keys = orjson.dumps, s.names, s.key_bytes
+        return [
+            OutRecord(keys[i], dumps({"symbol": names[i], "price": p, "ts": t}), [])
+            for i, p, t in zip(sym.tolist(), prices.tolist(), ts.tolist(), strict=True)
+        ]
+
+    async def write(self, n: int) -> None:
+        self.pending.extend(await self.publisher.send(self.topic, self._records(n)))
+        if len(self.pending) > 64:
+            await self.flush()
+
+    async def flush(self) -> None:
+        await asyncio.gather(*(d.future for d in self.pending))
+        self.pending.clear()
+
+    async def write_backlog(self, n: int, slice_size: int = 2000) -> None:
+        for start in range(0, n, slice_size):
+            await self.write(min(slice_size, n - start))
+        await self.flush()
+
+    async def write_at_rate(self, rate: float, seconds: float) -> tuple[int, float]:
+        """Offered load: ``rate`` ticks/s for ``seconds``; returns (ticks, real seconds)."""
+        step = max(1, min(2000, int(rate / 200)))
+        started = time.monotonic()
+        sent = 0
+        while True:
+            elapsed = time.monotonic() - started
+            if elapsed >= seconds:
+                break
+            due = int(rate * elapsed) + step
+            if sent >= due:
+                await asyncio.sleep(step / rate)
+                continue
+            await self.write(due - sent)
+            sent = due
+        await self.flush()
+        return sent, time.monotonic() - started
+
+
+# ============================================================================ output
+class PredictionReader:
+    """Reads the output topic from the start; keeps (received at, ts, symbol id) per record."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.received: list[np.ndarray] = []  # float64 wall time per record
+        self.ts: list[np.ndarray] = []
+        self.keys: list[bytes] = []
+        self.count = 0
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        self._consumer = AIOKafkaConsumer(
+            self.topic,
+            bootstrap_servers=self.bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            fetch_max_bytes=16 * 1024 * 1024,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        loads = orjson.loads
+        while not self._stop.is_set():
+            fetched = await self._consumer.getmany(timeout_ms=50, max_records=20_000)
+            now = time.time()
+            for records in fetched.values():
+                if not records:
+                    continue
+                ts = np.fromiter((loads(r.value)["ts"] for r in records), np.int64, len(records))
+                self.ts.append(ts)
+                self.received.append(np.full(len(records), now))
+                self.keys.extend(r.key for r in records)
+                self.count += len(records)
+                self.first_at = self.first_at or now
+                self.last_at = now
+
+    async def wait_for(self, total: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while self.count < total:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.ts:
+            return np.empty(0), np.empty(0, np.int64)
+        return np.concatenate(self.received), np.concatenate(self.ts)
+
+    def distinct(self) -> int:
+        """Distinct (symbol, ts) predictions: redeliveries would repeat a pair."""
+        _, ts = self.arrays()
+        return len(set(zip(self.keys, ts.tolist(), strict=True)))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        await self._consumer.stop()
+
+
+def latency_summary(seconds: np.ndarray) -> dict[str, float]:
+    if not len(seconds):
+        return {"p50_ms": float("nan"), "p99_ms": float("nan"), "max_ms": float("nan"), "n": 0}
+    p50, p99 = np.percentile(seconds, [50, 99]) * 1000.0
+    return {
+        "p50_ms": round(float(p50), 2),
+        "p99_ms": round(float(p99), 2),
+        "max_ms": round(float(seconds.max() * 1000.0), 2),
+        "n": len(seconds),
+    }
+
+
+# ============================================================================ child daemon
+@dataclass
+class ChildConfig:
+    """What a child daemon runs: settings overrides plus predictor options."""
+
+    settings: dict[str, Any]
+    fast: bool = True
+    compile: str | None = None
+    threads: int | None = None
+    mode: str = "serve"  # or "memory"
+    memory_symbols: int = 0
+
+
+def _child_main(config_json: str) -> int:
+    """Entry of ``python -m daemon.bench CONFIG``: one daemon (or the memory probe)."""
+    import torch
+    from prometheus_client import CollectorRegistry
+
+    from daemon.metrics import DaemonMetrics
+    from daemon.predictor import load_predictor, resolve_device
+    from daemon.service import TickcastService
+    from daemon.settings import Settings
+    from model.checkpoint import read_latest
+
+    config = ChildConfig(**json.loads(config_json))
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    settings = Settings(**config.settings)
+    root = Path(settings.checkpoint_dir)
+    predictor = load_predictor(
+        root / str(read_latest(root)),
+        resolve_device(settings.device),
+        fast=config.fast,
+        compile=config.compile,  # type: ignore[arg-type]
+    )
+    if predictor.fast is not None and config.compile:
+        started = time.perf_counter()
+        predictor.fast.wait_compiled()
+        print(
+            json.dumps({"compile_s": time.perf_counter() - started, "path": predictor.path}),
+            flush=True,
+        )
+    if config.mode == "memory":
+        print(json.dumps(_memory_probe(settings, predictor, config.memory_symbols)), flush=True)
+        return 0
+    service = TickcastService(settings, DaemonMetrics(CollectorRegistry()), predictor)
+    asyncio.run(service.serve())
+    return 0
+
+
+def proc_rss_bytes(pid: int | str = "self") -> int:
+    """Resident set size from /proc (Linux): the process's real memory, not an estimate."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def proc_cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU seconds of a process from /proc/PID/stat (Linux)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_bytes() -> int:
+    return proc_rss_bytes()
+
+
+def _memory_probe(settings: Any, predictor: Any, n_symbols: int) -> dict[str, Any]:
+    """RSS of a built (not started) service whose windows hold ``n_symbols`` full windows.
+
+    Windows are filled directly (slots allocated through ``slots_for``, prices written
+    into the arrays), then one real ``apply`` of a tick per symbol and one scored batch.
+    """
+    import gc
+
+    from prometheus_client import CollectorRegistry
+
+    from daemon.metrics import DaemonMetrics
+    from daemon.service import TickcastService
+
+    service = TickcastService(settings, DaemonMetrics(CollectorRegistry()), predictor)
+    gc.collect()
+    empty_rss = _rss_bytes()
+    windows = service.windows
+    names = [f"S{i:07d}" for i in range(n_symbols)]
+    slots = windows.slots_for(names, np.zeros(n_symbols, np.int32))
+    rng = np.random.default_rng(0)
+    chunk = 100_000
+    for start in range(0, n_symbols, chunk):
+        part = slots[start : start + chunk]
+        walk = 100.0 * np.exp(np.cumsum(rng.normal(0, 0.01, (len(part), WINDOW)), axis=1))
+        windows.prices[part] = walk
+        windows.count[part] = WINDOW
+        windows.last_ts[part] = 1
+    del names
+    # One real tick per symbol through the vectorised apply, in fetch-sized pieces.
+    for start in range(0, n_symbols, 5000):
+        part = slots[start : start + 5000]
+        applied = windows.apply(
+            part, windows.prices[part, -1] * 1.001, np.full(len(part), 2, np.int64)
+        )
+        if start == 0:
+            predictor.predict(applied.windows[:1024])
+    gc.collect()
+    rss = _rss_bytes()
+    return {
+        "symbols": len(windows),
+        "rss_bytes": rss,
+        "rss_empty_service_bytes": empty_rss,
+        "windows_array_bytes": int(windows.nbytes),
+        "bytes_per_symbol": round((rss - empty_rss) / max(n_symbols, 1), 1),
+        "method": "service built (not started); windows filled directly, then one real "
+        "apply() per symbol and one scored batch; RSS = the child's real RSS",
+    }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ChildDaemon:
+    """A daemon in a child process, its readiness, and its CPU/RSS (from /proc)."""
+
+    def __init__(self, config: ChildConfig, log_path: Path) -> None:
+        self.config = config
+        self.port = free_port()
+        config.settings.update(metrics_port=self.port, metrics_host="127.0.0.1")
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "daemon.bench", json.dumps(asdict(config))],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+        )
+        self.compile_s: float | None = None
+
+    def read_json_line(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench child exited: {self.log_path.read_text()[-3000:]}")
+        return dict(json.loads(line))
+
+    async def wait_ready(self, timeout_s: float = 600.0) -> None:
+        if self.config.compile:
+            info = await asyncio.to_thread(self.read_json_line)
+            self.compile_s = float(info["compile_s"])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited: {self.log_path.read_text()[-3000:]}")
+            if await asyncio.to_thread(self._ready):
+                return
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"daemon not ready: {self.log_path.read_text()[-3000:]}")
+
+    def _ready(self) -> bool:
+        try:
+            url = f"http://127.0.0.1:{self.port}/readyz"
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def cpu_seconds(self) -> float:
+        return proc_cpu_seconds(self.process.pid)
+
+    def rss(self) -> int:
+        return proc_rss_bytes(self.process.pid)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self._log.close()
+
+
+class Sampler:
+    """Samples a child's CPU seconds and RSS every ``period`` seconds in a thread."""
+
+    def __init__(self, child: ChildDaemon, period: float = 0.1) -> None:
+        self.child = child
+        self.period = period
+        self.samples: list[tuple[float, float, int]] = []  # (time.time(), cpu s, rss)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):
+                self.samples.append((time.time(), self.child.cpu_seconds(), self.child.rss()))
+            self._stop.wait(self.period)
+
+    def window(self, start: float, stop: float) -> dict[str, float]:
+        """CPU use (cores) and RSS over [start, stop] of wall time."""
+        inside = [s for s in self.samples if start <= s[0] <= stop]
+        if len(inside) < 2:
+            inside = self.samples[-2:]
+        (t0, c0, _), (t1, c1, _) = inside[0], inside[-1]
+        return {
+            "cpu_cores": round((c1 - c0) / max(t1 - t0, 1e-9), 2),
+            "rss_max_bytes": max(s[2] for s in inside),
+        }
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ============================================================================ phases
+@dataclass
+class Context:
+    bootstrap: str
+    checkpoint_dir: Path
+    work_dir: Path
+    device: str
+    plan: Plan
+    results: dict[str, Any] = field(default_factory=dict)
+
+    async def topics(self, name: str, partitions: int = 3) -> dict[str, str]:
+        from daemon.embedded_kafka import create_topics
+
+        suffix = uuid.uuid4().hex[:8]
+        topics = {
+            "input": f"bench-{name}-ticks-{suffix}",
+            "output": f"bench-{name}-predictions-{suffix}",
+            "dlq": f"bench-{name}-dlq-{suffix}",
+        }
+        await create_topics(self.bootstrap, [topics["input"], topics["output"]], partitions)
+        await create_topics(self.bootstrap, [topics["dlq"]], 1)
+        return topics
+
+    def child_config(self, topics: dict[str, str], **settings: Any) -> dict[str, Any]:
+        return {
+            "bootstrap_servers": self.bootstrap,
+            "input_topic": topics["input"],
+            "output_topic": topics["output"],
+            "dlq_topic": topics["dlq"],
+            "group_id": f"bench-{uuid.uuid4().hex[:8]}",
+            "checkpoint_dir": str(self.checkpoint_dir),
+            "device": self.device,
+            "checkpoint_poll_s": 30.0,
+            "log_level": "WARNING",
+            **settings,
+        }
+
+
+@contextlib.asynccontextmanager
+async def producer_for(bootstrap: str) -> AsyncIterator[Any]:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        max_batch_size=512 * 1024,
+    )
+    await producer.start()
+    try:
+        yield producer
+    finally:
+        await producer.stop()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def measure_rate(predict: Any, windows: np.ndarray, seconds: float) -> float:
+    predict(windows)  # warm
+    n, started = 0, time.perf_counter()
+    while True:
+        predict(windows)
+        n += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds and n >= 3:
+            return len(windows) * n / elapsed
+
+
+def sgemm_peak(threads: int, seconds: float) -> float:
+    """Measured float32 matmul FLOP/s (2048^3), the practical roof of this CPU."""
+    import torch
+
+    a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
+    with torch_threads(threads):
+        torch.mm(a, b)
+        n, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds or n < 3:
+            torch.mm(a, b)
+            n += 1
+        return float(2 * 2048**3 * n / (time.perf_counter() - started))
+
+
+def phase_ceiling(ctx: Context) -> dict[str, Any]:
+    """(a): Predictor.predict alone over batch sizes, per forward path and thread count."""
+    import torch
+
+    from daemon.predictor import Predictor, resolve_device
+    from model.checkpoint import load_latest
+    from model.fast_gru import gru_flops
+
+    plan = ctx.plan
+    device = resolve_device(ctx.device)
+    source = TickSource.build(64, WINDOW + 64)
+    pool = np.lib.stride_tricks.sliding_window_view(source.prices, WINDOW, axis=1).reshape(
+        -1, WINDOW
+    )
+    variants: list[tuple[str, dict[str, Any]]] = []
+    if device.type == "cuda":
+        variants.append(("cuda-graph", {"fast": False}))
+    else:
+        variants += [("nn.GRU", {"fast": False}), ("eager-cell", {"fast": True})]
+        if plan.compile_in_ceiling:  # --quick skips it: seconds of C++ compilation
+            variants.append(("compiled-step", {"fast": True, "compile": "step"}))
+        if plan.compile_loop_in_ceiling:
+            variants.append(("compiled-loop", {"fast": True, "compile": "loop"}))
+    curves: dict[str, dict[str, float]] = {}
+    compile_s: dict[str, float | None] = {}
+    for name, options in variants:
+        predictor = Predictor(load_latest(ctx.checkpoint_dir, device), device, **options)
+        if predictor.fast is not None and options.get("compile"):
+            started = time.perf_counter()
+            ok = predictor.fast.wait_compiled()
+            compile_s[name] = round(time.perf_counter() - started, 1) if ok else None
+            if not ok:
+                logger.warning("%s unavailable: %s", name, predictor.fast.compile_error)
+                continue
+        for threads in (1, 2) if device.type == "cpu" else (torch.get_num_threads(),):
+            with torch_threads(threads):
+                curve: dict[str, float] = {}
+                for batch in plan.batch_sizes:
+                    windows = np.ascontiguousarray(np.resize(pool, (batch, WINDOW)))
+                    rate = measure_rate(predictor.predict, windows, plan.seconds_per_point)
+                    curve[str(batch)] = round(rate)
+                curves[f"{name}/{threads}t"] = curve
+                print(f"  ceiling {name:>14} {threads} thread(s): {curve}", flush=True)
+    flops = gru_flops()
+    peak = sgemm_peak(2, 1.0) if device.type == "cpu" else None
+    best_name, best_batch, best_rate = max(
+        ((n, b, r) for n, c in curves.items() for b, r in c.items()), key=lambda x: x[2]
+    )
+    return {
+        "what": "Predictor.predict (scale + forward + unscale), batches in memory, windows/s",
+        "curves": curves,
+        "compile_seconds": compile_s,
+        "best": {"path": best_name, "batch": int(best_batch), "windows_per_s": best_rate},
+        "flops_per_window": flops,
+        "flops_formula": "T*(6H^2 + 6H + 3H + 10H) + 2H + 1, H=64, T=60",
+        "sgemm_peak_flops_2t": peak,
+        "flop_fraction_of_sgemm_peak": round(best_rate * flops / peak, 3) if peak else None,
+    }
+
+
+async def drain_backlog(
+    ctx: Context,
+    name: str,
+    child_settings: dict[str, Any],
+    source: TickSource,
+    ticks: int,
+    *,
+    fast: bool,
+    compile: str | None,
+    keep: bool = False,
+) -> tuple[dict[str, Any], Any]:
+    """Produce ``ticks`` first, then start a daemon and time it through the backlog."""
+    topics = await ctx.topics(name)
+    async with producer_for(ctx.bootstrap) as producer:
+        writer = TickWriter(source, producer, topics["input"])
+        started = time.perf_counter()
+        await writer.write_backlog(ticks)
+        produce_s = time.perf_counter() - started
+    expected = ticks - source.n_symbols * (WINDOW - 1)
+    if settings_conflate := bool(child_settings.get("conflate")):
+        expected = -1
+    reader = PredictionReader(ctx.bootstrap, topics["output"])
+    await reader.start()
+    child = ChildDaemon(
+        ChildConfig(
+            settings=ctx.child_config(topics, **child_settings), fast=fast, compile=compile
+        ),
+        ctx.work_dir / f"daemon-{name}.log",
+    )
+    sampler = Sampler(child)
+    try:
+        await child.wait_ready()
+        if settings_conflate:
+            done_at: float | None = await wait_committed(
+                ctx.bootstrap, child.config.settings, topics, ticks
+            )
+            await asyncio.sleep(0.5)
+        else:
+            if not await reader.wait_for(expected, timeout_s=900):
+                raise RuntimeError(f"{name}: {reader.count} of {expected} predictions arrived")
+            await asyncio.sleep(0.3)  # catch duplicates, if any
+            done_at = reader.last_at
+        assert reader.first_at is not None and done_at is not None
+        seconds = max(done_at - reader.first_at, 1e-6)
+        scored = reader.count
+        result: dict[str, Any] = {
+            "ticks": ticks,
+            "symbols": source.n_symbols,
+            "windows_expected": expected if expected >= 0 else None,
+            "predictions": scored,
+            "distinct_predictions": reader.distinct(),
+            "seconds": round(seconds, 3),
+            "predictions_per_s": round(scored / seconds),
+            "backlog_produce_s": round(produce_s, 2),
+            **sampler.window(reader.first_at, done_at),
+        }
+        if settings_conflate:
+            warm = source.n_symbols * (WINDOW - 1)
+            result["ingest_ticks_per_s"] = round((ticks - warm) / seconds)
+        if child.compile_s is not None:
+            result["compile_s"] = round(child.compile_s, 1)
+        if keep:
+            return result, (child, sampler, reader, topics, source)
+    except BaseException:
+        sampler.stop()
+        child.stop()
+        await reader.stop()
+        raise
+    sampler.stop()
+    child.stop()
+    await reader.stop()
+    return result, None
+
+
+async def wait_committed(
+    bootstrap: str, settings: dict[str, Any], topics: dict[str, str], total: int
+) -> float:
+    """Wall time at which the daemon's group has committed ``total`` input offsets."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        while True:
+            offsets = await admin.list_consumer_group_offsets(settings["group_id"])
+            committed = sum(
+                meta.offset for tp, meta in offsets.items() if tp.topic == topics["input"]
+            )
+            if committed >= total:
+                return time.time()
+            await asyncio.sleep(0.05)
+    finally:
+        await admin.close()
+
+
+async def live_loads(
+    ctx: Context, kept: Any, rate_c: float, loads: Sequence[float], seconds: float
+) -> list[dict[str, Any]]:
+    """Offered load at fractions of (c); latency = received - ts (wall clock in ticks)."""
+    _, sampler, reader, topics, source = kept
+    out = []
+    async with producer_for(ctx.bootstrap) as producer:
+        writer = TickWriter(source, producer, topics["input"])
+        writer.next_tick = source.n_symbols * (source.prices.shape[1] // 2)
+        writer.last_step_ts = int(time.time() * 1000) + 1
+        for fraction in loads:
+            rate = fraction * rate_c
+            before = reader.count
+            started = time.time()
+            sent, real_s = await writer.write_at_rate(rate, seconds)
+            await reader.wait_for(before + sent, timeout_s=120)
+            ended = time.time()
+            received, ts = reader.arrays()
+            mine = slice(before, before + sent)
+            latency = received[mine] - ts[mine] / 1000.0
+            out.append(
+                {
+                    "load_fraction": fraction,
+                    "offered_ticks_per_s": round(rate),
+                    "achieved_ticks_per_s": round(sent / real_s),
+                    "ticks": sent,
+                    "predicted": int(min(reader.count - before, sent)),
+                    **latency_summary(latency),
+                    **sampler.window(started, ended),
+                }
+            )
+            print(f"  live {fraction:.2f} x (c): {out[-1]}", flush=True)
+            await asyncio.sleep(0.5)
+    return out
+
+
+async def soak(ctx: Context, kept: Any, rate: float, seconds: float) -> dict[str, Any]:
+    """Half load for ``seconds``; RSS sampled throughout (memory flatness)."""
+    _, sampler, _, topics, source = kept
+    async with producer_for(ctx.bootstrap) as producer:
+        writer = TickWriter(source, producer, topics["input"])
+        writer.next_tick = source.n_symbols * (source.prices.shape[1] * 3 // 4)
+        writer.last_step_ts = int(time.time() * 1000) + 1
+        started = time.time()
+        sent, real_s = await writer.write_at_rate(rate, seconds)
+    samples = [(t, r) for t, _, r in sampler.samples if t >= started]
+    t = np.array([s[0] for s in samples]) - started
+    rss = np.array([s[1] for s in samples], dtype=np.float64)
+    half = len(rss) // 2
+    slope = float(np.polyfit(t[half:], rss[half:], 1)[0]) if half > 2 else float("nan")
+    return {
+        "seconds": round(real_s, 1),
+        "ticks": sent,
+        "offered_ticks_per_s": round(rate),
+        "rss_start_bytes": int(rss[0]),
+        "rss_end_bytes": int(rss[-1]),
+        "rss_max_bytes": int(rss.max()),
+        "rss_slope_second_half_bytes_per_min": round(slope * 60),
+    }
+
+
+def phase_memory(ctx: Context) -> dict[str, Any]:
+    topics = {"input": "unused", "output": "unused", "dlq": "unused"}
+    child = ChildDaemon(
+        ChildConfig(
+            settings=ctx.child_config(topics),
+            mode="memory",
+            memory_symbols=ctx.plan.memory_symbols,
+        ),
+        ctx.work_dir / "daemon-memory.log",
+    )
+    try:
+        return child.read_json_line()
+    finally:
+        child.stop()
+
+
+# ============================================================================ run
+def ensure_checkpoint(checkpoint_dir: Path | None, work_dir: Path) -> tuple[Path, str]:
+    """The given checkpoint dir, or a new one: PriceGRU with seeded random weights."""
+    from model.checkpoint import CheckpointMeta, new_version, promote, read_latest, save_checkpoint
+
+    if checkpoint_dir is not None:
+        version = read_latest(checkpoint_dir)
+        if version is None:
+            raise SystemExit(f"tickcast bench: no LATEST in {checkpoint_dir}")
+        return checkpoint_dir, f"{checkpoint_dir} (LATEST = {version})"
+    import torch
+
+    from model.gru import ModelConfig, PriceGRU
+
+    root = work_dir / "checkpoints"
+    torch.manual_seed(7)
+    model = PriceGRU(ModelConfig())
+    # Random head weights: the GRU's output matters (cost is the same as a trained model).
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    torch.nn.init.normal_(model.head.bias, std=0.05)
+    version = new_version()
+    save_checkpoint(root, model, CheckpointMeta(version=version, architecture=model.config))
+    promote(root, version)
+    return root, "PriceGRU(1->64, window 60) with seeded random weights (seed 7), untrained"
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+    }
+
+
+async def run_phases(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    plan = ctx.plan
+    r = ctx.results
+    print("(a) model ceiling ...", flush=True)
+    r["a_ceiling"] = await asyncio.to_thread(phase_ceiling, ctx)
+    per_symbol = WINDOW - 1 + (plan.predictions + plan.symbols - 1) // plan.symbols  # backlog
+    live_room = int(max(plan.loads) * 200_000 * plan.live_seconds * len(plan.loads))
+    live_room += int(100_000 * plan.soak_seconds)
+    source = TickSource.build(plan.symbols, 2 * (per_symbol + live_room // plan.symbols + 1))
+    r["data"] = source.note
+
+    print("(b) naive baseline: daemon, max_batch_size=1, nn.GRU ...", flush=True)
+    naive_ticks = plan.symbols * (WINDOW - 1) + plan.naive_predictions
+    r["b_naive"], _ = await drain_backlog(
+        ctx, "naive", {"max_batch_size": 1}, source, naive_ticks, fast=False, compile=None
+    )
+    r["b_naive"]["how"] = "the daemon itself with max_batch_size=1 and nn.GRU (fast=False)"
+    print(f"  {r['b_naive']}", flush=True)
+
+    print("(c) tickcast end to end ...", flush=True)
+    ticks_c = plan.symbols * (WINDOW - 1) + plan.predictions
+    compile = None if plan.compile == "none" else plan.compile
+    r["c_tickcast"], kept = await drain_backlog(
+        ctx,
+        "tickcast",
+        {"max_batch_size": plan.max_batch_size},
+        source,
+        ticks_c,
+        fast=True,
+        compile=compile,
+        keep=True,
+    )
+    r["c_tickcast"]["forward"] = "explicit GRU cell" + (
+        f", compiled ({compile})" if compile else ", eager"
+    )
+    print(f"  {r['c_tickcast']}", flush=True)
+    child, sampler, reader, _, _ = kept
+    try:
+        rate_c = float(r["c_tickcast"]["predictions_per_s"])
+        print("latency under offered load ...", flush=True)
+        r["latency"] = await live_loads(ctx, kept, rate_c, plan.loads, plan.live_seconds)
+        if plan.soak_seconds:
+            print(f"soak {plan.soak_seconds:.0f}s at half load ...", flush=True)
+            r["soak"] = await soak(ctx, kept, 0.5 * rate_c, plan.soak_seconds)
+    finally:
+        sampler.stop()
+        child.stop()
+        await reader.stop()
+
+    print(f"conflation: {plan.conflate_symbols} hot symbols ...", flush=True)
+    hot = TickSource.build(
+        plan.conflate_symbols, WINDOW + plan.conflate_ticks // plan.conflate_symbols + 2
+    )
+    conflate_ticks = plan.conflate_symbols * (WINDOW - 1) + plan.conflate_ticks
+    r["conflation"], _ = await drain_backlog(
+        ctx,
+        "conflate",
+        {"max_batch_size": plan.max_batch_size, "conflate": True},
+        hot,
+        conflate_ticks,
+        fast=True,
+        compile=None,
+    )
+    print(f"  {r['conflation']}", flush=True)
+
+    if plan.memory_symbols:
+        print(f"memory: {plan.memory_symbols:,} symbols ...", flush=True)
+        r["memory"] = await asyncio.to_thread(phase_memory, ctx)
+        print(f"  {r['memory']}", flush=True)
+    return r
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    """Ratios and target verdicts, computed from the measured numbers only."""
+    a = float(results["a_ceiling"]["best"]["windows_per_s"])
+    b = float(results["b_naive"]["predictions_per_s"])
+    c = float(results["c_tickcast"]["predictions_per_s"])
+    half = next((x for x in results.get("latency", []) if x["load_fraction"] == 0.5), None)
+    rss_1m = results.get("memory", {}).get("rss_bytes")
+    figures = {
+        "a_windows_per_s": a,
+        "b_ticks_per_s": b,
+        "c_ticks_per_s": c,
+        "c_over_b": round(c / b, 2),
+        "c_over_a": round(c / a, 3),
+        "p99_ms_at_half_load": half["p99_ms"] if half else None,
+        "rss_1m_symbols_bytes": rss_1m,
+        "serving_ceiling_windows_per_s": a,
+    }
+    met = {
+        "c_over_b": figures["c_over_b"] >= TARGETS["c_over_b"],
+        "c_over_a": figures["c_over_a"] >= TARGETS["c_over_a"],
+        "p99_ms_at_half_load": half is not None
+        and half["p99_ms"] <= TARGETS["p99_ms_at_half_load"],
+        "rss_1m_symbols_bytes": rss_1m is not None and rss_1m <= TARGETS["rss_1m_symbols_bytes"],
+        "serving_ceiling_windows_per_s": a >= TARGETS["serving_ceiling_windows_per_s"],
+    }
+    return {"figures": figures, "targets": TARGETS, "met": met}
+
+
+def render_table(report: dict[str, Any]) -> str:
+    """The human-readable summary printed at the end of a run."""
+    r, summary, machine = report["results"], report["summary"], report["machine"]
+    f, met = summary["figures"], summary["met"]
+    mib = 2**20
+
+    def verdict(key: str, target: str) -> str:
+        return f"{target} {'met' if met.get(key) else 'MISSED'}"
+
+    def row(label: str, value: str, target: str = "") -> str:
+        return f"{label:<46}{value:>18}  {target}".rstrip()
+
+    a, c = r["a_ceiling"], r["c_tickcast"]
+    lines = [
+        f"tickcast bench ({machine['cores']} cores, {machine['cpu_capability']}, "
+        f"load average {machine['load_average_at_start']} -> {machine.get('load_average_at_end')})",
+        f"data: {r['data']}",
+        "",
+        row("figure", "value", "target"),
+        row(
+            "(a) model ceiling, windows/s",
+            f"{f['a_windows_per_s']:,.0f}",
+            verdict("serving_ceiling_windows_per_s", ">= 60,000"),
+        ),
+        row("    best path / batch", f"{a['best']['path']} / {a['best']['batch']}"),
+        row(
+            "    FLOP fraction of measured sgemm peak",
+            f"{a['flop_fraction_of_sgemm_peak'] or 0:.3f}",
+        ),
+        row("(b) naive end to end, ticks/s", f"{f['b_ticks_per_s']:,.0f}"),
+        row("(c) tickcast end to end, ticks/s", f"{f['c_ticks_per_s']:,.0f}"),
+        row(
+            "    every window predicted (distinct/expected)",
+            f"{c['distinct_predictions']:,}/{c['windows_expected']:,}",
+        ),
+        row(
+            "    daemon CPU cores / RSS MiB",
+            f"{c['cpu_cores']:.2f} / {c['rss_max_bytes'] / mib:.0f}",
+        ),
+        row("(c)/(b)", f"{f['c_over_b']:.1f}", verdict("c_over_b", ">= 20")),
+        row("(c)/(a)", f"{f['c_over_a']:.3f}", verdict("c_over_a", ">= 0.6")),
+    ]
+    for load in r.get("latency", []):
+        target = ""
+        if load["load_fraction"] == 0.5:
+            target = verdict("p99_ms_at_half_load", "p99 <= 50 ms")
+        lines.append(
+            row(
+                f"latency ms p50/p99/max, {load['load_fraction']:.2f} x (c) "
+                f"= {load['achieved_ticks_per_s']:,}/s",
+                f"{load['p50_ms']:.1f}/{load['p99_ms']:.1f}/{load['max_ms']:.1f}",
+                target,
+            )
+        )
+    if "conflation" in r:
+        lines.append(
+            row(
+                "conflation ingest, ticks/s (50 hot symbols)",
+                f"{r['conflation']['ingest_ticks_per_s']:,}",
+            )
+        )
+    if "memory" in r:
+        m = r["memory"]
+        lines.append(
+            row(
+                f"RSS MiB with {m['symbols']:,} symbols",
+                f"{m['rss_bytes'] / mib:,.0f}",
+                verdict("rss_1m_symbols_bytes", "<= 1,024"),
+            )
+        )
+    if "soak" in r:
+        k = r["soak"]
+        lines.append(
+            row(
+                f"soak {k['seconds']}s: RSS MiB start/end/max",
+                f"{k['rss_start_bytes'] / mib:.0f}/{k['rss_end_bytes'] / mib:.0f}"
+                f"/{k['rss_max_bytes'] / mib:.0f}",
+            )
+        )
+    return "\n".join(lines)
+
+
+def draw_plots(report: dict[str, Any], out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    r = report["results"]
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, curve in r["a_ceiling"]["curves"].items():
+        ax.plot([int(b) for b in curve], list(curve.values()), marker="o", label=name)
+    ax.axhline(r["c_tickcast"]["predictions_per_s"], color="k", ls="--", label="(c) end to end")
+    ax.set(xscale="log", xlabel="batch size", ylabel="windows/s", title="throughput vs batch size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(str(out_dir / "throughput_vs_batch.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    if r.get("latency"):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        x = [row["achieved_ticks_per_s"] for row in r["latency"]]
+        for key in ("p50_ms", "p99_ms", "max_ms"):
+            ax.plot(x, [row[key] for row in r["latency"]], marker="o", label=key[:-3])
+        ax.set(xlabel="offered ticks/s", ylabel="ms", yscale="log", title="latency vs offered load")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(str(out_dir / "latency_vs_load.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``tickcast bench``."""
+    parser.add_argument(
+        "--bootstrap-servers", default=None, help="use this broker (default: start an embedded one)"
+    )
+    parser.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="serve LATEST from here (default: seeded random PriceGRU)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--quick", action="store_true", help="a short run (about a minute)")
+    parser.add_argument("--json", type=Path, default=None, help="write the full report here")
+    parser.add_argument("--plot", type=Path, default=None, metavar="DIR", help="draw PNGs here")
+    parser.add_argument(
+        "--symbols",
+        type=int,
+        default=None,
+        help="symbols for the memory figure (default 1,000,000; 0 skips)",
+    )
+    parser.add_argument(
+        "--symbols-live", type=int, default=None, help="symbols in the Kafka phases (default 1000)"
+    )
+    parser.add_argument("--predictions", type=int, default=None, help="windows to score in (c)")
+    parser.add_argument(
+        "--naive-predictions", type=int, default=None, help="windows to score in (b)"
+    )
+    parser.add_argument("--live-seconds", type=float, default=None, help="seconds per offered load")
+    parser.add_argument(
+        "--max-batch-size", type=int, default=1024, help="the (c) daemon's max batch"
+    )
+    parser.add_argument(
+        "--compile",
+        choices=("none", "step", "loop"),
+        default="none",
+        help="torch.compile the (c) daemon's forward",
+    )
+    parser.add_argument(
+        "--compile-loop",
+        action="store_true",
+        help="include the whole-loop compile in (a) (minutes)",
+    )
+    parser.add_argument(
+        "--soak",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="half-load soak for memory flatness",
+    )
+    parser.add_argument(
+        "--daemon-threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads of the (b)/(c) daemons (default: torch's choice)",
+    )
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Entry of ``tickcast bench``."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    plan = Plan.from_args(args)
+    with tempfile.TemporaryDirectory(prefix="tickcast-bench-") as tmp:
+        work_dir = Path(tmp)
+        checkpoint_dir, checkpoint_note = ensure_checkpoint(args.checkpoint_dir, work_dir)
+        report: dict[str, Any] = {
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": machine_info(),
+            "plan": asdict(plan),
+            "checkpoint": checkpoint_note,
+        }
+        broker = None
+        bootstrap = args.bootstrap_servers
+        if bootstrap is None:
+            from daemon.embedded_kafka import KafkaBroker
+
+            broker = KafkaBroker(work_dir / "kafka")
+            broker.start()
+            bootstrap = broker.bootstrap
+            report["broker"] = "embedded Apache Kafka (KRaft, same machine)"
+        else:
+            report["broker"] = f"given: {bootstrap}"
+        try:
+            ctx = Context(bootstrap, checkpoint_dir, work_dir, args.device, plan)
+            started = time.perf_counter()
+            report["results"] = asyncio.run(run_phases(ctx, args))
+            report["wall_seconds"] = round(time.perf_counter() - started, 1)
+        finally:
+            if broker is not None:
+                broker.stop()
+        report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        report["summary"] = summarise(report["results"])
+        if args.plot is not None:
+            report["plots"] = draw_plots(report, args.plot)
+    print()
+    print(render_table(report))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"\nreport: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child_main(sys.argv[1]))

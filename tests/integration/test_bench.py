@@ -1,0 +1,80 @@
+"""``tickcast bench --quick`` end to end against the suite's broker."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+def tickcast_command() -> list[str]:
+    script = Path(sys.executable).parent / "tickcast"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from daemon.cli import main; raise SystemExit(main())"]
+
+
+@pytest.mark.timeout(240)
+def test_quick_bench_reports_every_figure(kafka_bootstrap: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    plots = tmp_path / "plots"
+    done = subprocess.run(
+        [
+            *tickcast_command(),
+            "bench",
+            "--quick",
+            "--bootstrap-servers",
+            kafka_bootstrap,
+            "--symbols",
+            "20000",
+            "--json",
+            str(out),
+            "--plot",
+            str(plots),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=220,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "(c)/(b)" in done.stdout  # the table
+    report = json.loads(out.read_text())
+    r, summary = report["results"], report["summary"]
+
+    a = r["a_ceiling"]
+    assert {"nn.GRU/1t", "eager-cell/1t"} <= set(a["curves"])
+    assert a["best"]["windows_per_s"] > 0
+    assert 1.5e6 < a["flops_per_window"] < 1.6e6
+    assert 0 < a["flop_fraction_of_sgemm_peak"] < 1.5
+
+    for phase in ("b_naive", "c_tickcast"):
+        figures = r[phase]
+        # every tick with a full window came back predicted, exactly once
+        assert figures["predictions"] == figures["windows_expected"] > 0
+        assert figures["distinct_predictions"] == figures["windows_expected"]
+        assert figures["predictions_per_s"] > 0
+        assert figures["cpu_cores"] >= 0 and figures["rss_max_bytes"] > 50 * 2**20
+
+    (half,) = r["latency"]
+    assert half["load_fraction"] == 0.5
+    assert half["predicted"] == half["ticks"] > 0
+    assert 0 <= half["p50_ms"] <= half["p99_ms"] <= half["max_ms"]
+    assert r["conflation"]["ingest_ticks_per_s"] > 0
+    assert r["memory"]["symbols"] == 20000
+    assert r["memory"]["rss_bytes"] > r["memory"]["windows_array_bytes"]
+
+    f = summary["figures"]
+    assert math.isclose(f["c_over_b"], f["c_ticks_per_s"] / f["b_ticks_per_s"], rel_tol=0.01)
+    assert math.isclose(f["c_over_a"], f["c_ticks_per_s"] / f["a_windows_per_s"], rel_tol=0.01)
+    assert set(summary["met"]) == set(summary["targets"])
+    assert sorted(p.name for p in plots.iterdir()) == [
+        "latency_vs_load.png",
+        "throughput_vs_batch.png",
+    ]
