@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -234,29 +234,6 @@ def _start_tansu(work_dir: Path) -> EmbeddedBroker:
         broker.stop,
         broker.log_path,
     )
-
-
-@contextlib.contextmanager
-def producer_without_idempotence() -> Iterator[None]:
-    """Make the in-process daemon's producer non-idempotent (for Tansu).
-
-    aiokafka only speaks InitProducerId v0, which Tansu rejects, so an idempotent producer
-    cannot start against it. TEMPORARY: replace with a ``TICKCAST_ENABLE_IDEMPOTENCE``
-    setting read by the service once it has one.
-    """
-    import daemon.service as service_module
-
-    original = service_module.AIOKafkaProducer
-
-    def factory(*args: Any, **kwargs: Any) -> Any:
-        kwargs["enable_idempotence"] = False
-        return original(*args, **kwargs)
-
-    setattr(service_module, "AIOKafkaProducer", factory)  # noqa: B010 (mypy: not a type)
-    try:
-        yield
-    finally:
-        setattr(service_module, "AIOKafkaProducer", original)  # noqa: B010
 
 
 # ---------------------------------------------------------------------------- replay
@@ -630,7 +607,8 @@ def demo_settings(
         # Not the production group: on an existing Kafka the demo must not take
         # partitions away from a real deployment.
         overrides["group_id"] = DEMO_GROUP_ID
-    if broker_kind == "tansu" and "enable_idempotence" in Settings.model_fields:
+    if broker_kind == "tansu":
+        # aiokafka speaks only InitProducerId v0, which Tansu rejects.
         overrides["enable_idempotence"] = False
     return Settings(**overrides)
 
@@ -684,28 +662,28 @@ async def _run(
         settings = demo_settings(args, broker.bootstrap, checkpoint_dir, broker.kind)
         topics = [settings.input_topic, settings.output_topic, settings.dlq_topic]
         await create_topics(broker.bootstrap, topics, partitions=args.partitions)
-
-        idempotence = broker.kind != "tansu"
-        patch = (
-            producer_without_idempotence()
-            if not idempotence and "enable_idempotence" not in type(settings).model_fields
-            else contextlib.nullcontext()
+        await create_topics(
+            broker.bootstrap,
+            [settings.state_topic],
+            partitions=args.partitions,
+            config={"cleanup.policy": "compact"},
         )
-        with patch:
-            service = TickcastService(settings, DaemonMetrics())
-            service_task = asyncio.create_task(service.serve(), name="tickcast-demo-daemon")
-            try:
-                return await _drive(
-                    args, console, broker, settings, service, service_task, stream,
-                    window_length, stop, idempotence=idempotence,
-                )  # fmt: skip
-            finally:
-                service.handle_exit()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(service_task, settings.shutdown_timeout_s + 15)
-                # serve() removed its signal handlers on exit; Ctrl-C while the broker
-                # stops must not abandon it.
-                _catch_signals(stop)
+
+        idempotence = settings.enable_idempotence
+        service = TickcastService(settings, DaemonMetrics())
+        service_task = asyncio.create_task(service.serve(), name="tickcast-demo-daemon")
+        try:
+            return await _drive(
+                args, console, broker, settings, service, service_task, stream,
+                window_length, stop, idempotence=idempotence,
+            )  # fmt: skip
+        finally:
+            service.handle_exit()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(service_task, settings.shutdown_timeout_s + 15)
+            # serve() removed its signal handlers on exit; Ctrl-C while the broker
+            # stops must not abandon it.
+            _catch_signals(stop)
     finally:
         if broker is not None:
             await asyncio.to_thread(broker.stop)
