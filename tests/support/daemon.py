@@ -246,10 +246,11 @@ class DaemonProcess:
         self.process.wait(10)  # type: ignore[attr-defined]
         self._log.close()
 
-    def terminate(self, timeout_s: float = 30) -> int:
+    def terminate(self, timeout_s: float = 30, sig: int | None = None) -> int:
+        """Send SIGTERM (or ``sig``) and wait for the exit code."""
         import signal
 
-        self.process.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+        self.process.send_signal(sig or signal.SIGTERM)  # type: ignore[attr-defined]
         code = int(self.process.wait(timeout_s))  # type: ignore[attr-defined]
         self._log.close()
         return code
