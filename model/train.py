@@ -53,7 +53,8 @@ class TrainConfig(BaseModel):
     # much as a wild one. "relative": each window's squared error is weighted by
     # (span / last price)^2, i.e. the squared error as a fraction of the price; this is
     # closer to the price-unit RMSE the model is judged by, and still scale-free across
-    # symbols. Weights are normalised to mean 1 on the training windows.
+    # symbols. Weights are normalised to mean 1 on the training windows. The retrain job
+    # uses "relative" (it won on the development walk-forward, model/QUALITY_NOTES.md).
     loss: Literal["scaled", "relative"] = "scaled"
 
 
