@@ -182,7 +182,7 @@ def diebold_mariano(
     autocovariances up to lag ``horizon - 1`` (an h-step forecast's errors are MA(h-1));
     ``DM = mean(d) / sqrt(V / n)`` and ``DM* = DM * sqrt((n + 1 - 2h + h(h-1)/n) / n)``.
     """
-    from scipy import stats  # type: ignore[import-untyped]  # scipy: see pyproject deps
+    from scipy import stats
 
     model_errors = np.asarray(model_errors, dtype=np.float64)
     benchmark_errors = np.asarray(benchmark_errors, dtype=np.float64)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.kafka
 class SlowPredictor(Predictor):
     """A real model that takes 30 ms a batch: inference falls behind the fetches."""
 
-    def predict(self, windows):  # type: ignore[no-untyped-def]
+    def predict(self, windows):
         time.sleep(0.03)
         return super().predict(windows)
 

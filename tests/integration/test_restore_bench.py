@@ -10,9 +10,7 @@ from tests.support.daemon import make_checkpoint
 pytestmark = pytest.mark.kafka
 
 
-async def test_restore_from_snapshots_is_exact_and_replays_only_the_tail(
-    kafka_bootstrap, tmp_path
-):
+async def test_restore_from_snapshots_is_exact_and_replays_only_the_tail(kafka_bootstrap, tmp_path):
     make_checkpoint(tmp_path / "ck")
     figures = await measure_restore(
         kafka_bootstrap, tmp_path / "ck", symbols=300, ticks_per_symbol=80, partitions=3, tail=5

@@ -62,9 +62,7 @@ async def test_restart_loads_snapshots_and_replays_only_the_tail(
         replayed = registry.get_sample_value("tickcast_restored_ticks_total")
         await produce_stream(kafka_bootstrap, state_topics["input"], second)
         total = expected_count(stream)
-        predictions = await consume(
-            kafka_bootstrap, state_topics["output"], total, settle_s=1.0
-        )
+        predictions = await consume(kafka_bootstrap, state_topics["output"], total, settle_s=1.0)
     assert loaded == 5, "every symbol's window comes from its snapshot"
     assert replayed is not None
     assert replayed < len(first) / 4, f"replayed {replayed} of {len(first)} records"

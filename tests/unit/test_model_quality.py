@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy import stats  # type: ignore[import-untyped]
+from scipy import stats
 
 from model.evaluate import block_bootstrap_rmse_ratio, diebold_mariano
 from model.gru import ModelConfig, PriceGRU, predict_prices
