@@ -103,7 +103,13 @@ class ModelWatcher:
         try:
             if Path(version).name != version or version.startswith("."):
                 raise CheckpointError(f"LATEST names an invalid version {version!r}")
-            candidate = await asyncio.to_thread(load_predictor, version_dir, current.device)
+            candidate = await asyncio.to_thread(
+                load_predictor,
+                version_dir,
+                current.device,
+                fast=current.fast is not None,
+                compile=current.compile,
+            )
             if candidate.window_length != current.window_length:
                 raise CheckpointError(
                     f"window length {candidate.window_length} differs from the running "

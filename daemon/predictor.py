@@ -74,6 +74,7 @@ class Predictor:
         self.device = device
         self.model = checkpoint.model.to(device).eval()
         self.window_length = checkpoint.meta.window_length
+        self.compile = compile
         self.fast: FastGRUForward | None = None
         if fast and device.type == "cpu":
             self.fast = FastGRUForward(self.model, compile=compile)

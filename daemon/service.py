@@ -1,11 +1,13 @@
 """The daemon's lifecycle and its pipeline: ingest -> score -> acknowledge & commit.
 
-Three asyncio tasks joined by FIFO queues, so every prediction of a symbol leaves in tick
+Four asyncio tasks joined by FIFO queues, so every prediction of a symbol leaves in tick
 order and offsets are committed strictly in order:
 
 * ingest: ``getmany`` micro-batches -> decode -> roll windows -> :class:`Chunk`
 * score: gather ready windows into one batch (size or delay, as Triton's dynamic batcher
-  does), one forward pass in a worker thread, hand predictions to the producer
+  does) and submit its forward pass to the inference thread
+* publish: take each batch's predictions, in order, and hand them to the producer; the
+  next batch is assembled and running while this one is published
 * acknowledge: wait for the broker's acks, then commit the input offsets they cover
 
 Lifecycle in the manner of uvicorn: :meth:`TickcastService.serve` = ``startup()``,
@@ -25,11 +27,13 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
+import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError, ProducerFenced
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -51,6 +55,23 @@ logger = logging.getLogger(__name__)
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RETRY_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+@dataclass
+class ScoredBatch:
+    """A batch whose forward pass was submitted; ``inference`` resolves to its output."""
+
+    rows: ScoringRows
+    completed: list[Chunk]
+    version: str
+    inference: asyncio.Future[tuple[np.ndarray, float]] | None
+
+
+def _timed_predict(predictor: Predictor, windows: np.ndarray) -> tuple[np.ndarray, float]:
+    """Runs in the inference thread: predictions and the forward pass's own duration."""
+    started = time.perf_counter()
+    predictions = predictor.predict(windows)
+    return predictions, time.perf_counter() - started
 
 
 class NoCheckpointError(RuntimeError):
@@ -93,8 +114,15 @@ def load_serving_predictor(settings: Settings) -> Predictor:
     hint = f"train one with: tickcast retrain --data dataset:nasdaq --checkpoint-dir {root}"
     if version is None:
         raise NoCheckpointError(f"no checkpoint in {root} (no LATEST file); {hint}")
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     try:
-        return load_predictor(root / version, resolve_device(settings.device))
+        return load_predictor(
+            root / version,
+            resolve_device(settings.device),
+            fast=settings.inference != "reference",
+            compile="step" if settings.inference == "compiled" else None,
+        )
     except CheckpointError as exc:
         raise NoCheckpointError(f"checkpoint {version} in {root} is not loadable: {exc}") from exc
 
@@ -141,6 +169,9 @@ class TickcastService:
         self._producer: AIOKafkaProducer | None = None
         self._publisher: BatchPublisher | None = None
         self._chunks: asyncio.Queue[Chunk | None] = asyncio.Queue()
+        # At most two batches between submission and publication: while one runs in the
+        # inference thread, the previous one is published and the next one assembled.
+        self._scored: asyncio.Queue[ScoredBatch | None] = asyncio.Queue(maxsize=2)
         self._dispatched: asyncio.Queue[Dispatched | None] = asyncio.Queue()
         self._inflight_chunks = 0
         self._inflight_windows = 0
@@ -284,6 +315,7 @@ class TickcastService:
         self._tasks = [
             asyncio.create_task(self._ingest_loop(), name="tickcast-ingest"),
             asyncio.create_task(self._score_loop(), name="tickcast-score"),
+            asyncio.create_task(self._publish_loop(), name="tickcast-publish"),
             asyncio.create_task(self._ack_loop(), name="tickcast-ack"),
             asyncio.create_task(self._watcher.run(), name="tickcast-model-watcher"),
             asyncio.create_task(self._lag_loop(), name="tickcast-lag"),
@@ -305,16 +337,16 @@ class TickcastService:
         self._stopping = True
         logger.info("shutting down: draining %d in-flight chunks", self._inflight_chunks)
         self._resume.set()
-        pipeline, helpers = self._tasks[:3], self._tasks[3:]
+        pipeline, helpers = self._tasks[:4], self._tasks[4:]
         for task in helpers:
             task.cancel()
         try:
             async with asyncio.timeout(self.settings.shutdown_timeout_s):
                 if pipeline:
-                    ingest, score, ack = pipeline
+                    ingest, *downstream = pipeline
                     await asyncio.gather(ingest, return_exceptions=True)
                     await self._chunks.put(None)
-                    await asyncio.gather(score, ack, return_exceptions=True)
+                    await asyncio.gather(*downstream, return_exceptions=True)
                 if self._state_writer is not None:
                     # Everything fetched is committed now: the last snapshot is exact.
                     if (snapshot := self._maybe_snapshot(force=True)) is not None:
@@ -564,8 +596,8 @@ class TickcastService:
                 pending, s.max_batch_size, whole_chunks=self._transactional
             )
             pending_rows -= sum(len(p) for p in batch_parts)
-            await self._score_and_publish(batch_parts, completed)
-        await self._dispatched.put(None)
+            await self._scored.put(self._submit(batch_parts, completed))
+        await self._scored.put(None)
 
     @staticmethod
     def _take_batch(
@@ -603,7 +635,8 @@ class TickcastService:
             completed.append(pending.popleft()[0])
         return parts, completed
 
-    async def _score_and_publish(self, parts: list[ScoringRows], completed: list[Chunk]) -> None:
+    def _submit(self, parts: list[ScoringRows], completed: list[Chunk]) -> ScoredBatch:
+        """Start one batch's forward pass in the inference thread (returns at once)."""
         if self._pending_predictor is not None:
             # Swap between two batches: no batch ever mixes two models.
             self.predictor, self._pending_predictor = self._pending_predictor, None
@@ -612,17 +645,27 @@ class TickcastService:
         rows = ScoringRows.concat(parts) if parts else ScoringRows.empty(predictor.window_length)
         if self.settings.conflate and len(rows):
             rows = self._conflate(rows)
-        predictions = np.empty(0)
+        future: asyncio.Future[tuple[np.ndarray, float]] | None = None
         if len(rows):
-            started = time.perf_counter()
             loop = asyncio.get_running_loop()
-            predictions = await loop.run_in_executor(
-                self._inference, predictor.predict, rows.windows
-            )
-            self.metrics.inference_seconds.observe(time.perf_counter() - started)
+            future = loop.run_in_executor(self._inference, _timed_predict, predictor, rows.windows)
+        return ScoredBatch(rows, completed, predictor.version, future)
+
+    async def _publish_loop(self) -> None:
+        while (batch := await self._scored.get()) is not None:
+            await self._publish(batch)
+        await self._dispatched.put(None)
+
+    async def _publish(self, batch: ScoredBatch) -> None:
+        """Hand one scored batch (and its chunks' dead letters) to the producer, in order."""
+        rows, completed = batch.rows, batch.completed
+        predictions = np.empty(0)
+        if batch.inference is not None:
+            predictions, seconds = await batch.inference
+            self.metrics.inference_seconds.observe(seconds)
             self.metrics.batch_size.observe(len(rows))
             self._record_live_accuracy(rows, predictions)
-        records = self._prediction_records(rows, predictions, predictor.version)
+        records = self._prediction_records(rows, predictions, batch.version)
         dead = [self._dead_letter_record(b) for chunk in completed for b in chunk.bad]
         if self._transactional:
             await self._publish_in_transaction(records, dead, completed)

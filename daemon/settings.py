@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     checkpoint_dir: Path = Path("./checkpoints")
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     checkpoint_poll_s: float = Field(default=2.0, gt=0)
+    # CPU forward: "fast" (GRU cell loop, eager), "compiled" (its step under
+    # torch.compile, built in the background; eager until ready), "reference" (nn.GRU).
+    inference: Literal["fast", "compiled", "reference"] = "fast"
+    torch_threads: int = Field(default=0, ge=0)  # 0: torch's default (all cores)
 
     # Batching and flow control
     max_batch_size: int = Field(default=1024, ge=1, le=65536)

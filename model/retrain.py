@@ -60,7 +60,7 @@ PLOT_FILE = "predictions.png"
 EXIT_USAGE = 2  # bad input: missing file, unknown data set, NaN prices, too few rows
 EXIT_FAILURE = 1
 # The loss the retrain job trains with unless --loss says otherwise: it beat "scaled" on the
-# development walk-forward (model/QUALITY_NOTES.md).
+# development walk-forward (README.md, "Model quality").
 RETRAIN_LOSS = "relative"
 
 
@@ -280,7 +280,7 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
         default=RETRAIN_LOSS,
         help="training loss: MSE of per-window-scaled prices, or weighted by (span / last "
         f"price)^2 so it tracks the price error (default {RETRAIN_LOSS}; see "
-        "model/QUALITY_NOTES.md)",
+        "README.md, 'Model quality')",
     )
     parser.add_argument(
         "--window-length",

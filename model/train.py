@@ -54,7 +54,7 @@ class TrainConfig(BaseModel):
     # (span / last price)^2, i.e. the squared error as a fraction of the price; this is
     # closer to the price-unit RMSE the model is judged by, and still scale-free across
     # symbols. Weights are normalised to mean 1 on the training windows. The retrain job
-    # uses "relative" (it won on the development walk-forward, model/QUALITY_NOTES.md).
+    # uses "relative" (it won on the development walk-forward, README.md, "Model quality").
     loss: Literal["scaled", "relative"] = "scaled"
 
 

@@ -69,6 +69,11 @@ def test_quick_bench_reports_every_figure(kafka_bootstrap: str, tmp_path: Path) 
     assert r["conflation"]["ingest_ticks_per_s"] > 0
     assert r["memory"]["symbols"] == 20000
     assert r["memory"]["rss_bytes"] > r["memory"]["windows_array_bytes"]
+    restore = r["restore"]
+    assert restore["symbols"] == 200
+    assert restore["snapshots_loaded"] == 200
+    assert restore["restored_windows_exact"] is True
+    assert restore["records_behind_committed_offset"] == 200 * 100
 
     f = summary["figures"]
     assert math.isclose(f["c_over_b"], f["c_ticks_per_s"] / f["b_ticks_per_s"], rel_tol=0.01)
