@@ -82,6 +82,8 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"tickcast serve: {exc}", file=sys.stderr)
             return 3
         await service.serve()
+        if service.failed:
+            return 1
         return 130 if service.force_exit else 0
 
     return asyncio.run(main())

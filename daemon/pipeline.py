@@ -75,6 +75,4 @@ class Dispatched:
 
     deliveries: list[Delivery]
     rows: ScoringRows
-    predictions: np.ndarray
     completed: list[Chunk] = field(default_factory=list)
-    committed: bool = False  # offsets already committed inside a transaction

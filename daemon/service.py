@@ -107,6 +107,17 @@ def transactional_id(settings: Settings) -> str:
     return f"{settings.group_id}-{socket.gethostname()}-{os.getpid()}"
 
 
+def inference_threads(settings: Settings) -> int:
+    """torch intra-op threads: the setting, else half the cores (1 to 8).
+
+    The other cores are for the event loop (decoding, windows, JSON, the Kafka clients);
+    oversubscribed OpenMP threads collapse a forward pass by an order of magnitude.
+    """
+    if settings.torch_threads:
+        return settings.torch_threads
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
 def load_serving_predictor(settings: Settings) -> Predictor:
     """The checkpoint named by LATEST, loaded and self-tested; NoCheckpointError if none."""
     root = Path(settings.checkpoint_dir)
@@ -114,8 +125,7 @@ def load_serving_predictor(settings: Settings) -> Predictor:
     hint = f"train one with: tickcast retrain --data dataset:nasdaq --checkpoint-dir {root}"
     if version is None:
         raise NoCheckpointError(f"no checkpoint in {root} (no LATEST file); {hint}")
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    torch.set_num_threads(inference_threads(settings))
     try:
         return load_predictor(
             root / version,
@@ -153,6 +163,7 @@ class TickcastService:
         self.windows = SymbolWindows(self.predictor.window_length)
         self.should_exit = asyncio.Event()
         self.force_exit = False
+        self.failed = False  # a pipeline task died: exit non-zero so a supervisor restarts
         self.started = False
         self._stopping = False
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tickcast-infer")
@@ -329,6 +340,7 @@ class TickcastService:
         for task in done:
             if task is not stop and not task.cancelled() and task.exception() is not None:
                 logger.error("pipeline task %s failed", task.get_name(), exc_info=task.exception())
+                self.failed = True
                 self.should_exit.set()
         stop.cancel()
 
@@ -350,9 +362,7 @@ class TickcastService:
                 if self._state_writer is not None:
                     # Everything fetched is committed now: the last snapshot is exact.
                     if (snapshot := self._maybe_snapshot(force=True)) is not None:
-                        self._write_snapshots(
-                            [Chunk(ScoringRows.empty(1), [], {}, snapshot)], committed=True
-                        )
+                        self._write_snapshots([snapshot], committed=True)
                     await self._state_writer.flush()
         except TimeoutError:
             logger.warning(
@@ -673,9 +683,7 @@ class TickcastService:
         else:
             deliveries = await self._send_with_retry(self.settings.output_topic, records)
             deliveries += await self._send_with_retry(self.settings.dlq_topic, dead)
-        await self._dispatched.put(
-            Dispatched(deliveries, rows, predictions, completed, committed=self._transactional)
-        )
+        await self._dispatched.put(Dispatched(deliveries, rows, completed))
 
     async def _publish_in_transaction(
         self, records: list[OutRecord], dead: list[OutRecord], completed: list[Chunk]
@@ -814,40 +822,60 @@ class TickcastService:
 
     # ------------------------------------------------------------------ acknowledge
     async def _ack_loop(self) -> None:
+        """Wait for acks in order, then commit: one commit for all batches acked so far.
+
+        A commit is a round trip to the group coordinator; one per batch would make this
+        loop, not inference, the bottleneck when batches are small and frequent.
+        """
         consumer = self._consumer
         assert consumer is not None and self._publisher is not None
-        while True:
-            item = await self._dispatched.get()
-            if item is None:
+        closing = False
+        while not closing:
+            first = await self._dispatched.get()
+            if first is None:
                 break
-            await self._await_deliveries(item)
-            now = time.time()
-            n = len(item.rows)
-            if n:
-                self.metrics.predictions_published.inc(n)
-                observe_many(self.metrics.end_to_end_seconds, now - item.rows.consumed_at)
-                observe_many(
-                    self.metrics.event_time_lag_seconds,
-                    np.maximum(now - item.rows.ts / 1000.0, 0.0),
-                )
-            dead = sum(len(c.bad) for c in item.completed)
-            if dead:
-                self.metrics.dead_letters.inc(dead)
-            self._inflight_windows -= n
-            if item.completed and not item.committed:
-                commit: dict[TopicPartition, int] = {}
-                for chunk in item.completed:
-                    commit.update(chunk.commit)
-                committed = await self._commit(consumer, commit)
+            items = [first]
+            while not self._dispatched.empty():
+                item = self._dispatched.get_nowait()
+                if item is None:
+                    closing = True
+                    break
+                items.append(item)
+            for item in items:
+                await self._await_deliveries(item)
+                self._count_acknowledged(item)
+            completed = [chunk for item in items for chunk in item.completed]
+            if self._transactional:
+                committed = True  # inside each batch's transaction
             else:
-                committed = item.committed
-            self._write_snapshots(item.completed, committed)
-            self._inflight_chunks -= len(item.completed)
+                offsets: dict[TopicPartition, int] = {}
+                for chunk in completed:
+                    offsets.update(chunk.commit)  # later chunks hold later offsets
+                committed = await self._commit(consumer, offsets)
+            self._write_snapshots(
+                [c.snapshot for c in completed if c.snapshot is not None], committed
+            )
+            self._inflight_chunks -= len(completed)
             self.metrics.inflight_windows.set(self._inflight_windows)
             if self._inflight_chunks == 0:
                 self._drained.set()
             if not self._resume.is_set() and self._inflight_windows <= self._low_water:
                 self._resume.set()
+
+    def _count_acknowledged(self, item: Dispatched) -> None:
+        now = time.time()
+        n = len(item.rows)
+        if n:
+            self.metrics.predictions_published.inc(n)
+            observe_many(self.metrics.end_to_end_seconds, now - item.rows.consumed_at)
+            observe_many(
+                self.metrics.event_time_lag_seconds,
+                np.maximum(now - item.rows.ts / 1000.0, 0.0),
+            )
+        dead = sum(len(c.bad) for c in item.completed)
+        if dead:
+            self.metrics.dead_letters.inc(dead)
+        self._inflight_windows -= n
 
     async def _await_deliveries(self, item: Dispatched) -> None:
         assert self._publisher is not None
@@ -879,19 +907,17 @@ class TickcastService:
                         logger.warning("resend failed (%s); retrying", exc)
                         await asyncio.sleep(delay)
 
-    def _write_snapshots(self, chunks: list[Chunk], committed: bool) -> None:
+    def _write_snapshots(self, snapshots: list[PendingSnapshot], committed: bool) -> None:
         """Snapshots go out only once their offsets are committed: never ahead of them."""
         if self._state_writer is None:
             return
-        for chunk in chunks:
-            if chunk.snapshot is None:
-                continue
+        for pending in snapshots:
             if committed:
-                self._state_writer.submit(chunk.snapshot)
-                self.metrics.snapshot_symbols.inc(len(chunk.snapshot.snapshot))
+                self._state_writer.submit(pending)
+                self.metrics.snapshot_symbols.inc(len(pending.snapshot))
             else:
                 # Not committed: write these symbols again with the next snapshot.
-                slots = [self.windows.slot_of(sym) for sym in chunk.snapshot.snapshot.symbols]
+                slots = [self.windows.slot_of(sym) for sym in pending.snapshot.symbols]
                 self.windows.dirty[[slot for slot in slots if slot is not None]] = True
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> bool:

@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     # CPU forward: "fast" (GRU cell loop, eager), "compiled" (its step under
     # torch.compile, built in the background; eager until ready), "reference" (nn.GRU).
     inference: Literal["fast", "compiled", "reference"] = "fast"
-    torch_threads: int = Field(default=0, ge=0)  # 0: torch's default (all cores)
+    torch_threads: int = Field(default=0, ge=0)  # 0: half the cores, 1 to 8
 
     # Batching and flow control
     max_batch_size: int = Field(default=1024, ge=1, le=65536)
