@@ -325,15 +325,16 @@ def _child_main(config_json: str) -> int:
 
     from daemon.metrics import DaemonMetrics
     from daemon.predictor import load_predictor, resolve_device
-    from daemon.service import TickcastService
+    from daemon.service import TickcastService, inference_threads
     from daemon.settings import Settings
     from model.checkpoint import read_latest
 
     config = ChildConfig(**json.loads(config_json))
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    if config.threads:
-        torch.set_num_threads(config.threads)
     settings = Settings(**config.settings)
+    # The same thread count `tickcast serve` would use (TICKCAST_TORCH_THREADS or its
+    # default), unless --daemon-threads overrides it.
+    torch.set_num_threads(config.threads or inference_threads(settings))
     root = Path(settings.checkpoint_dir)
     predictor = load_predictor(
         root / str(read_latest(root)),
@@ -1206,7 +1207,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--daemon-threads",
         type=int,
         default=None,
-        help="torch intra-op threads of the (b)/(c) daemons (default: torch's choice)",
+        help="torch intra-op threads of the (b)/(c) daemons (default: as tickcast serve)",
     )
 
 
