@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -89,21 +93,44 @@ def test_bucketed_compiled_path_pads_and_splits() -> None:
     torch.testing.assert_close(got, expected, atol=TOLERANCE, rtol=0)
 
 
+COMPILED_STEP_CHECK = """
+import torch
+from model.fast_gru import FastGRUForward
+from tests.unit.test_fast_gru import TOLERANCE, random_model
+
+model = random_model(9, 64, residual=True)
+fast = FastGRUForward(model, compile="step")
+assert fast.wait_compiled(timeout=600), fast.compile_error
+assert fast.path == "compiled-step", fast.path
+with torch.inference_mode():
+    for batch in (1, 3, 300):
+        inputs = torch.rand(batch, 60, 1)
+        torch.testing.assert_close(fast(inputs), model(inputs), atol=TOLERANCE, rtol=0)
+# A second model (a hot swap) reuses the compiled step: ready almost at once.
+other = FastGRUForward(random_model(10, 64, residual=False), compile="step")
+assert other.wait_compiled(timeout=60)
+assert other.compile_seconds is not None and other.compile_seconds < 30, other.compile_seconds
+print("compiled step ok")
+"""
+
+
 @pytest.mark.slow
 def test_compiled_step_matches_nn_gru_and_is_shared() -> None:
-    """torch.compile of one step (inductor, C++): same outputs, one compile per process."""
-    model = random_model(9, 64, residual=True)
-    fast = FastGRUForward(model, compile="step")
-    assert fast.wait_compiled(timeout=600), fast.compile_error
-    assert fast.path == "compiled-step"
-    with torch.inference_mode():
-        for batch in (1, 3, 300):
-            inputs = torch.rand(batch, 60, 1)
-            torch.testing.assert_close(fast(inputs), model(inputs), atol=TOLERANCE, rtol=0)
-    # A second model (a hot swap) reuses the compiled step: ready almost at once.
-    other = FastGRUForward(random_model(10, 64, residual=False), compile="step")
-    assert other.wait_compiled(timeout=60)
-    assert other.compile_seconds is not None and other.compile_seconds < 30
+    """torch.compile of one step (inductor, C++): same outputs, one compile per process.
+
+    Runs in a child process: inductor loads Triton, whose bindings print a leak report
+    at interpreter exit that would otherwise end the test run's output.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILED_STEP_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled step ok" in done.stdout
 
 
 def test_flop_formula() -> None:
