@@ -7,6 +7,7 @@ that restart the broker are then skipped, since the suite does not own it.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Awaitable, Iterator, Mapping
 from typing import Protocol
@@ -84,9 +85,13 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     """Keep the test report the last thing the run prints.
 
     Training imports torch._dynamo, which loads Triton; Triton's nanobind bindings then
-    print a "leaked functions" report to stderr at interpreter exit (an upstream issue,
-    nothing of ours leaks). The report and exit status are final by now, so stderr goes
-    to /dev/null for the interpreter's teardown only.
+    print a "leaked functions" report to stderr while the interpreter tears modules down
+    (an upstream issue, nothing of ours leaks). The report and exit status are final by
+    then, so stderr goes to /dev/null from the interpreter's exit handlers on; atexit
+    runs after pytest has restored its own capture of fd 2, and before that teardown.
     """
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
+
+    def silence_stderr() -> None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+
+    atexit.register(silence_stderr)
