@@ -169,7 +169,8 @@ def random_cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
 
 
-def _kill(process: subprocess.Popen[bytes]) -> None:
+def kill_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a broker process that is still running, and reap it."""
     if process.poll() is None:
         process.kill()
         process.wait()
@@ -302,7 +303,7 @@ class KafkaBroker:
                 start_new_session=True,
             )
         # A broker left behind by a crashed caller would hold its ports and heap.
-        self._finalizer = weakref.finalize(self, _kill, self._process)
+        self._finalizer = weakref.finalize(self, kill_process, self._process)
         try:
             self._wait_until_ready(deadline)
         except BaseException:
@@ -355,7 +356,7 @@ class KafkaBroker:
             if remaining <= 0:
                 reason = f"not ready before the timeout (last error: {last_error!r})"
                 raise BrokerError(self._failure(reason))
-            if _port_open(self.port):
+            if port_open(self.port):
                 try:
                     if _run_blocking(_broker_registered(self.bootstrap, min(remaining, 5.0))):
                         return
@@ -403,7 +404,8 @@ class KafkaBroker:
         self.stop()
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int) -> bool:
+    """Whether something accepts TCP connections on HOST:port."""
     with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
         return True
     return False

