@@ -36,16 +36,24 @@ from model.checkpoint import (
     read_latest,
     save_checkpoint,
 )
-from model.data import ChronologicalSplit, DataError, PriceSeries, chronological_split, load_many
-from model.evaluate import evaluate_forecasts, plot_predictions, predict_windows, rmse_ratio
+from model.data import (
+    ChronologicalSplit,
+    DataError,
+    PriceSeries,
+    SeriesCut,
+    chronological_split,
+    load_many,
+)
+from model.evaluate import plot_predictions, predict_windows, rmse_ratio
 from model.gru import ModelConfig
 from model.kafka_source import load_kafka_series, parse_duration, parse_since
-from model.train import TrainConfig, TrainResult, resolve_device, train_model
+from model.train import TrainConfig, TrainResult, resolve_device
 from model.walk_forward import (
     DEFAULT_EVAL_FRACTION,
     WalkForwardResult,
     format_walk_forward,
     run_walk_forward,
+    train_and_score,
 )
 
 logger = logging.getLogger(__name__)
@@ -113,17 +121,9 @@ def fit_and_evaluate(
         split.window_length,
         len(split.cuts),
     )
-    training = train_model(
-        split.train.windows,
-        split.train.targets,
-        split.val.windows,
-        split.val.targets,
-        model_config,
-        train_config,
-        progress=progress,
+    training, predicted, evaluation = train_and_score(
+        split, model_config, train_config, progress=progress
     )
-    predicted = predict_windows(training.model, split.test.windows)
-    evaluation = evaluate_forecasts(split.test.targets, predicted, split.test.last)
     return FitOutcome(split, training, predicted, evaluation)
 
 
@@ -179,38 +179,25 @@ def decide_promotion(
     return PromotionDecision(False, f"worse: {comparison}", incumbent.version, incumbent_rmse)
 
 
+def _row_range(cut: SeriesCut, start: int, stop: int) -> DataRange:
+    first, last = cut.series.iso_range(start, stop)
+    return DataRange(
+        source=cut.series.source,
+        symbol=cut.series.symbol,
+        start=first,
+        end=last,
+        rows=stop - start,
+    )
+
+
 def training_ranges(split: ChronologicalSplit) -> list[DataRange]:
     """Per series, the rows used for fitting (training and validation): a prefix."""
-    ranges = []
-    for cut in split.cuts:
-        start, end = cut.series.iso_range(0, cut.fit_rows)
-        ranges.append(
-            DataRange(
-                source=cut.series.source,
-                symbol=cut.series.symbol,
-                start=start,
-                end=end,
-                rows=cut.fit_rows,
-            )
-        )
-    return ranges
+    return [_row_range(cut, 0, cut.fit_rows) for cut in split.cuts]
 
 
 def held_out_ranges(split: ChronologicalSplit) -> list[DataRange]:
     """Per series, the test targets' rows (their windows reach back into earlier rows)."""
-    ranges = []
-    for cut in split.cuts:
-        start, end = cut.series.iso_range(len(cut.series) - cut.test)
-        ranges.append(
-            DataRange(
-                source=cut.series.source,
-                symbol=cut.series.symbol,
-                start=start,
-                end=end,
-                rows=cut.test,
-            )
-        )
-    return ranges
+    return [_row_range(cut, len(cut.series) - cut.test, len(cut.series)) for cut in split.cuts]
 
 
 # --------------------------------------------------------------------------- CLI

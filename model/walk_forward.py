@@ -285,17 +285,9 @@ def run_walk_forward(
     )
     results = []
     for index, split in enumerate(splits, start=1):
-        training = train_model(
-            split.train.windows,
-            split.train.targets,
-            split.val.windows,
-            split.val.targets,
-            model_config,
-            train_config,
-            progress=progress,
+        training, predicted, evaluation = train_and_score(
+            split, model_config, train_config, progress=progress
         )
-        predicted = predict_windows(training.model, split.test.windows)
-        evaluation = evaluate_forecasts(split.test.targets, predicted, split.test.last)
         logger.info(
             "walk-forward fold %d/%d: %d train, %d val, %d test windows; ratio %.5f",
             index,
@@ -307,6 +299,27 @@ def run_walk_forward(
         )
         results.append(FoldResult(index, split, training, predicted, evaluation))
     return WalkForwardResult(results, summarize(results, series))
+
+
+def train_and_score(
+    split: ChronologicalSplit,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    *,
+    progress: bool = True,
+) -> tuple[TrainResult, np.ndarray, dict[str, Any]]:
+    """Train on a split's train windows (early-stopping on val), score its test windows."""
+    training = train_model(
+        split.train.windows,
+        split.train.targets,
+        split.val.windows,
+        split.val.targets,
+        model_config,
+        train_config,
+        progress=progress,
+    )
+    predicted = predict_windows(training.model, split.test.windows)
+    return training, predicted, evaluate_forecasts(split.test.targets, predicted, split.test.last)
 
 
 def _num(value: float | None, digits: int = 6) -> str:

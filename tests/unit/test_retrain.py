@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-import model.retrain as retrain_module
+import model.walk_forward as fitting_module  # train_and_score: the one place that trains
 from model.checkpoint import (
     LATEST_FILE,
     CheckpointMeta,
@@ -124,14 +124,14 @@ def test_a_worse_model_is_not_promoted_unless_forced(
     ck = str(tmp_path)
     incumbent = run_json(capsys, "--data", str(goog_csv), "--checkpoint-dir", ck, *FAST)
 
-    train_model = retrain_module.train_model
+    train_model = fitting_module.train_model
 
     def train_worse(*args: Any, **kwargs: Any) -> TrainResult:
         result = train_model(*args, **kwargs)
         spoiled(result.model)
         return result
 
-    monkeypatch.setattr(retrain_module, "train_model", train_worse)
+    monkeypatch.setattr(fitting_module, "train_model", train_worse)
     worse = run_json(capsys, "--data", str(goog_csv), "--checkpoint-dir", ck, *FAST)
     assert worse["promoted"] is False
     assert worse["reason"].startswith("worse:")
@@ -145,7 +145,7 @@ def test_a_worse_model_is_not_promoted_unless_forced(
     assert read_latest(tmp_path) == forced["version"]
 
     # Back to honest training: better than the spoiled one in service, so promoted.
-    monkeypatch.setattr(retrain_module, "train_model", train_model)
+    monkeypatch.setattr(fitting_module, "train_model", train_model)
     better = run_json(capsys, "--data", str(goog_csv), "--checkpoint-dir", ck, *FAST)
     assert better["promoted"] is True
     assert better["reason"].startswith("not worse:")
