@@ -96,6 +96,18 @@ def kafka_security_kwargs(settings: Settings) -> dict[str, Any]:
     return kwargs
 
 
+def make_producer(settings: Settings, role: str, **tuning: Any) -> AIOKafkaProducer:
+    """An acks=all producer (idempotent unless turned off) for one of the daemon's roles."""
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers,
+        client_id=f"{settings.client_id}-{role}",
+        acks="all",
+        enable_idempotence=settings.enable_idempotence,
+        **kafka_security_kwargs(settings),
+        **tuning,
+    )
+
+
 def transactional_id(settings: Settings) -> str:
     """The producer's transactional id in exactly-once mode.
 
@@ -243,16 +255,13 @@ class TickcastService:
         security = kafka_security_kwargs(s)
         await self._http.start()
         transactional = self._transactional
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=s.bootstrap_servers,
-            client_id=f"{s.client_id}-producer",
-            acks="all",
-            enable_idempotence=s.enable_idempotence,
+        self._producer = make_producer(
+            s,
+            "producer",
             linger_ms=2,
             max_batch_size=256 * 1024,
             request_timeout_ms=30_000,
             transactional_id=transactional_id(s) if transactional else None,
-            **security,
         )
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=s.bootstrap_servers,
@@ -312,15 +321,7 @@ class TickcastService:
                 len(input_parts),
             )
             return
-        self._state_producer = AIOKafkaProducer(
-            bootstrap_servers=s.bootstrap_servers,
-            client_id=f"{s.client_id}-state",
-            acks="all",
-            enable_idempotence=s.enable_idempotence,
-            linger_ms=20,
-            max_batch_size=1024 * 1024,
-            **kafka_security_kwargs(s),
-        )
+        self._state_producer = make_producer(s, "state", linger_ms=20, max_batch_size=1024 * 1024)
         await self._state_producer.start()
         self._state_writer = StateWriter(
             BatchPublisher(self._state_producer), s.state_topic, self.windows
