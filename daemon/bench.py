@@ -5,7 +5,7 @@ and RSS are its own; the broker, the tick producer and the prediction consumer s
 same machine, as they would on a small box):
 
 * (a) model ceiling: ``Predictor.predict`` (scale + forward + unscale) on batches alone,
-  swept over batch sizes, for nn.GRU and the explicit GRU-cell forward (eager, and
+  swept over batch sizes, for nn.GRU and the explicit GRU-cell forward (TorchScript, and
   ``torch.compile``-d), on 1 and 2 threads; plus the FLOP fraction of a measured sgemm peak.
 * (b) naive baseline: the seed's way, one forward pass per tick: the daemon itself with
   ``max_batch_size=1`` and ``nn.GRU``, draining a backlog through Kafka.
@@ -640,7 +640,7 @@ def phase_ceiling(ctx: Context) -> dict[str, Any]:
     if device.type == "cuda":
         variants.append(("cuda-graph", {"fast": False}))
     else:
-        variants += [("nn.GRU", {"fast": False}), ("eager-cell", {"fast": True})]
+        variants += [("nn.GRU", {"fast": False}), ("scripted-cell", {"fast": True})]
         if plan.compile_in_ceiling:  # --quick skips it: seconds of C++ compilation
             variants.append(("compiled-step", {"fast": True, "compile": "step"}))
         if plan.compile_loop_in_ceiling:
@@ -929,7 +929,7 @@ async def run_phases(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
         keep=True,
     )
     r["c_tickcast"]["forward"] = "explicit GRU cell" + (
-        f", compiled ({compile})" if compile else ", eager"
+        f", compiled ({compile})" if compile else ", TorchScript"
     )
     print(f"  {r['c_tickcast']}", flush=True)
     child, sampler, reader, _, _ = kept

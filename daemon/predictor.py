@@ -54,7 +54,7 @@ class _CudaBucket:
 
 
 # Below this many windows a batch runs on nn.GRU rather than the fast cell loop.
-SMALL_BATCH_ROWS = 128
+SMALL_BATCH_ROWS = 64
 
 
 class Predictor:
@@ -92,7 +92,7 @@ class Predictor:
 
     @property
     def path(self) -> str:
-        """The forward serving calls right now: nn.GRU, eager-cell, compiled-step, ..."""
+        """The forward serving calls right now: nn.GRU, scripted-cell, compiled-step, ..."""
         if self.device.type == "cuda":
             return "cuda-graph" if self.cuda_graphs else "cuda"
         return self.fast.path if self.fast is not None else "nn.GRU"

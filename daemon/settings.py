@@ -43,8 +43,8 @@ class Settings(BaseSettings):
     checkpoint_dir: Path = Path("./checkpoints")
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     checkpoint_poll_s: float = Field(default=2.0, gt=0)
-    # CPU forward: "fast" (GRU cell loop, eager), "compiled" (its step under
-    # torch.compile, built in the background; eager until ready), "reference" (nn.GRU).
+    # CPU forward: "fast" (GRU cell loop under TorchScript), "compiled" (its step under
+    # torch.compile, built in the background; "fast" until ready), "reference" (nn.GRU).
     inference: Literal["fast", "compiled", "reference"] = "fast"
     torch_threads: int = Field(default=0, ge=0)  # 0: half the cores, 1 to 8
 

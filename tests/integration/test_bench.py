@@ -49,7 +49,7 @@ def test_quick_bench_reports_every_figure(kafka_bootstrap: str, tmp_path: Path) 
     r, summary = report["results"], report["summary"]
 
     a = r["a_ceiling"]
-    assert {"nn.GRU/1t", "eager-cell/1t"} <= set(a["curves"])
+    assert {"nn.GRU/1t", "scripted-cell/1t"} <= set(a["curves"])
     assert a["best"]["windows_per_s"] > 0
     assert 1.5e6 < a["flops_per_window"] < 1.6e6
     assert 0 < a["flop_fraction_of_sgemm_peak"] < 1.5

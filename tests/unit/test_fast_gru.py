@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.fast_gru import FastGRUForward, cell_loop, gru_flops, supports
+from model.fast_gru import (
+    TILE_ROWS,
+    FastGRUForward,
+    cell_loop,
+    gru_flops,
+    supports,
+    tile_rows_for,
+    tiled_cell_loop,
+)
 from model.gru import ModelConfig, PriceGRU
 
 TOLERANCE = 1e-4  # the serving contract; in practice the gap is ~1e-7
@@ -33,21 +43,94 @@ def random_model(seed: int, hidden: int, residual: bool, layers: int = 1) -> Pri
 @settings(max_examples=30, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
-    batch=st.integers(1, 300),
+    batch=st.integers(1, 700),
     hidden=st.sampled_from([1, 8, 64]),
     residual=st.booleans(),
+    script=st.booleans(),
+    threads=st.sampled_from([1, 2]),
 )
-def test_cell_loop_matches_nn_gru(seed: int, batch: int, hidden: int, residual: bool) -> None:
+def test_cell_loop_matches_nn_gru(
+    seed: int, batch: int, hidden: int, residual: bool, script: bool, threads: int
+) -> None:
+    """Scripted or eager, in 256-row tiles (one thread) or whole: the same as nn.GRU."""
     model = random_model(seed, hidden, residual)
-    fast = FastGRUForward(model)
+    fast = FastGRUForward(model, script=script)
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.rand(batch, model.config.window_length, 1, generator=generator)
-    with torch.inference_mode():
-        expected = model(inputs)
-        got = fast(inputs)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            expected = model(inputs)
+            got = fast(inputs)
+    finally:
+        torch.set_num_threads(before)
     assert got.shape == expected.shape == (batch,)
-    assert fast.path == "eager-cell"
+    assert fast.path == ("scripted-cell" if script else "eager-cell")
     torch.testing.assert_close(got, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_tiles_cover_every_row_once() -> None:
+    """Batches that are not a multiple of the tile: each row scored by its own window."""
+    model = random_model(4, 8, residual=False)
+    inputs = torch.rand(2 * TILE_ROWS + 3, 60)
+    params, residual = FastGRUForward(model)._params, model.config.residual
+    whole = cell_loop(inputs, *params, residual)
+    for tile in (1, 7, TILE_ROWS):
+        torch.testing.assert_close(
+            tiled_cell_loop(inputs, *params, residual, tile), whole, atol=1e-6, rtol=0
+        )
+    assert tile_rows_for(1) == TILE_ROWS
+    assert tile_rows_for(2) >= 1 << 20  # several threads: the batch goes in whole
+
+
+def test_scripted_forward_keeps_its_speed_beside_a_busy_python_thread() -> None:
+    """The daemon's case: forwards in one thread, Python (the event loop) in another.
+
+    The scripted forward holds the GIL only to enter and return, so a busy Python thread
+    barely slows it; the eager loop retakes the GIL for each of its ~600 ops per batch and
+    loses most of its speed, even at the daemon's short switch interval.
+    """
+    model = random_model(1, 64, residual=True)
+    inputs = torch.rand(1024, 60)
+    before = torch.get_num_threads(), sys.getswitchinterval()
+    torch.set_num_threads(1)
+    sys.setswitchinterval(1e-4)  # as the daemon runs
+
+    def forwards_per_s(forward: FastGRUForward, beside_python: bool) -> float:
+        done = threading.Event()
+
+        def spin() -> None:
+            while not done.is_set():
+                pass
+
+        worker = threading.Thread(target=spin)
+        if beside_python:
+            worker.start()
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < 0.6:
+            forward(inputs)
+            count += 1
+        rate = count / (time.perf_counter() - started)
+        done.set()
+        if beside_python:
+            worker.join()
+        return rate
+
+    try:
+        with torch.inference_mode():
+            scripted, eager = FastGRUForward(model), FastGRUForward(model, script=False)
+            assert (scripted.path, eager.path) == ("scripted-cell", "eager-cell")
+            scripted(inputs)  # warm the profiling executor
+            kept = {
+                name: forwards_per_s(forward, True) / forwards_per_s(forward, False)
+                for name, forward in (("scripted", scripted), ("eager", eager))
+            }
+    finally:
+        torch.set_num_threads(before[0])
+        sys.setswitchinterval(before[1])
+    assert kept["scripted"] > 0.5, kept
+    assert kept["scripted"] > 2 * kept["eager"], kept
 
 
 def test_typical_gap_is_float32_rounding() -> None:

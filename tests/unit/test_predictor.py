@@ -36,7 +36,7 @@ def test_fast_path_matches_nn_gru(checkpoint_dir: Path) -> None:
     checkpoint = load_latest(checkpoint_dir)
     fast = Predictor(checkpoint, CPU)
     eager = Predictor(load_latest(checkpoint_dir), CPU, fast=False)
-    assert fast.path == "eager-cell"
+    assert fast.path == "scripted-cell"
     assert eager.path == "nn.GRU"
     windows = price_windows(500)
     got, expected = fast.predict(windows), eager.predict(windows)
