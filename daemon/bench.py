@@ -325,20 +325,22 @@ def _child_main(config_json: str) -> int:
 
     from daemon.metrics import DaemonMetrics
     from daemon.predictor import load_predictor, resolve_device
-    from daemon.service import TickcastService, inference_threads
+    from daemon.service import TickcastService, inference_threads, inference_workers
     from daemon.settings import Settings
     from model.checkpoint import read_latest
 
     config = ChildConfig(**json.loads(config_json))
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     settings = Settings(**config.settings)
+    device = resolve_device(settings.device)
     # The same thread count `tickcast serve` would use (TICKCAST_TORCH_THREADS or its
     # default), unless --daemon-threads overrides it.
-    torch.set_num_threads(config.threads or inference_threads(settings))
+    workers = inference_workers(settings, device, compiled=config.compile is not None)
+    torch.set_num_threads(config.threads or inference_threads(settings, workers))
     root = Path(settings.checkpoint_dir)
     predictor = load_predictor(
         root / str(read_latest(root)),
-        resolve_device(settings.device),
+        device,
         fast=config.fast,
         compile=config.compile,  # type: ignore[arg-type]
     )

@@ -122,14 +122,29 @@ def transactional_id(settings: Settings) -> str:
     return f"{settings.group_id}-{socket.gethostname()}-{os.getpid()}"
 
 
-def inference_threads(settings: Settings) -> int:
-    """torch intra-op threads: the setting, else half the cores (1 to 8).
+def inference_workers(settings: Settings, device: torch.device, *, compiled: bool) -> int:
+    """Batches scored at once: the setting, else one per core (at most 8) on CPU.
 
-    The other cores are for the event loop (decoding, windows, JSON, the Kafka clients);
-    oversubscribed OpenMP threads collapse a forward pass by an order of magnitude.
+    Independent single-threaded forwards (each holds no GIL) share the cores with the
+    event loop and the broker gracefully; one forward on several intra-op threads stalls
+    at every fork/join barrier whenever one of its threads loses its core. CUDA (one
+    stream, buffers per bucket) and the torch.compile-d step score one batch at a time.
+    """
+    if device.type == "cuda" or compiled:
+        return 1
+    if settings.inference_workers:
+        return settings.inference_workers
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def inference_threads(settings: Settings, workers: int) -> int:
+    """torch intra-op threads: the setting, else 1 beside several inference workers,
+    else half the cores (1 to 8), leaving the rest to the event loop and the clients.
     """
     if settings.torch_threads:
         return settings.torch_threads
+    if workers > 1:
+        return 1
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
@@ -140,11 +155,13 @@ def load_serving_predictor(settings: Settings) -> Predictor:
     hint = f"train one with: tickcast retrain --data dataset:nasdaq --checkpoint-dir {root}"
     if version is None:
         raise NoCheckpointError(f"no checkpoint in {root} (no LATEST file); {hint}")
-    torch.set_num_threads(inference_threads(settings))
+    device = resolve_device(settings.device)
+    workers = inference_workers(settings, device, compiled=settings.inference == "compiled")
+    torch.set_num_threads(inference_threads(settings, workers))
     try:
         return load_predictor(
             root / version,
-            resolve_device(settings.device),
+            device,
             fast=settings.inference != "reference",
             compile="step" if settings.inference == "compiled" else None,
         )
@@ -181,7 +198,12 @@ class TickcastService:
         self.failed = False  # a pipeline task died: exit non-zero so a supervisor restarts
         self.started = False
         self._stopping = False
-        self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tickcast-infer")
+        self.inference_workers = inference_workers(
+            settings, self.predictor.device, compiled=self.predictor.compile is not None
+        )
+        self._inference = ThreadPoolExecutor(
+            max_workers=self.inference_workers, thread_name_prefix="tickcast-infer"
+        )
         self._pending_predictor: Predictor | None = None
         self._state_topic: str | None = None
         self._state_producer: AIOKafkaProducer | None = None
@@ -195,9 +217,11 @@ class TickcastService:
         self._producer: AIOKafkaProducer | None = None
         self._publisher: BatchPublisher | None = None
         self._chunks: asyncio.Queue[Chunk | None] = asyncio.Queue()
-        # At most two batches between submission and publication: while one runs in the
-        # inference thread, the previous one is published and the next one assembled.
-        self._scored: asyncio.Queue[ScoredBatch | None] = asyncio.Queue(maxsize=2)
+        # Batches between submission and publication: one per inference worker (at least
+        # two), so while they run the previous one is published and the next assembled.
+        self._scored: asyncio.Queue[ScoredBatch | None] = asyncio.Queue(
+            maxsize=max(2, self.inference_workers)
+        )
         self._dispatched: asyncio.Queue[Dispatched | None] = asyncio.Queue()
         self._inflight_chunks = 0
         self._inflight_windows = 0

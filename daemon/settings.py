@@ -46,7 +46,11 @@ class Settings(BaseSettings):
     # CPU forward: "fast" (GRU cell loop under TorchScript), "compiled" (its step under
     # torch.compile, built in the background; "fast" until ready), "reference" (nn.GRU).
     inference: Literal["fast", "compiled", "reference"] = "fast"
-    torch_threads: int = Field(default=0, ge=0)  # 0: half the cores, 1 to 8
+    # Batches scored at once in worker threads (0: one per core, at most 8, on CPU; CUDA
+    # and "compiled" score one at a time) and torch intra-op threads per batch (0: 1
+    # beside several workers, else half the cores, 1 to 8).
+    inference_workers: int = Field(default=0, ge=0, le=64)
+    torch_threads: int = Field(default=0, ge=0)
 
     # Batching and flow control
     max_batch_size: int = Field(default=1024, ge=1, le=65536)
@@ -70,5 +74,10 @@ class Settings(BaseSettings):
         if self.delivery == "exactly_once" and not self.enable_idempotence:
             raise ValueError(
                 "TICKCAST_DELIVERY=exactly_once needs TICKCAST_ENABLE_IDEMPOTENCE=true"
+            )
+        if self.inference == "compiled" and self.inference_workers > 1:
+            raise ValueError(
+                "TICKCAST_INFERENCE=compiled scores one batch at a time; "
+                "leave TICKCAST_INFERENCE_WORKERS at 0 or 1"
             )
         return self
