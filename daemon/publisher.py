@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 Headers = list[tuple[str, bytes]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~0.3 us more per record
 class OutRecord:
     key: bytes | None
     value: bytes
@@ -45,7 +45,7 @@ class BatchPublisher:
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self._producer = producer
         self._partitioner = DefaultPartitioner()
-        self._partition_of: dict[tuple[str, bytes | None], int] = {}
+        self._partition_of: dict[str, dict[bytes | None, int]] = {}  # topic -> key -> p
         self._partition_count: dict[str, int] = {}
 
     def _partitions(self, topic: str) -> list[int]:
@@ -55,15 +55,15 @@ class BatchPublisher:
             raise KafkaError(f"no metadata for topic {topic!r}")
         if self._partition_count.get(topic) != len(partitions):
             # Partition count changed (or first use): cached placements are stale.
-            self._partition_of = {k: v for k, v in self._partition_of.items() if k[0] != topic}
+            self._partition_of[topic] = {}
             self._partition_count[topic] = len(partitions)
         return partitions
 
     def partition_for(self, topic: str, key: bytes | None, partitions: list[int]) -> int:
-        cached = self._partition_of.get((topic, key))
+        placed = self._partition_of.setdefault(topic, {})
+        cached = placed.get(key)
         if cached is None:
-            cached = self._partitioner(key, partitions, partitions)
-            self._partition_of[(topic, key)] = cached
+            cached = placed[key] = self._partitioner(key, partitions, partitions)
         return cached
 
     async def send(self, topic: str, records: Sequence[OutRecord]) -> list[Delivery]:
@@ -72,13 +72,17 @@ class BatchPublisher:
             return []
         await self._producer.client._wait_on_metadata(topic)
         partitions = self._partitions(topic)
-        by_partition: dict[int, list[OutRecord]] = {}
+        placed = self._partition_of[topic]
+        by_partition: dict[int, list[OutRecord]] = {p: [] for p in partitions}
         for record in records:
-            p = self.partition_for(topic, record.key, partitions)
-            by_partition.setdefault(p, []).append(record)
+            p = placed.get(record.key)
+            if p is None:
+                p = self.partition_for(topic, record.key, partitions)
+            by_partition[p].append(record)
         deliveries: list[Delivery] = []
         for partition, items in by_partition.items():
-            deliveries.extend(await self.send_to_partition(topic, partition, items))
+            if items:
+                deliveries.extend(await self.send_to_partition(topic, partition, items))
         return deliveries
 
     async def send_to_partition(

@@ -800,36 +800,35 @@ class TickcastService:
     def _prediction_records(
         rows: ScoringRows, predictions: np.ndarray, version: str
     ) -> list[OutRecord]:
-        produced_at = int(time.time() * 1000)
-        version_header = version.encode()
+        """One record per row; this runs on the event loop for every tick, so the fields
+        the whole batch shares (model version, produced_at, the partition headers) are
+        encoded once, and each row's JSON only carries its own four fields."""
+        shared_fields = orjson.dumps(
+            {"model_version": version, "produced_at": int(time.time() * 1000)}
+        )
+        shared_tail = b"," + shared_fields[1:]  # ',"model_version":...,"produced_at":...}'
+        version_header = ("model_version", version.encode())
+        partition_headers = {
+            p: ("input_partition", b"%d" % p) for p in np.unique(rows.partitions).tolist()
+        }
         dumps = orjson.dumps
-        out = []
-        for symbol, ts, price, predicted, partition, offset in zip(
-            rows.symbols.tolist(),
-            rows.ts.tolist(),
-            rows.prices.tolist(),
-            predictions.tolist(),
-            rows.partitions.tolist(),
-            rows.offsets.tolist(),
-            strict=True,
-        ):
-            value = dumps(
-                {
-                    "symbol": symbol,
-                    "ts": ts,
-                    "price": price,
-                    "predicted": predicted,
-                    "model_version": version,
-                    "produced_at": produced_at,
-                }
+        return [
+            OutRecord(
+                symbol.encode(),
+                dumps({"symbol": symbol, "ts": ts, "price": price, "predicted": predicted})[:-1]
+                + shared_tail,
+                [version_header, partition_headers[partition], ("input_offset", b"%d" % offset)],
             )
-            headers = [
-                ("model_version", version_header),
-                ("input_partition", str(partition).encode()),
-                ("input_offset", str(offset).encode()),
-            ]
-            out.append(OutRecord(symbol.encode(), value, headers))
-        return out
+            for symbol, ts, price, predicted, partition, offset in zip(
+                rows.symbols.tolist(),
+                rows.ts.tolist(),
+                rows.prices.tolist(),
+                predictions.tolist(),
+                rows.partitions.tolist(),
+                rows.offsets.tolist(),
+                strict=True,
+            )
+        ]
 
     @staticmethod
     def _dead_letter_record(tick: BadTick) -> OutRecord:

@@ -1,0 +1,115 @@
+"""Tick decoding: the column-wise fast path and the record-by-record path agree."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+from aiokafka.structs import ConsumerRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from daemon.ticks import MAX_TS_MS, DecodedTicks, _decode_clean, decode_one_by_one, decode_ticks
+
+LIMITS = {"max_tick_bytes": 256, "max_symbol_length": 8}
+
+
+def record(offset: int, value: bytes | None, partition: int = 0) -> ConsumerRecord[bytes, bytes]:
+    size = len(value) if value is not None else -1
+    return ConsumerRecord("ticks", partition, offset, 0, 0, None, value, None, 0, size, ())
+
+
+def good(symbol: str, price: float, ts: int) -> bytes:
+    return orjson.dumps({"symbol": symbol, "price": price, "ts": ts})
+
+
+# Values that are not usable ticks, each with the reason the one-by-one path gives.
+BAD_VALUES = [
+    (None, "empty"),
+    (b"", "empty"),
+    (b"x" * 300, "oversized"),
+    (b"\xff\xfe", "not_utf8"),
+    (b"{not json", "not_json"),
+    (b"[1, 2]", "not_object"),
+    (b'{"symbol": "A", "price": 1.0}', "missing_field"),
+    (b'{"symbol": "", "price": 1.0, "ts": 5}', "bad_symbol"),
+    (b'{"symbol": "TOOLONGSYM", "price": 1.0, "ts": 5}', "bad_symbol"),
+    (b'{"symbol": "A\\u0007", "price": 1.0, "ts": 5}', "bad_symbol"),
+    (b'{"symbol": 7, "price": 1.0, "ts": 5}', "bad_symbol"),
+    (b'{"symbol": "A", "price": true, "ts": 5}', "bad_price"),
+    (b'{"symbol": "A", "price": "1.0", "ts": 5}', "bad_price"),
+    (b'{"symbol": "A", "price": -1.0, "ts": 5}', "bad_price"),
+    (b'{"symbol": "A", "price": 0, "ts": 5}', "bad_price"),
+    (b'{"symbol": "A", "price": 1.0, "ts": 1.5}', "bad_ts"),
+    (b'{"symbol": "A", "price": 1.0, "ts": false}', "bad_ts"),
+    (b'{"symbol": "A", "price": 1.0, "ts": 0}', "bad_ts"),
+    (b'{"symbol": "A", "price": 1.0, "ts": 18446744073709551615}', "bad_ts"),
+    (orjson.dumps({"symbol": "A", "price": 1.0, "ts": MAX_TS_MS}), "bad_ts"),
+]
+# Usable, but not on the fast path's exact types: the slow path must accept them.
+ODD_BUT_GOOD = [
+    b'{"symbol": "A", "price": 3, "ts": 1700000000000.0, "extra": [1]}',
+    b'{"ts": 2.0, "price": 7, "symbol": "Z"}',
+]
+
+
+def same(a: DecodedTicks, b: DecodedTicks) -> bool:
+    return (
+        a.symbols == b.symbols
+        and np.array_equal(a.prices, b.prices)
+        and np.array_equal(a.ts, b.ts)
+        and np.array_equal(a.partitions, b.partitions)
+        and np.array_equal(a.offsets, b.offsets)
+    )
+
+
+@pytest.mark.parametrize(("value", "reason"), BAD_VALUES)
+def test_each_bad_value_has_its_reason(value: bytes | None, reason: str) -> None:
+    records = [record(0, good("A", 1.0, 1)), record(1, value), record(2, good("B", 2.0, 2))]
+    decoded, bad = decode_ticks(records, **LIMITS)
+    assert decoded.symbols == ["A", "B"]
+    assert decoded.offsets.tolist() == [0, 2]
+    assert [(b.record.offset, b.reason) for b in bad] == [(1, reason)]
+
+
+def test_a_clean_fetch_takes_the_fast_path() -> None:
+    records = [
+        record(i, good(f"S{i % 7}", 100.0 + i, 1_700_000_000_000 + i), i % 3) for i in range(50)
+    ]
+    fast = _decode_clean(records, LIMITS["max_tick_bytes"], LIMITS["max_symbol_length"])
+    assert fast is not None
+    slow, bad = decode_one_by_one(records, **LIMITS)
+    assert bad == [] and same(fast, slow)
+    assert fast.prices.dtype == np.float64 and fast.ts.dtype == np.int64
+
+
+@pytest.mark.parametrize("value", ODD_BUT_GOOD)
+def test_odd_but_valid_ticks_fall_back_and_are_kept(value: bytes) -> None:
+    records = [record(0, good("A", 1.0, 1)), record(1, value)]
+    assert _decode_clean(records, LIMITS["max_tick_bytes"], LIMITS["max_symbol_length"]) is None
+    decoded, bad = decode_ticks(records, **LIMITS)
+    assert bad == [] and decoded.offsets.tolist() == [0, 1]
+
+
+values = st.one_of(
+    st.builds(
+        good,
+        st.text(st.characters(codec="ascii", categories=["Lu", "Nd"]), min_size=1, max_size=8),
+        st.floats(min_value=1e-6, max_value=1e9),
+        st.integers(1, MAX_TS_MS - 1),
+    ),
+    st.sampled_from([v for v, _ in BAD_VALUES] + ODD_BUT_GOOD),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(values, max_size=40))
+def test_both_paths_agree(batch: list[bytes | None]) -> None:
+    records = [record(i, v, i % 2) for i, v in enumerate(batch)]
+    decoded, bad = decode_ticks(records, **LIMITS)
+    reference, reference_bad = decode_one_by_one(records, **LIMITS)
+    assert same(decoded, reference)
+    assert [(b.record.offset, b.reason) for b in bad] == [
+        (b.record.offset, b.reason) for b in reference_bad
+    ]
+    assert len(decoded) + len(bad) == len(records)  # nothing lost
