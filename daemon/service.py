@@ -25,13 +25,14 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -148,6 +149,19 @@ def inference_threads(settings: Settings, workers: int) -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
+def lower_thread_priority(nice: int) -> None:
+    """Raise the calling thread's nice value by ``nice`` (Linux: per thread), so that the
+    event loop and the broker, which every tick passes through, never queue behind a
+    forward pass; inference takes the CPU they leave. Elsewhere, or if refused, a no-op."""
+    if nice <= 0 or sys.platform != "linux":
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as exc:
+        logger.warning("could not lower the inference threads' priority: %s", exc)
+
+
 def load_serving_predictor(settings: Settings) -> Predictor:
     """The checkpoint named by LATEST, loaded and self-tested; NoCheckpointError if none."""
     root = Path(settings.checkpoint_dir)
@@ -202,7 +216,10 @@ class TickcastService:
             settings, self.predictor.device, compiled=self.predictor.compile is not None
         )
         self._inference = ThreadPoolExecutor(
-            max_workers=self.inference_workers, thread_name_prefix="tickcast-infer"
+            max_workers=self.inference_workers,
+            thread_name_prefix="tickcast-infer",
+            initializer=lower_thread_priority,
+            initargs=(settings.inference_nice,),
         )
         self._pending_predictor: Predictor | None = None
         self._state_topic: str | None = None
@@ -222,6 +239,8 @@ class TickcastService:
         self._scored: asyncio.Queue[ScoredBatch | None] = asyncio.Queue(
             maxsize=max(2, self.inference_workers)
         )
+        self._busy_workers = 0  # batches submitted and not yet scored
+        self._worker_idle = asyncio.Event()
         self._dispatched: asyncio.Queue[Dispatched | None] = asyncio.Queue()
         self._inflight_chunks = 0
         self._inflight_windows = 0
@@ -606,9 +625,16 @@ class TickcastService:
 
     # ------------------------------------------------------------------ score
     async def _score_loop(self) -> None:
+        """Form batches and submit them to the inference workers.
+
+        Work-conserving dynamic batching: while every worker is busy, windows keep
+        gathering (the batch grows for free); once one is idle, a batch waits at most
+        MAX_BATCH_DELAY_MS to fill, and what is pending is split across the idle
+        workers, so a burst is scored in parallel rather than by one worker.
+        """
         s = self.settings
         delay_s = s.max_batch_delay_ms / 1000.0
-        pending: deque[list[Any]] = deque()  # [chunk, next row index]
+        pending: deque[list[Any]] = deque()  # [chunk, next row index, arrived at]
         pending_rows = 0
         closing = False
         while True:
@@ -618,32 +644,56 @@ class TickcastService:
                 chunk = await self._chunks.get()
                 if chunk is None:
                     break
-                pending.append([chunk, 0])
+                pending.append([chunk, 0, time.monotonic()])
                 pending_rows = len(chunk.rows)
-            # Gather more until the batch is full or the oldest window waited long enough.
-            deadline = time.monotonic() + delay_s
+            # The oldest pending window sets the deadline (a split batch's rest has waited).
+            deadline = pending[0][2] + delay_s
             while pending_rows < s.max_batch_size and not closing:
                 try:
                     chunk = self._chunks.get_nowait()
                 except asyncio.QueueEmpty:
-                    remaining = deadline - time.monotonic()
-                    if pending_rows == 0 or remaining <= 0:
+                    if pending_rows == 0:
                         break
-                    try:
-                        chunk = await asyncio.wait_for(self._chunks.get(), remaining)
-                    except TimeoutError:
+                    if self._idle_workers() and time.monotonic() >= deadline:
                         break
+                    got = await self._next_chunk_or_idle_worker(deadline)
+                    if got is False:
+                        continue  # a worker became idle, or the delay passed: re-check
+                    chunk = got
                 if chunk is None:
                     closing = True
                     break
-                pending.append([chunk, 0])
+                pending.append([chunk, 0, time.monotonic()])
                 pending_rows += len(chunk.rows)
+            share = -(-pending_rows // max(1, self._idle_workers()))  # ceil
             batch_parts, completed = self._take_batch(
-                pending, s.max_batch_size, whole_chunks=self._transactional
+                pending, min(s.max_batch_size, share), whole_chunks=self._transactional
             )
             pending_rows -= sum(len(p) for p in batch_parts)
             await self._scored.put(self._submit(batch_parts, completed))
         await self._scored.put(None)
+
+    def _idle_workers(self) -> int:
+        return self.inference_workers - self._busy_workers
+
+    async def _next_chunk_or_idle_worker(self, deadline: float) -> Chunk | Literal[False] | None:
+        """The next chunk, or False once a worker is idle (or when ``deadline`` passed
+        with one idle): the score loop then decides whether to submit."""
+        if self._idle_workers():
+            timeout = max(deadline - time.monotonic(), 0.0)
+            try:
+                return await asyncio.wait_for(self._chunks.get(), timeout)
+            except TimeoutError:
+                return False
+        self._worker_idle.clear()
+        get = asyncio.ensure_future(self._chunks.get())
+        idle = asyncio.ensure_future(self._worker_idle.wait())
+        await asyncio.wait({get, idle}, return_when=asyncio.FIRST_COMPLETED)
+        idle.cancel()
+        if get.done():
+            return get.result()
+        get.cancel()
+        return False
 
     @staticmethod
     def _take_batch(
@@ -666,7 +716,7 @@ class TickcastService:
                 completed.append(chunk)
             return parts, completed
         while pending and room > 0:
-            chunk, start = pending[0]
+            chunk, start = pending[0][0], pending[0][1]
             stop = min(len(chunk.rows), start + room)
             if stop > start:
                 parts.append(chunk.rows.take(start, stop))
@@ -695,7 +745,13 @@ class TickcastService:
         if len(rows):
             loop = asyncio.get_running_loop()
             future = loop.run_in_executor(self._inference, _timed_predict, predictor, rows.windows)
+            self._busy_workers += 1
+            future.add_done_callback(self._on_batch_scored)
         return ScoredBatch(rows, completed, predictor.version, future)
+
+    def _on_batch_scored(self, _: object) -> None:
+        self._busy_workers -= 1
+        self._worker_idle.set()
 
     async def _publish_loop(self) -> None:
         while (batch := await self._scored.get()) is not None:
@@ -857,45 +913,62 @@ class TickcastService:
 
     # ------------------------------------------------------------------ acknowledge
     async def _ack_loop(self) -> None:
-        """Wait for acks in order, then commit: one commit for all batches acked so far.
+        """Wait for acks in order; commit what they complete at most every
+        COMMIT_INTERVAL_MS, one commit for all batches acknowledged since the last.
 
-        A commit is a round trip to the group coordinator; one per batch would make this
-        loop, not inference, the bottleneck when batches are small and frequent.
+        A commit is a request to the group coordinator; one per batch would make the
+        broker, not inference, the bottleneck when batches are small and frequent. Offsets
+        are never committed before their predictions are acknowledged, so the interval
+        only bounds how much a crash redelivers.
         """
         consumer = self._consumer
         assert consumer is not None and self._publisher is not None
+        interval = 0.0 if self._transactional else self.settings.commit_interval_ms / 1000.0
+        acknowledged: list[Chunk] = []  # acknowledged, not yet committed
+        last_commit = time.monotonic()
         closing = False
         while not closing:
-            first = await self._dispatched.get()
-            if first is None:
-                break
-            items = [first]
-            while not self._dispatched.empty():
-                item = self._dispatched.get_nowait()
+            wait = max(0.0, last_commit + interval - time.monotonic()) if acknowledged else None
+            for item in await self._next_dispatched(wait):
                 if item is None:
                     closing = True
                     break
-                items.append(item)
-            for item in items:
                 await self._await_deliveries(item)
                 self._count_acknowledged(item)
-            completed = [chunk for item in items for chunk in item.completed]
-            if self._transactional:
-                committed = True  # inside each batch's transaction
-            else:
-                offsets: dict[TopicPartition, int] = {}
-                for chunk in completed:
-                    offsets.update(chunk.commit)  # later chunks hold later offsets
-                committed = await self._commit(consumer, offsets)
-            self._write_snapshots(
-                [c.snapshot for c in completed if c.snapshot is not None], committed
-            )
-            self._inflight_chunks -= len(completed)
+                acknowledged.extend(item.completed)
+            if acknowledged and (closing or time.monotonic() - last_commit >= interval):
+                await self._commit_acknowledged(consumer, acknowledged)
+                acknowledged = []
+                last_commit = time.monotonic()
             self.metrics.inflight_windows.set(self._inflight_windows)
-            if self._inflight_chunks == 0:
-                self._drained.set()
             if not self._resume.is_set() and self._inflight_windows <= self._low_water:
                 self._resume.set()
+
+    async def _next_dispatched(self, wait: float | None) -> list[Dispatched | None]:
+        """Everything dispatched so far (waiting up to ``wait`` s for the first; [] then)."""
+        try:
+            first = await asyncio.wait_for(self._dispatched.get(), wait)
+        except TimeoutError:
+            return []
+        items = [first]
+        while first is not None and not self._dispatched.empty():
+            items.append(item := self._dispatched.get_nowait())
+            if item is None:
+                break
+        return items
+
+    async def _commit_acknowledged(self, consumer: AIOKafkaConsumer, chunks: list[Chunk]) -> None:
+        if self._transactional:
+            committed = True  # inside each batch's transaction
+        else:
+            offsets: dict[TopicPartition, int] = {}
+            for chunk in chunks:
+                offsets.update(chunk.commit)  # later chunks hold later offsets
+            committed = await self._commit(consumer, offsets)
+        self._write_snapshots([c.snapshot for c in chunks if c.snapshot is not None], committed)
+        self._inflight_chunks -= len(chunks)
+        if self._inflight_chunks == 0:
+            self._drained.set()
 
     def _count_acknowledged(self, item: Dispatched) -> None:
         now = time.time()

@@ -51,12 +51,17 @@ class Settings(BaseSettings):
     # beside several workers, else half the cores, 1 to 8).
     inference_workers: int = Field(default=0, ge=0, le=64)
     torch_threads: int = Field(default=0, ge=0)
+    # Linux: the inference threads run this much nicer, so I/O never queues behind them.
+    inference_nice: int = Field(default=10, ge=0, le=19)
 
     # Batching and flow control
     max_batch_size: int = Field(default=1024, ge=1, le=65536)
     max_batch_delay_ms: float = Field(default=5.0, ge=0)
     fetch_max_records: int = Field(default=5000, ge=1)
     max_inflight_batches: int = Field(default=8, ge=1)
+    # At-least-once: acknowledged offsets are committed together at most this often
+    # (a crash redelivers at most this much; Kafka Streams' exactly-once default is 100).
+    commit_interval_ms: float = Field(default=100.0, ge=0)
     conflate: bool = False
 
     # Input validation

@@ -90,3 +90,43 @@ async def test_sigint_stops_gracefully_and_leaves_the_group(
     assert code == 0
     assert time.monotonic() - started < settings.shutdown_timeout_s + 5
     assert "stopped" in (tmp_path / "d.log").read_text()
+
+
+async def committed_offsets(bootstrap: str, group: str, topic: str) -> int:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic)
+
+
+async def test_acknowledged_offsets_are_committed_on_the_interval_while_idle(
+    kafka_bootstrap, daemon_topics, checkpoint_dir, unique_group
+):
+    """Commits are batched by COMMIT_INTERVAL_MS, and the last ones do not wait for traffic."""
+    settings = daemon_settings(
+        kafka_bootstrap, daemon_topics, checkpoint_dir, unique_group,
+        max_batch_size=32, commit_interval_ms=300,
+    )  # fmt: skip
+    series = load_series("dataset:nasdaq")[0]
+    n = 400
+    records = tick_records(["NDX"] * n, series.prices[-n:].tolist(), series.ts[-n:].tolist())
+    async with running_daemon(settings):
+        await produce(kafka_bootstrap, daemon_topics["input"], records)
+        predictions = await consume(kafka_bootstrap, daemon_topics["output"], n - 59)
+        # No more ticks arrive: the pending commit must still happen within the interval.
+        deadline = time.monotonic() + 5
+        committed = 0
+        while time.monotonic() < deadline:
+            committed = await committed_offsets(
+                kafka_bootstrap, unique_group, daemon_topics["input"]
+            )
+            if committed == n:
+                break
+            await asyncio.sleep(0.1)
+    assert len(predictions) == n - 59
+    assert committed == n

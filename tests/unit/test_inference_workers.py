@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+
 import pytest
 import torch
 from pydantic import ValidationError
 
-from daemon.service import inference_threads, inference_workers
+from daemon.service import inference_threads, inference_workers, lower_thread_priority
 from daemon.settings import Settings
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
@@ -42,3 +46,21 @@ def test_compiled_with_several_workers_is_refused() -> None:
     with pytest.raises(ValidationError, match="one batch at a time"):
         Settings(inference="compiled", inference_workers=2)
     assert Settings(inference="compiled", inference_workers=1).inference_workers == 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux behaviour")
+def test_inference_threads_run_at_a_lower_priority_than_the_event_loop() -> None:
+    seen: list[tuple[int, int]] = []
+
+    def probe() -> None:
+        lower_thread_priority(7)
+        tid = threading.get_native_id()
+        seen.append((os.getpriority(os.PRIO_PROCESS, tid), tid))
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    worker = threading.Thread(target=probe)
+    worker.start()
+    worker.join()
+    assert seen[0][0] == min(19, base + 7)
+    # Only that thread: the calling thread keeps its priority.
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base

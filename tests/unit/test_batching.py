@@ -1,0 +1,92 @@
+"""The score loop's batching policy, driven with chunks directly (no broker needed)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from daemon.metrics import DaemonMetrics
+from daemon.pipeline import Chunk, ScoringRows
+from daemon.service import TickcastService
+from daemon.settings import Settings
+from tests.support.daemon import make_checkpoint
+
+
+def chunk(n: int, start: int = 0) -> Chunk:
+    """``n`` ready windows of a rising price (real values do not matter for batching)."""
+    windows = 100.0 + np.arange(start, start + n)[:, None] + np.linspace(0, 1, 60)[None, :]
+    rows = ScoringRows(
+        windows=windows,
+        symbols=np.array([f"S{i}" for i in range(start, start + n)], dtype=object),
+        prices=windows[:, -1].copy(),
+        ts=np.arange(start, start + n, dtype=np.int64) + 1,
+        prev_ts=np.arange(start, start + n, dtype=np.int64),
+        slots=np.arange(start, start + n, dtype=np.int64),
+        partitions=np.zeros(n, np.int32),
+        offsets=np.arange(start, start + n, dtype=np.int64),
+        consumed_at=np.zeros(n),
+    )
+    return Chunk(rows=rows, bad=[], commit={}, snapshot=None)
+
+
+async def batch_sizes(service: TickcastService, chunks: list[Chunk]) -> list[int]:
+    for c in chunks:
+        await service._chunks.put(c)
+    await service._chunks.put(None)
+    sizes: list[int] = []
+    loop = asyncio.create_task(service._score_loop())
+    while (batch := await service._scored.get()) is not None:
+        assert batch.inference is not None
+        predictions, _ = await batch.inference
+        assert len(predictions) == len(batch.rows)
+        sizes.append(len(batch.rows))
+    await loop
+    return sizes
+
+
+@pytest.fixture
+def service_factory(tmp_path: Path):
+    make_checkpoint(tmp_path)
+
+    def build(**settings: object) -> TickcastService:
+        s = Settings(checkpoint_dir=tmp_path, device="cpu", metrics_port=0, **settings)  # type: ignore[arg-type]
+        return TickcastService(s, DaemonMetrics(CollectorRegistry()))
+
+    return build
+
+
+async def test_a_burst_is_split_across_idle_workers(service_factory) -> None:
+    service = service_factory(inference_workers=2, max_batch_size=4096, max_batch_delay_ms=20)
+    assert await batch_sizes(service, [chunk(1000)]) == [500, 500]
+
+
+async def test_one_worker_takes_the_burst_whole(service_factory) -> None:
+    service = service_factory(inference_workers=1, max_batch_size=4096, max_batch_delay_ms=20)
+    assert await batch_sizes(service, [chunk(1000)]) == [1000]
+
+
+async def test_the_batch_size_limit_still_holds(service_factory) -> None:
+    service = service_factory(inference_workers=1, max_batch_size=256, max_batch_delay_ms=20)
+    sizes = await batch_sizes(service, [chunk(600), chunk(100, start=600)])
+    assert max(sizes) <= 256 and sum(sizes) == 700
+
+
+async def test_windows_gather_while_every_worker_is_busy(service_factory) -> None:
+    """A batch is not submitted to a busy pool: later chunks join it instead."""
+    service = service_factory(inference_workers=1, max_batch_size=4096, max_batch_delay_ms=0)
+    service._busy_workers = 1  # as if a forward pass were running
+    for c in (chunk(10), chunk(20, start=10), chunk(30, start=30)):
+        await service._chunks.put(c)
+    loop = asyncio.create_task(service._score_loop())
+    await asyncio.sleep(0.05)
+    assert service._scored.empty(), "submitted although no worker was idle"
+    service._on_batch_scored(None)  # the running pass finishes
+    batch = await service._scored.get()
+    assert batch is not None and len(batch.rows) == 60  # all three chunks, one batch
+    await service._chunks.put(None)
+    assert await service._scored.get() is None
+    await loop
