@@ -99,7 +99,7 @@ class Plan:
         return Plan(
             symbols=args.symbols_live or (100 if quick else 1000),
             naive_predictions=args.naive_predictions or (100 if quick else 1000),
-            predictions=args.predictions or (10_000 if quick else 100_000),
+            predictions=args.predictions or (10_000 if quick else 300_000),
             live_seconds=args.live_seconds or (2.0 if quick else 10.0),
             loads=(0.5,) if quick else (0.25, 0.5, 0.75, 1.0),
             batch_sizes=(1, 256, 1024) if quick else BATCH_SIZES,
@@ -414,6 +414,7 @@ def _memory_probe(settings: Any, predictor: Any, n_symbols: int) -> dict[str, An
         )
         if start == 0:
             predictor.predict(applied.windows[:1024])
+    del slots, part, applied  # a running daemon holds no per-symbol array beyond windows
     gc.collect()
     rss = _rss_bytes()
     return {

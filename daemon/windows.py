@@ -1,7 +1,12 @@
 """Per-symbol rolling price windows in preallocated arrays (pure, no I/O).
 
-Each symbol owns one row ("slot") of a ``[capacity, window_length]`` float64 array holding
+Each symbol owns one row ("slot") of a ``[capacity, window_length]`` float32 array holding
 its last prices oldest -> newest; arrays grow in chunks, so a tick costs no Python object.
+
+Prices are held as float32 (about 7 significant digits, a relative error below 6e-8): a
+million symbols fit in ~250 MB. Every price is rounded once, when it arrives, so a window,
+and the prediction made from it, do not depend on how ticks were split into fetches or
+whether the window came back from a snapshot.
 :meth:`SymbolWindows.apply` takes a whole fetch of ticks at once and, with array operations
 only, drops ticks that are not newer than their symbol's last tick, rolls every window
 forward, and returns the full window behind each accepted tick.
@@ -15,6 +20,7 @@ import numpy as np
 
 GROWTH_CHUNK = 4096
 NO_TS = np.iinfo(np.int64).min
+PRICE_DTYPE = np.float32
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,7 @@ class AppliedTicks:
     slots: np.ndarray  # int64 slot of each accepted tick
     prev_ts: np.ndarray  # int64 ts of the symbol's previous tick (NO_TS if none)
     ready: np.ndarray  # bool, window full after this tick
-    windows: np.ndarray  # [ready.sum(), window_length] float64
+    windows: np.ndarray  # [ready.sum(), window_length] float64 (float32-exact values)
     n_input: int
 
     @property
@@ -43,20 +49,21 @@ class SymbolWindows:
     """The last ``window_length`` prices of every symbol, plus bookkeeping per slot."""
 
     def __init__(self, window_length: int, initial_capacity: int = GROWTH_CHUNK) -> None:
-        if window_length < 2:
-            raise ValueError("window_length must be at least 2")
+        if not 2 <= window_length <= np.iinfo(np.int16).max:
+            raise ValueError("window_length must be between 2 and 32767")
         self.window_length = window_length
         self._slots: dict[str, int] = {}
         self._symbol_of: list[str | None] = []  # slot -> symbol, for snapshots
-        self._free: list[int] = []
+        self._free: list[int] = []  # released slots (drop_partitions), reused first
+        self._used = 0  # slots [0, _used) have been handed out at least once
         self._capacity = 0
-        self.prices = np.empty((0, window_length), np.float64)
-        self.count = np.empty(0, np.int64)  # prices seen (may exceed window_length)
+        self.prices = np.empty((0, window_length), PRICE_DTYPE)
+        self.count = np.empty(0, np.int16)  # prices seen, saturating at window_length
         self.last_ts = np.empty(0, np.int64)
         self.partition = np.empty(0, np.int32)
         # The newest prediction per slot and the tick ts it was made for: when the next
         # tick arrives, its realised price scores that prediction (live accuracy).
-        self.last_prediction = np.empty(0, np.float64)
+        self.last_prediction = np.empty(0, np.float32)
         self.last_prediction_ts = np.empty(0, np.int64)
         # Slots changed since the last snapshot was taken (see take_snapshot).
         self.dirty = np.empty(0, bool)
@@ -79,21 +86,34 @@ class SymbolWindows:
         return sum(a.nbytes for a in arrays + extra)
 
     def _grow(self, new_capacity: int) -> None:
-        def grown(array: np.ndarray, fill: float | int) -> np.ndarray:
-            out = np.full((new_capacity, *array.shape[1:]), fill, dtype=array.dtype)
+        # Spare rows of the big arrays stay untouched (np.empty), so they cost address
+        # space, not RSS, until a symbol takes them (slots_for initialises new slots).
+        # partition and dirty, which whole-array scans read, are filled: -1 / False.
+        def grown(array: np.ndarray, fill: int | None = None) -> np.ndarray:
+            shape = (new_capacity, *array.shape[1:])
+            out = (
+                np.empty(shape, array.dtype) if fill is None else np.full(shape, fill, array.dtype)
+            )
             out[: len(array)] = array
             return out
 
-        self.prices = grown(self.prices, np.nan)
-        self.count = grown(self.count, 0)
-        self.last_ts = grown(self.last_ts, NO_TS)
+        self.prices = grown(self.prices)
+        self.count = grown(self.count)
+        self.last_ts = grown(self.last_ts)
         self.partition = grown(self.partition, -1)
-        self.last_prediction = grown(self.last_prediction, np.nan)
-        self.last_prediction_ts = grown(self.last_prediction_ts, NO_TS)
+        self.last_prediction = grown(self.last_prediction)
+        self.last_prediction_ts = grown(self.last_prediction_ts)
         self.dirty = grown(self.dirty, False)
         self._symbol_of.extend([None] * (new_capacity - self._capacity))
-        self._free.extend(range(new_capacity - 1, self._capacity - 1, -1))
         self._capacity = new_capacity
+
+    def _new_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        if self._used == self._capacity:
+            self._grow(self._capacity + max(GROWTH_CHUNK, self._capacity // 4))
+        self._used += 1
+        return self._used - 1
 
     def slot_of(self, symbol: str) -> int | None:
         return self._slots.get(symbol)
@@ -110,16 +130,21 @@ class SymbolWindows:
         """Slot per symbol, allocating new ones (recording the input partition)."""
         slots = np.empty(len(symbols), np.int64)
         lookup = self._slots
+        # Marks symbols seen for the first time (a bytearray, not a list of ints: a million
+        # short-lived ints between the long-lived ones would fragment the heap).
+        fresh = bytearray(len(symbols))
         for i, symbol in enumerate(symbols):
             slot = lookup.get(symbol)
             if slot is None:
-                if not self._free:
-                    self._grow(self._capacity + max(GROWTH_CHUNK, self._capacity // 4))
-                slot = self._free.pop()
+                slot = self._new_slot()
                 lookup[symbol] = slot
                 self._symbol_of[slot] = symbol
-                self.partition[slot] = partitions[i]
+                fresh[i] = 1
             slots[i] = slot
+        new = np.frombuffer(fresh, np.uint8).astype(bool)
+        if new.any():
+            self._reset(slots[new])
+            self.partition[slots[new]] = partitions[new]
         return slots
 
     def drop_partitions(self, partitions: set[int]) -> int:
@@ -134,7 +159,7 @@ class SymbolWindows:
             self._free.append(slot)
         return len(doomed)
 
-    def _reset(self, slot: int) -> None:
+    def _reset(self, slot: int | np.ndarray) -> None:
         self.prices[slot] = np.nan
         self.count[slot] = 0
         self.last_ts[slot] = NO_TS
@@ -205,7 +230,7 @@ class SymbolWindows:
         stored_idx = seg_start[:, None] + np.arange(w)
         ext[stored_idx] = self.prices[group_slots]
         new_pos = seg_start[acc_group] + w + rank
-        ext[new_pos] = prices[acc_order]
+        ext[new_pos] = prices[acc_order].astype(PRICE_DTYPE)  # rounded as it will be stored
 
         prior_count = self.count[group_slots][acc_group]
         full = prior_count + rank + 1 >= w
@@ -221,7 +246,7 @@ class SymbolWindows:
         # Write back: each group's last w values become its stored window.
         last_pos = seg_start + w + group_size  # one past each group's last price
         self.prices[group_slots] = ext[(last_pos - w)[:, None] + np.arange(w)]
-        self.count[group_slots] += group_size
+        self.count[group_slots] = np.minimum(self.count[group_slots] + group_size, w)
         self.last_ts[group_slots] = acc_ts[group_start + group_size - 1]
         self.dirty[group_slots] = True
 
@@ -248,7 +273,7 @@ class SymbolWindows:
             symbols=[s for s in (self._symbol_of[i] for i in slots.tolist()) if s is not None],
             partitions=self.partition[slots].copy(),
             prices=self.prices[slots].copy(),
-            count=self.count[slots].copy(),
+            count=self.count[slots].astype(np.int64),
             last_ts=self.last_ts[slots].copy(),
         )
 
@@ -261,7 +286,7 @@ class SymbolWindows:
             )
         slots = self.slots_for(snapshot.symbols, snapshot.partitions)
         self.prices[slots] = snapshot.prices
-        self.count[slots] = snapshot.count
+        self.count[slots] = np.minimum(snapshot.count, self.window_length)
         self.last_ts[slots] = snapshot.last_ts
         self.dirty[slots] = False
 
@@ -272,7 +297,7 @@ class WindowSnapshot:
 
     symbols: list[str]
     partitions: np.ndarray  # int32, input partition of each symbol
-    prices: np.ndarray  # [n, window_length] float64
+    prices: np.ndarray  # [n, window_length] float32 (as stored)
     count: np.ndarray  # int64
     last_ts: np.ndarray  # int64
 

@@ -23,7 +23,7 @@ class ReferenceWindows:
             return False, None, prev
         self.last[symbol] = ts
         h = self.hist.setdefault(symbol, [])
-        h.append(price)
+        h.append(float(np.float32(price)))  # windows hold prices as float32
         window = np.array(h[-self.w :]) if len(h) >= self.w else None
         return True, window, prev
 
@@ -97,3 +97,36 @@ def test_grows_past_capacity_and_drops_partitions():
     assert fresh is not None
     assert len(fresh) == 0
     assert int(new[0]) < wins.capacity
+
+
+def test_spare_capacity_never_leaks_into_snapshots():
+    """Grown rows are left uninitialised until a symbol takes them: whole-array scans
+    (snapshots, 'everything is dirty') must still see only live symbols."""
+    wins = SymbolWindows(3, initial_capacity=1)
+    symbols = [f"S{i}" for i in range(5000)]
+    slots = wins.slots_for(symbols, np.arange(5000, dtype=np.int32) % 2)
+    assert wins.capacity > 5000  # some rows were never handed out
+    wins.apply(slots, np.linspace(1.0, 2.0, 5000), np.full(5000, 7, np.int64))
+    wins.take_snapshot({0, 1})  # clean
+    wins.dirty[:] = True  # as the state writer does after a failed write
+    snapshot = wins.take_snapshot({0, 1})
+    assert sorted(snapshot.symbols) == sorted(symbols)
+    assert len(snapshot.prices) == len(snapshot.symbols) == 5000
+    assert (snapshot.count == 1).all() and (snapshot.last_ts == 7).all()
+    assert np.isnan(snapshot.prices[:, :2]).all()  # not yet seen: empty, not garbage
+    # A new symbol in a grown row starts empty too.
+    wins.slots_for(["LATE"], np.array([0], np.int32))
+    late = wins.window("LATE")
+    assert late is not None and len(late) == 0
+
+
+def test_prices_are_held_as_float32_and_counts_saturate():
+    wins = SymbolWindows(4)
+    slots = wins.slots_for(["X"] * 10, np.zeros(10, np.int32))
+    prices = 65432.17 + np.arange(10) * 0.01
+    applied = wins.apply(slots, prices, np.arange(1, 11, dtype=np.int64))
+    assert wins.prices.dtype == np.float32
+    # The scored windows carry exactly the stored (float32-rounded) prices.
+    np.testing.assert_array_equal(applied.windows[-1], prices[-4:].astype(np.float32))
+    assert np.abs(applied.windows[-1] - prices[-4:]).max() < 65432.17 * 2**-24 * 1.01
+    assert int(wins.count[slots[0]]) == 4  # saturates at the window length
