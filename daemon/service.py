@@ -674,7 +674,8 @@ class TickcastService:
         await self._scored.put(None)
 
     def _idle_workers(self) -> int:
-        return self.inference_workers - self._busy_workers
+        # A full batch may be queued behind busy workers: busy can exceed the pool.
+        return max(0, self.inference_workers - self._busy_workers)
 
     async def _next_chunk_or_idle_worker(self, deadline: float) -> Chunk | Literal[False] | None:
         """The next chunk, or False once a worker is idle (or when ``deadline`` passed

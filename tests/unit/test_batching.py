@@ -78,13 +78,16 @@ async def test_the_batch_size_limit_still_holds(service_factory) -> None:
 async def test_windows_gather_while_every_worker_is_busy(service_factory) -> None:
     """A batch is not submitted to a busy pool: later chunks join it instead."""
     service = service_factory(inference_workers=1, max_batch_size=4096, max_batch_delay_ms=0)
-    service._busy_workers = 1  # as if a forward pass were running
+    service._busy_workers = 2  # a pass running and a full batch queued behind it
     for c in (chunk(10), chunk(20, start=10), chunk(30, start=30)):
         await service._chunks.put(c)
     loop = asyncio.create_task(service._score_loop())
     await asyncio.sleep(0.05)
     assert service._scored.empty(), "submitted although no worker was idle"
-    service._on_batch_scored(None)  # the running pass finishes
+    service._on_batch_scored(None)  # the running pass finishes; the queued one starts
+    await asyncio.sleep(0.05)
+    assert service._scored.empty(), "submitted although no worker was idle"
+    service._on_batch_scored(None)  # and finishes
     batch = await service._scored.get()
     assert batch is not None and len(batch.rows) == 60  # all three chunks, one batch
     await service._chunks.put(None)
