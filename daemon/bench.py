@@ -67,7 +67,6 @@ TARGETS = {
     "restore_seconds": 5.0,
 }
 WINDOW = 60
-WARMUP_S = 20.0  # half load before the latency figures, not measured
 
 
 # ============================================================================ plan
@@ -79,6 +78,7 @@ class Plan:
     naive_predictions: int
     predictions: int
     live_seconds: float
+    warmup_seconds: float  # half load before the latency figures, not measured
     loads: tuple[float, ...]
     batch_sizes: tuple[int, ...]
     seconds_per_point: float
@@ -102,6 +102,7 @@ class Plan:
             naive_predictions=args.naive_predictions or (100 if quick else 1000),
             predictions=args.predictions or (10_000 if quick else 300_000),
             live_seconds=args.live_seconds or (2.0 if quick else 10.0),
+            warmup_seconds=2.0 if quick else 20.0,
             loads=(0.5,) if quick else (0.25, 0.5, 0.75, 1.0),
             batch_sizes=(1, 256, 1024) if quick else BATCH_SIZES,
             seconds_per_point=0.1 if quick else 0.6,
@@ -782,7 +783,12 @@ async def wait_committed(
 
 
 async def live_loads(
-    ctx: Context, kept: Any, rate_c: float, loads: Sequence[float], seconds: float
+    ctx: Context,
+    kept: Any,
+    rate_c: float,
+    loads: Sequence[float],
+    seconds: float,
+    warmup_s: float,
 ) -> list[dict[str, Any]]:
     """Offered load at fractions of (c); latency = received - ts (wall clock in ticks)."""
     _, sampler, reader, topics, source = kept
@@ -794,7 +800,7 @@ async def live_loads(
         # Steady state, not start-up: the JVM broker compiles its hot paths over its first
         # minute of load (measured: its CPU at a fixed rate fell from 0.8 to 0.25 cores).
         warm_from = reader.count
-        sent, _ = await writer.write_at_rate(0.5 * rate_c, WARMUP_S)
+        sent, _ = await writer.write_at_rate(0.5 * rate_c, warmup_s)
         await reader.wait_for(warm_from + sent, timeout_s=120)
         for fraction in loads:
             rate = fraction * rate_c
@@ -912,6 +918,7 @@ async def run_phases(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     r["a_ceiling"] = await asyncio.to_thread(phase_ceiling, ctx)
     per_symbol = WINDOW - 1 + (plan.predictions + plan.symbols - 1) // plan.symbols  # backlog
     live_room = int(max(plan.loads) * 200_000 * plan.live_seconds * len(plan.loads))
+    live_room += int(0.5 * 200_000 * plan.warmup_seconds)
     live_room += int(100_000 * plan.soak_seconds)
     source = TickSource.build(plan.symbols, 2 * (per_symbol + live_room // plan.symbols + 1))
     r["data"] = source.note
@@ -944,9 +951,10 @@ async def run_phases(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     child, sampler, reader, _, _ = kept
     try:
         rate_c = float(r["c_tickcast"]["predictions_per_s"])
-        print(f"latency under offered load (after {WARMUP_S:.0f} s at half load) ...", flush=True)
-        r["latency"] = await live_loads(ctx, kept, rate_c, plan.loads, plan.live_seconds)
-        r["latency_warmup_s"] = WARMUP_S
+        print(f"latency under offered load (after {plan.warmup_seconds:.0f} s at half load) ...")
+        r["latency"] = await live_loads(
+            ctx, kept, rate_c, plan.loads, plan.live_seconds, plan.warmup_seconds
+        )
         if plan.soak_seconds:
             print(f"soak {plan.soak_seconds:.0f}s at half load ...", flush=True)
             r["soak"] = await soak(ctx, kept, 0.5 * rate_c, plan.soak_seconds)
