@@ -240,6 +240,7 @@ class TickcastService:
             maxsize=max(2, self.inference_workers)
         )
         self._busy_workers = 0  # batches submitted and not yet scored
+        self._caught_up = True  # the last fetch was not full: no backlog behind it
         self._worker_idle = asyncio.Event()
         self._dispatched: asyncio.Queue[Dispatched | None] = asyncio.Queue()
         self._inflight_chunks = 0
@@ -534,6 +535,7 @@ class TickcastService:
                 logger.warning("fetch failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
                 continue
+            self._caught_up = sum(map(len, fetched.values())) < s.fetch_max_records
             chunk = self._build_chunk(fetched) if fetched or self._parked else None
             if chunk is None and (snapshot := self._maybe_snapshot()) is not None:
                 # Idle: the snapshot rides an empty chunk, so it is written only once
@@ -634,6 +636,7 @@ class TickcastService:
         """
         s = self.settings
         delay_s = s.max_batch_delay_ms / 1000.0
+        live_limit = min(s.max_batch_size, s.live_batch_size)
         pending: deque[list[Any]] = deque()  # [chunk, next row index, arrived at]
         pending_rows = 0
         closing = False
@@ -648,7 +651,8 @@ class TickcastService:
                 pending_rows = len(chunk.rows)
             # The oldest pending window sets the deadline (a split batch's rest has waited).
             deadline = pending[0][2] + delay_s
-            while pending_rows < s.max_batch_size and not closing:
+            limit = live_limit if self._caught_up else s.max_batch_size
+            while pending_rows < limit and not closing:
                 try:
                     chunk = self._chunks.get_nowait()
                 except asyncio.QueueEmpty:
@@ -667,7 +671,7 @@ class TickcastService:
                 pending_rows += len(chunk.rows)
             share = -(-pending_rows // max(1, self._idle_workers()))  # ceil
             batch_parts, completed = self._take_batch(
-                pending, min(s.max_batch_size, share), whole_chunks=self._transactional
+                pending, min(limit, share), whole_chunks=self._transactional
             )
             pending_rows -= sum(len(p) for p in batch_parts)
             await self._scored.put(self._submit(batch_parts, completed))

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
 
     # Batching and flow control
     max_batch_size: int = Field(default=1024, ge=1, le=65536)
+    # While the consumer is caught up (its last fetch was not full), batches stop at this
+    # size: shorter forward passes, shorter waits; a backlog drains in MAX_BATCH_SIZE ones.
+    live_batch_size: int = Field(default=256, ge=1, le=65536)
     max_batch_delay_ms: float = Field(default=5.0, ge=0)
     fetch_max_records: int = Field(default=5000, ge=1)
     max_inflight_batches: int = Field(default=8, ge=1)

@@ -60,12 +60,16 @@ def service_factory(tmp_path: Path):
 
 
 async def test_a_burst_is_split_across_idle_workers(service_factory) -> None:
-    service = service_factory(inference_workers=2, max_batch_size=4096, max_batch_delay_ms=20)
+    service = service_factory(
+        inference_workers=2, max_batch_size=4096, live_batch_size=4096, max_batch_delay_ms=20
+    )
     assert await batch_sizes(service, [chunk(1000)]) == [500, 500]
 
 
 async def test_one_worker_takes_the_burst_whole(service_factory) -> None:
-    service = service_factory(inference_workers=1, max_batch_size=4096, max_batch_delay_ms=20)
+    service = service_factory(
+        inference_workers=1, max_batch_size=4096, live_batch_size=4096, max_batch_delay_ms=20
+    )
     assert await batch_sizes(service, [chunk(1000)]) == [1000]
 
 
@@ -77,7 +81,9 @@ async def test_the_batch_size_limit_still_holds(service_factory) -> None:
 
 async def test_windows_gather_while_every_worker_is_busy(service_factory) -> None:
     """A batch is not submitted to a busy pool: later chunks join it instead."""
-    service = service_factory(inference_workers=1, max_batch_size=4096, max_batch_delay_ms=0)
+    service = service_factory(
+        inference_workers=1, max_batch_size=4096, live_batch_size=4096, max_batch_delay_ms=0
+    )
     service._busy_workers = 2  # a pass running and a full batch queued behind it
     for c in (chunk(10), chunk(20, start=10), chunk(30, start=30)):
         await service._chunks.put(c)
@@ -93,3 +99,17 @@ async def test_windows_gather_while_every_worker_is_busy(service_factory) -> Non
     await service._chunks.put(None)
     assert await service._scored.get() is None
     await loop
+
+
+async def test_caught_up_batches_stop_at_the_live_size(service_factory) -> None:
+    """No backlog behind the last fetch: shorter batches; a backlog: full-size ones."""
+    service = service_factory(
+        inference_workers=1, max_batch_size=1024, live_batch_size=256, max_batch_delay_ms=20
+    )
+    service._caught_up = True
+    assert await batch_sizes(service, [chunk(1000)]) == [256, 256, 256, 232]
+    service = service_factory(
+        inference_workers=1, max_batch_size=1024, live_batch_size=256, max_batch_delay_ms=20
+    )
+    service._caught_up = False
+    assert await batch_sizes(service, [chunk(1000)]) == [1000]
