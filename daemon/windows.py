@@ -143,8 +143,9 @@ class SymbolWindows:
             slots[i] = slot
         new = np.frombuffer(fresh, np.uint8).astype(bool)
         if new.any():
-            self._reset(slots[new])
-            self.partition[slots[new]] = partitions[new]
+            new_slots = slots[new]
+            self._reset(new_slots)
+            self.partition[new_slots] = partitions[new]
         return slots
 
     def drop_partitions(self, partitions: set[int]) -> int:
