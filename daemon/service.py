@@ -304,7 +304,9 @@ class TickcastService:
         self._producer = make_producer(
             s,
             "producer",
-            linger_ms=2,
+            # Every send is a whole batch already (send_batch), and aiokafka holds an
+            # unfilled batch for linger_ms before it drains it: lingering only delays.
+            linger_ms=0,
             max_batch_size=256 * 1024,
             request_timeout_ms=30_000,
             transactional_id=transactional_id(s) if transactional else None,
