@@ -250,6 +250,9 @@ class PredictionReader:
             enable_auto_commit=False,
             fetch_max_bytes=16 * 1024 * 1024,
             max_partition_fetch_bytes=8 * 1024 * 1024,
+            # Like the daemon: fuller fetches, so the reader's CPU does not crowd it out.
+            fetch_min_bytes=64 * 1024,
+            fetch_max_wait_ms=5,
         )
         await self._consumer.start()
         self._task = asyncio.create_task(self._run())
@@ -583,7 +586,7 @@ async def producer_for(bootstrap: str) -> AsyncIterator[Any]:
         bootstrap_servers=bootstrap,
         acks="all",
         enable_idempotence=True,
-        linger_ms=5,
+        linger_ms=2,
         max_batch_size=512 * 1024,
     )
     await producer.start()
@@ -616,6 +619,29 @@ def measure_rate(predict: Any, windows: np.ndarray, seconds: float) -> float:
             return len(windows) * n / elapsed
 
 
+def measure_parallel_rate(predict: Any, windows: np.ndarray, seconds: float, workers: int) -> float:
+    """``workers`` threads calling ``predict`` at once, as the daemon's inference workers
+    do; all windows scored over the wall time of the slowest (no partial overlap counted).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    start = threading.Barrier(workers)
+
+    def run(_: int) -> int:
+        predict(windows)  # warm
+        start.wait()
+        n, began = 0, time.perf_counter()
+        while n < 3 or time.perf_counter() - began < seconds:
+            predict(windows)
+            n += 1
+        return n
+
+    began = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        calls = sum(pool.map(run, range(workers)))
+    return len(windows) * calls / (time.perf_counter() - began)
+
+
 def sgemm_peak(threads: int, seconds: float) -> float:
     """Measured float32 matmul FLOP/s (2048^3), the practical roof of this CPU."""
     import torch
@@ -635,11 +661,14 @@ def phase_ceiling(ctx: Context) -> dict[str, Any]:
     import torch
 
     from daemon.predictor import Predictor, resolve_device
+    from daemon.service import inference_workers
+    from daemon.settings import Settings
     from model.checkpoint import load_latest
     from model.fast_gru import gru_flops
 
     plan = ctx.plan
     device = resolve_device(ctx.device)
+    workers = inference_workers(Settings(), device, compiled=False)
     source = TickSource.build(64, WINDOW + 64)
     pool = np.lib.stride_tricks.sliding_window_view(source.prices, WINDOW, axis=1).reshape(
         -1, WINDOW
@@ -664,15 +693,29 @@ def phase_ceiling(ctx: Context) -> dict[str, Any]:
             if not ok:
                 logger.warning("%s unavailable: %s", name, predictor.fast.compile_error)
                 continue
-        for threads in (1, 2) if device.type == "cpu" else (torch.get_num_threads(),):
+        # (threads per forward, forwards at once): the daemon's CPU default is one
+        # single-threaded worker per core, so that is measured beside 1 and 2 threads.
+        shapes = [(torch.get_num_threads(), 1)]
+        if device.type == "cpu":
+            shapes = [(1, 1), (2, 1)]
+            if name == "scripted-cell" and workers > 1:
+                shapes.append((1, workers))
+        for threads, parallel in shapes:
             with torch_threads(threads):
                 curve: dict[str, float] = {}
                 for batch in plan.batch_sizes:
                     windows = np.ascontiguousarray(np.resize(pool, (batch, WINDOW)))
-                    rate = measure_rate(predictor.predict, windows, plan.seconds_per_point)
+                    rate = (
+                        measure_parallel_rate(
+                            predictor.predict, windows, plan.seconds_per_point, parallel
+                        )
+                        if parallel > 1
+                        else measure_rate(predictor.predict, windows, plan.seconds_per_point)
+                    )
                     curve[str(batch)] = round(rate)
-                curves[f"{name}/{threads}t"] = curve
-                print(f"  ceiling {name:>14} {threads} thread(s): {curve}", flush=True)
+                key = f"{name}/{threads}t" + (f"x{parallel}w" if parallel > 1 else "")
+                curves[key] = curve
+                print(f"  ceiling {key:>22}: {curve}", flush=True)
     flops = gru_flops()
     peak = sgemm_peak(2, 1.0) if device.type == "cpu" else None
     best_name, best_batch, best_rate = max(

@@ -57,8 +57,9 @@ class Predictor:
     """Scores [batch, window] price arrays with one checkpoint on one device.
 
     Immutable once built: a model swap builds a new Predictor and the service replaces
-    the reference between two batches, so no batch ever mixes two models. ``predict``
-    is called from one worker thread at a time.
+    the reference between two batches, so no batch ever mixes two models. On CPU several
+    inference workers call ``predict`` at once (the cell loop keeps no state between
+    calls); CUDA and the compiled step are driven by one worker.
     """
 
     def __init__(

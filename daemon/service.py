@@ -319,6 +319,8 @@ class TickcastService:
             auto_offset_reset="earliest",
             isolation_level="read_committed",
             max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_min_bytes=s.fetch_min_bytes,
+            fetch_max_wait_ms=s.fetch_max_wait_ms,
             **security,
         )
         await self._producer.start()
