@@ -111,6 +111,22 @@ def make_producer(settings: Settings, role: str, **tuning: Any) -> AIOKafkaProdu
     )
 
 
+def make_consumer(settings: Settings) -> AIOKafkaConsumer:
+    """The input consumer: manual commits, read_committed, fetch sizes from settings."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=settings.group_id,
+        client_id=f"{settings.client_id}-consumer",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        fetch_min_bytes=settings.fetch_min_bytes,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        **kafka_security_kwargs(settings),
+    )
+
+
 def transactional_id(settings: Settings) -> str:
     """The producer's transactional id in exactly-once mode.
 
@@ -298,7 +314,6 @@ class TickcastService:
 
     async def startup(self) -> None:
         s = self.settings
-        security = kafka_security_kwargs(s)
         await self._http.start()
         transactional = self._transactional
         self._producer = make_producer(
@@ -311,18 +326,7 @@ class TickcastService:
             request_timeout_ms=30_000,
             transactional_id=transactional_id(s) if transactional else None,
         )
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.bootstrap_servers,
-            group_id=s.group_id,
-            client_id=f"{s.client_id}-consumer",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-            fetch_min_bytes=s.fetch_min_bytes,
-            fetch_max_wait_ms=s.fetch_max_wait_ms,
-            **security,
-        )
+        self._consumer = make_consumer(s)
         await self._producer.start()
         await self._consumer.start()
         self._publisher = BatchPublisher(self._producer)
