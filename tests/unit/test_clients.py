@@ -8,14 +8,20 @@ from daemon.settings import Settings
 
 async def test_consumer_fetch_sizes_follow_the_settings() -> None:
     consumer = make_consumer(Settings(fetch_min_bytes=12345, fetch_max_wait_ms=7))
-    assert consumer._fetch_min_bytes == 12345
-    assert consumer._fetch_max_wait_ms == 7
+    try:
+        assert consumer._fetch_min_bytes == 12345
+        assert consumer._fetch_max_wait_ms == 7
+    finally:
+        await consumer.stop()
 
 
 async def test_consumer_defaults_trade_a_short_wait_for_fuller_fetches() -> None:
     consumer = make_consumer(Settings())
-    assert consumer._fetch_min_bytes == 65536
-    assert consumer._fetch_max_wait_ms == 10
-    # Offsets are committed by the daemon, after the predictions are acknowledged.
-    assert consumer._enable_auto_commit is False
-    assert consumer._isolation_level == "read_committed"
+    try:
+        assert consumer._fetch_min_bytes == 65536
+        assert consumer._fetch_max_wait_ms == 10
+        # Offsets are committed by the daemon, after the predictions are acknowledged.
+        assert consumer._enable_auto_commit is False
+        assert consumer._isolation_level == "read_committed"
+    finally:
+        await consumer.stop()
