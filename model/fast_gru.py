@@ -109,8 +109,8 @@ def gru_step_unfused(
 ) -> torch.Tensor:
     """:func:`gru_step` written term by term, without in-place ops: what ``torch.compile``
     gets, since inductor fuses the gate math into one kernel itself and in-place updates
-    of views only hinder it (compiled, this form ran ~48k windows/s against ~40k for the
-    fused-op form, batch 2048 on 2 threads)."""
+    of views only hinder it (both compiled, batch 2048 on 2 threads, runs interleaved:
+    44,000-60,000 windows/s for this form, 34,000-38,000 for the fused-op one)."""
     hidden = h.shape[1]
     gi = x_t * w_i + b_i
     gh = h @ w_hh_t + b_h
