@@ -9,6 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from daemon.service import inference_workers
+from daemon.settings import Settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -50,6 +54,9 @@ def test_quick_bench_reports_every_figure(kafka_bootstrap: str, tmp_path: Path) 
 
     a = r["a_ceiling"]
     assert {"nn.GRU/1t", "scripted-cell/1t"} <= set(a["curves"])
+    workers = inference_workers(Settings(), torch.device("cpu"), compiled=False)
+    if workers > 1:  # the daemon's own CPU shape: single-threaded forwards side by side
+        assert f"scripted-cell/1tx{workers}w" in a["curves"]
     assert a["best"]["windows_per_s"] > 0
     assert 1.5e6 < a["flops_per_window"] < 1.6e6
     assert 0 < a["flop_fraction_of_sgemm_peak"] < 1.5
