@@ -90,3 +90,23 @@ def test_quick_bench_reports_every_figure(kafka_bootstrap: str, tmp_path: Path) 
         "latency_vs_load.png",
         "throughput_vs_batch.png",
     ]
+
+
+@pytest.mark.timeout(240)
+def test_ceiling_only_needs_no_broker(tmp_path: Path) -> None:
+    """--ceiling-only runs (a) alone, with no bootstrap servers and no embedded broker."""
+    out = tmp_path / "ceiling.json"
+    done = subprocess.run(
+        [*tickcast_command(), "bench", "--ceiling-only", "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=220,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["broker"] == "none (--ceiling-only)"
+    assert set(report["results"]) == {"a_ceiling", "data"}
+    assert report["results"]["a_ceiling"]["device"] == "cpu"
+    assert report["summary"]["figures"]["a_windows_per_s"] > 0
+    assert report["summary"]["figures"]["c_over_a"] is None
