@@ -1,7 +1,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install lint format test bench
+.PHONY: install lint format test bench gpu-wheels
 
 ## install: system tools, the virtualenv, the package with [data,dev], the Kafka jars
 install:
@@ -22,3 +22,7 @@ test:
 ## bench: the end-to-end benchmark
 bench:
 	$(BIN)/tickcast bench
+
+## gpu-wheels: the wheels a GPU check needs on the device machine (scripts/gpu-check.sh)
+gpu-wheels:
+	scripts/gpu-wheels.sh

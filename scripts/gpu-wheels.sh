@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Run HERE (a machine with PyPI) before a GPU check: the wheels that the device machine's
+# CUDA image lacks, for its Python, into .gpu/wheels (git-ignored; `run` carries it).
+#
+# The image (/work/.library/device/KINDS.md) holds torch, numpy, pandas, scipy,
+# scikit-learn, safetensors, prometheus-client, pytest, pytest-timeout, hypothesis, rich,
+# matplotlib, ... but not aiokafka, orjson, pydantic(-settings), pytest-asyncio or the
+# real-price packages; nothing can be downloaded there.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+python_version=${GPU_PYTHON_VERSION:-3.12}  # the image's python3 (3.12.3 when last read)
+dest=.gpu/wheels
+rm -rf "$dest" && mkdir -p "$dest"
+
+# Same ranges as pyproject.toml; dependencies resolved for that Python, then pruned below.
+.venv/bin/python -m pip download --quiet --dest "$dest" --only-binary=:all: \
+  --python-version "$python_version" --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 --platform any \
+  "aiokafka>=0.11,<0.15" "orjson>=3.10,<4" "pydantic>=2.7,<3" "pydantic-settings>=2.4,<3" \
+  "pytest-asyncio>=0.24,<2" "arch>=7,<9" "backtesting>=0.4,<0.7"
+
+# Drop the big ones the image already has: pip then keeps the image's versions or fails
+# loudly, rather than replacing numpy or pandas under its torch. Small ones stay; pip
+# takes them only where the image's are missing or too old.
+on_image=(numpy pandas scipy scikit_learn statsmodels patsy matplotlib pillow contourpy
+  fonttools kiwisolver pyarrow)
+for name in "${on_image[@]}"; do
+  rm -f "$dest"/"${name}"-*.whl
+done
+ls "$dest"
+du -sh "$dest"
