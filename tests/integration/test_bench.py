@@ -110,3 +110,29 @@ def test_ceiling_only_needs_no_broker(tmp_path: Path) -> None:
     assert report["results"]["a_ceiling"]["device"] == "cpu"
     assert report["summary"]["figures"]["a_windows_per_s"] > 0
     assert report["summary"]["figures"]["c_over_a"] is None
+
+
+@pytest.mark.timeout(240)
+def test_quick_bench_on_tansu_needs_no_java(tmp_path: Path) -> None:
+    """--broker tansu: the Kafka phases on the Java-free broker (a GPU machine's option)."""
+    out = tmp_path / "tansu.json"
+    done = subprocess.run(
+        [
+            *tickcast_command(),
+            *("bench", "--quick", "--broker", "tansu", "--symbols", "0", "--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=220,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    r = report["results"]
+    assert report["broker"].startswith("embedded Tansu")
+    for phase in ("b_naive", "c_tickcast"):
+        assert r[phase]["distinct_predictions"] == r[phase]["windows_expected"] > 0
+    (half,) = r["latency"]
+    assert half["predicted"] == half["ticks"] > 0
+    assert r["conflation"]["ingest_ticks_per_s"] > 0  # committed offsets read via OffsetFetch
+    assert "restore" not in r  # its producers are idempotent, which Tansu refuses

@@ -24,6 +24,15 @@ def test_a_gpu_ceiling_is_judged_against_a_million_windows_per_second() -> None:
     ]
     # The same 900,000 on CPU clears the CPU target of 60,000.
     assert summarise({"a_ceiling": ceiling(900_000, "cpu")})["met"]["serving_ceiling_windows_per_s"]
+    # The report names the target it judged by.
+    assert (
+        summarise({"a_ceiling": ceiling(1, "cuda")})["targets"]["serving_ceiling_windows_per_s"]
+        == 1_000_000
+    )
+    assert (
+        summarise({"a_ceiling": ceiling(1, "cpu")})["targets"]["serving_ceiling_windows_per_s"]
+        == 60_000
+    )
 
 
 def test_a_ceiling_only_run_has_no_ratios_and_meets_none() -> None:
