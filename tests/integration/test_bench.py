@@ -24,30 +24,27 @@ def tickcast_command() -> list[str]:
     return [sys.executable, "-c", "from daemon.cli import main; raise SystemExit(main())"]
 
 
-@pytest.mark.timeout(240)
-def test_quick_bench_reports_every_figure(kafka_bootstrap: str, tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    plots = tmp_path / "plots"
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    """``tickcast bench ARGS`` in a subprocess; asserts it exited 0 (with its output)."""
     done = subprocess.run(
-        [
-            *tickcast_command(),
-            "bench",
-            "--quick",
-            "--bootstrap-servers",
-            kafka_bootstrap,
-            "--symbols",
-            "20000",
-            "--json",
-            str(out),
-            "--plot",
-            str(plots),
-        ],
+        [*tickcast_command(), "bench", *args],
         capture_output=True,
         text=True,
         timeout=220,
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.timeout(240)
+def test_quick_bench_reports_every_figure(kafka_bootstrap: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    plots = tmp_path / "plots"
+    done = run_bench(
+        *("--quick", "--bootstrap-servers", kafka_bootstrap, "--symbols", "20000"),
+        *("--json", str(out), "--plot", str(plots)),
+    )
     assert "(c)/(b)" in done.stdout  # the table
     report = json.loads(out.read_text())
     r, summary = report["results"], report["summary"]
@@ -96,14 +93,7 @@ def test_quick_bench_reports_every_figure(kafka_bootstrap: str, tmp_path: Path) 
 def test_ceiling_only_needs_no_broker(tmp_path: Path) -> None:
     """--ceiling-only runs (a) alone, with no bootstrap servers and no embedded broker."""
     out = tmp_path / "ceiling.json"
-    done = subprocess.run(
-        [*tickcast_command(), "bench", "--ceiling-only", "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=220,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_bench("--ceiling-only", "--quick", "--json", str(out))
     report = json.loads(out.read_text())
     assert report["broker"] == "none (--ceiling-only)"
     assert set(report["results"]) == {"a_ceiling", "data"}
@@ -116,17 +106,7 @@ def test_ceiling_only_needs_no_broker(tmp_path: Path) -> None:
 def test_quick_bench_on_tansu_needs_no_java(tmp_path: Path) -> None:
     """--broker tansu: the Kafka phases on the Java-free broker (a GPU machine's option)."""
     out = tmp_path / "tansu.json"
-    done = subprocess.run(
-        [
-            *tickcast_command(),
-            *("bench", "--quick", "--broker", "tansu", "--symbols", "0", "--json", str(out)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=220,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_bench("--quick", "--broker", "tansu", "--symbols", "0", "--json", str(out))
     report = json.loads(out.read_text())
     r = report["results"]
     assert report["broker"].startswith("embedded Tansu")
