@@ -99,7 +99,10 @@ class Plan:
 
     @staticmethod
     def from_args(args: argparse.Namespace) -> Plan:
+        from daemon.predictor import resolve_device
+
         quick = bool(args.quick)
+        on_gpu = resolve_device(args.device).type == "cuda"  # "auto" included
         return Plan(
             symbols=args.symbols_live or (100 if quick else 1000),
             naive_predictions=args.naive_predictions or (100 if quick else 1000),
@@ -107,9 +110,7 @@ class Plan:
             live_seconds=args.live_seconds or (2.0 if quick else 10.0),
             warmup_seconds=2.0 if quick else 20.0,
             loads=(0.5,) if quick else (0.25, 0.5, 0.75, 1.0),
-            batch_sizes=(1, 256, 1024)
-            if quick
-            else (GPU_BATCH_SIZES if str(args.device).startswith("cuda") else BATCH_SIZES),
+            batch_sizes=(1, 256, 1024) if quick else (GPU_BATCH_SIZES if on_gpu else BATCH_SIZES),
             seconds_per_point=0.1 if quick else 0.6,
             memory_symbols=args.symbols if args.symbols is not None else 1_000_000,
             conflate_symbols=50,

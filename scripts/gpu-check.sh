@@ -27,19 +27,25 @@ device=${DEVICE:-cuda}
 "$python" -m pytest tests/gpu -p no:cacheprovider -q -rs 2>&1 | tee "$out/gpu-tests.txt"
 tests_rc=${PIPESTATUS[0]}
 
-"$python" -c 'from daemon.cli import main; raise SystemExit(main())' bench \
-  --device "$device" --ceiling-only --json "$out/bench-$device.json" 2>&1 \
-  | grep -v -e 'leaked function' -e nanobind | tee "$out/bench-$device.txt"
-bench_rc=${PIPESTATUS[0]}
+# tickcast bench NAME ARGS...: output in $out/bench-NAME.{json,txt}, minus triton's exit noise.
+bench() {
+  local name=$1
+  shift
+  "$python" -c 'from daemon.cli import main; raise SystemExit(main())' bench \
+    --device "$device" "$@" --json "$out/bench-$name.json" 2>&1 \
+    | grep -v -e 'leaked function' -e nanobind | tee "$out/bench-$name.txt"
+  return "${PIPESTATUS[0]}"
+}
+
+bench "$device" --ceiling-only
+bench_rc=$?
 
 # End to end: every phase but the 1M-symbol memory probe (a CPU figure) and the restore
 # (its producers are idempotent, which Tansu refuses).
 export CALF_TANSU_BIN=${CALF_TANSU_BIN:-$PWD/.gpu/tansu}
-"$python" -c 'from daemon.cli import main; raise SystemExit(main())' bench \
-  --device "$device" --broker tansu --symbols 0 ${BENCH_ARGS:-} \
-  --json "$out/bench-$device-tansu.json" 2>&1 \
-  | grep -v -e 'leaked function' -e nanobind | tee "$out/bench-$device-tansu.txt"
-e2e_rc=${PIPESTATUS[0]}
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
+bench "$device-tansu" --broker tansu --symbols 0 ${BENCH_ARGS:-}
+e2e_rc=$?
 
 echo "tests rc=$tests_rc ceiling rc=$bench_rc end-to-end rc=$e2e_rc" | tee -a "$out/machine.txt"
 exit $(( tests_rc || bench_rc || e2e_rc ))

@@ -13,13 +13,24 @@ python_version=${GPU_PYTHON_VERSION:-3.12}  # the image's python3 (3.12.3 when l
 dest=.gpu/wheels
 rm -rf "$dest" && mkdir -p "$dest"
 
-# Same ranges as pyproject.toml; dependencies resolved for that Python, then pruned below.
+# The missing packages with pyproject.toml's own ranges (read, not copied, so they cannot
+# drift); their dependencies are resolved for that Python, then pruned below.
+mapfile -t wanted < <(.venv/bin/python - <<'PY'
+import re
+import tomllib
+
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+specs = project["dependencies"] + [s for extra in project["optional-dependencies"].values() for s in extra]
+missing = {"aiokafka", "orjson", "pydantic", "pydantic-settings", "pytest-asyncio", "arch", "backtesting"}
+for spec in specs:
+    if re.split(r"[<>=!~\[ ;]", spec, maxsplit=1)[0] in missing:
+        print(spec)
+PY
+)
 .venv/bin/python -m pip download --quiet --dest "$dest" --only-binary=:all: \
   --python-version "$python_version" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform manylinux2014_x86_64 --platform any \
-  "aiokafka>=0.11,<0.15" "orjson>=3.10,<4" "pydantic>=2.7,<3" "pydantic-settings>=2.4,<3" \
-  "pytest-asyncio>=0.24,<2" "arch>=7,<9" "backtesting>=0.4,<0.7"
+  --platform manylinux2014_x86_64 --platform any "${wanted[@]}"
 
 # Drop the big ones the image already has: pip then keeps the image's versions or fails
 # loudly, rather than replacing numpy or pandas under its torch. Small ones stay; pip
