@@ -58,8 +58,9 @@ def test_quick_bench_reports_every_figure(kafka_bootstrap: str, tmp_path: Path) 
     assert 1.5e6 < a["flops_per_window"] < 1.6e6
     assert 0 < a["flop_fraction_of_sgemm_peak"] < 1.5
 
-    for phase in ("b_naive", "c_tickcast"):
+    for phase in ("broker_warmup", "b_naive", "c_tickcast"):
         figures = r[phase]
+        assert figures["timed"].endswith("every input offset committed")
         # every tick with a full window came back predicted, exactly once
         assert figures["predictions"] == figures["windows_expected"] > 0
         assert figures["distinct_predictions"] == figures["windows_expected"]
