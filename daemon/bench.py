@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -1400,11 +1401,26 @@ def start_embedded_broker(kind: str, work_dir: Path) -> tuple[Any, str]:
     return kafka, "embedded Apache Kafka (KRaft, same machine)"
 
 
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C: the finally blocks stop the child daemons and the
+    embedded broker (the default action would leave them running, orphaned)."""
+
+    def unwind(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """Entry of ``tickcast bench``."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     plan = Plan.from_args(args)
-    with tempfile.TemporaryDirectory(prefix="tickcast-bench-") as tmp:
+    with sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="tickcast-bench-") as tmp:
         work_dir = Path(tmp)
         checkpoint_dir, checkpoint_note = ensure_checkpoint(args.checkpoint_dir, work_dir)
         report: dict[str, Any] = {

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ import torch
 
 from daemon.service import inference_workers
 from daemon.settings import Settings
+from tests.support.processes import MARKER_VAR, marked_processes
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -117,3 +122,32 @@ def test_quick_bench_on_tansu_needs_no_java(tmp_path: Path) -> None:
     assert half["predicted"] == half["ticks"] > 0
     assert r["conflation"]["ingest_ticks_per_s"] > 0  # committed offsets read via OffsetFetch
     assert "restore" not in r  # its producers are idempotent, which Tansu refuses
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_stops_the_broker_and_the_daemons_it_started(tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex
+    process = subprocess.Popen(
+        [*tickcast_command(), "bench", "--quick", "--symbols", "0", "--restore-symbols", "0"],
+        env={**os.environ, MARKER_VAR: marker},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # Wait for its embedded broker and a child daemon, then stop it as an orchestrator would.
+        children: dict[int, str] = {}
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and process.poll() is None:
+            children = {p: n for p, n in marked_processes(marker).items() if p != process.pid}
+            if "java" in children.values() and len(children) >= 2:
+                break
+            time.sleep(0.2)
+        assert "java" in children.values() and len(children) >= 2, children
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=90) == 128 + signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert not marked_processes(marker), "processes left behind"

@@ -24,26 +24,11 @@ from daemon.tansu import find_tansu_binary
 from model.checkpoint import read_latest, read_meta
 from model.data import PriceSeries
 from tests.support.daemon import free_port, make_checkpoint
+from tests.support.processes import MARKER_VAR, marked_processes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MARKER_VAR = "TICKCAST_DEMO_TEST_MARKER"
 DURATION_S = 30
 SYMBOLS = {"NASDAQ", "SP500", "GOOG", "EURUSD", "BTCUSD"}
-
-
-def marked_processes(marker: str) -> dict[int, str]:
-    """pid -> command name of every process whose environment holds ``marker``."""
-    needle = f"{MARKER_VAR}={marker}".encode()
-    found: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                found[int(entry.name)] = (entry / "comm").read_text().strip()
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-    return found
 
 
 @pytest.fixture(scope="module")
