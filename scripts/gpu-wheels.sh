@@ -4,7 +4,7 @@
 #
 # The image (/work/.library/device/KINDS.md) holds torch, numpy, pandas, scipy,
 # scikit-learn, safetensors, prometheus-client, pytest, pytest-timeout, hypothesis, rich,
-# matplotlib, ... but not aiokafka, orjson, pydantic(-settings), pytest-asyncio or the
+# matplotlib, ... but not aiokafka, orjson, msgspec, pydantic(-settings), pytest-asyncio or the
 # real-price packages; nothing can be downloaded there.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -21,7 +21,7 @@ import tomllib
 
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 specs = project["dependencies"] + [s for extra in project["optional-dependencies"].values() for s in extra]
-missing = {"aiokafka", "orjson", "pydantic", "pydantic-settings", "pytest-asyncio", "arch", "backtesting"}
+missing = {"aiokafka", "orjson", "msgspec", "pydantic", "pydantic-settings", "pytest-asyncio", "arch", "backtesting"}
 for spec in specs:
     if re.split(r"[<>=!~\[ ;]", spec, maxsplit=1)[0] in missing:
         print(spec)

@@ -83,6 +83,15 @@ def test_a_clean_fetch_takes_the_fast_path() -> None:
     assert fast.prices.dtype == np.float64 and fast.ts.dtype == np.int64
 
 
+def test_a_repeated_field_counts_once_the_same_way_on_both_paths() -> None:
+    # JSON leaves duplicate keys open; both parsers keep the last, so both paths agree.
+    records = [record(0, b'{"symbol": "A", "symbol": "B", "price": 2.0, "price": 3, "ts": 5}')]
+    fast = _decode_clean(records, LIMITS["max_tick_bytes"], LIMITS["max_symbol_length"])
+    slow, bad = decode_one_by_one(records, **LIMITS)
+    assert fast is not None and bad == [] and same(fast, slow)
+    assert fast.symbols == ["B"] and fast.prices.tolist() == [3.0]
+
+
 @pytest.mark.parametrize("value", ODD_BUT_GOOD)
 def test_odd_but_valid_ticks_fall_back_and_are_kept(value: bytes) -> None:
     records = [record(0, good("A", 1.0, 1)), record(1, value)]
