@@ -228,15 +228,17 @@ class SymbolWindows:
         g = len(group_slots)
         seg_start = np.arange(g) * w + group_start  # where each group's segment begins
         ext = np.empty(g * w + len(acc_order), np.float64)
-        stored_idx = seg_start[:, None] + np.arange(w)
-        ext[stored_idx] = self.prices[group_slots]
+        # Row views of length w over ext: gathering or scattering whole rows through them
+        # copies w values per row without building a [rows, w] index array first.
+        rows_of_ext = np.lib.stride_tricks.sliding_window_view(ext, w, writeable=True)
+        rows_of_ext[seg_start] = self.prices[group_slots]
         new_pos = seg_start[acc_group] + w + rank
         ext[new_pos] = prices[acc_order].astype(PRICE_DTYPE)  # rounded as it will be stored
 
         prior_count = self.count[group_slots][acc_group]
         full = prior_count + rank + 1 >= w
         ready_rows = new_pos[full] - w + 1
-        windows = ext[ready_rows[:, None] + np.arange(w)]
+        windows = rows_of_ext[ready_rows]
 
         # Previous tick's ts for each accepted tick (stored last ts for a group's first).
         acc_ts = ts[acc_order]
@@ -246,7 +248,7 @@ class SymbolWindows:
 
         # Write back: each group's last w values become its stored window.
         last_pos = seg_start + w + group_size  # one past each group's last price
-        self.prices[group_slots] = ext[(last_pos - w)[:, None] + np.arange(w)]
+        self.prices[group_slots] = rows_of_ext[last_pos - w]
         self.count[group_slots] = np.minimum(self.count[group_slots] + group_size, w)
         self.last_ts[group_slots] = acc_ts[group_start + group_size - 1]
         self.dirty[group_slots] = True
