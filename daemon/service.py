@@ -854,7 +854,7 @@ class TickcastService:
         valid = (prev_pred_ts == rows.prev_ts[order]) & np.isfinite(prev_pred)
         actual = rows.prices[order][valid]
         if len(actual):
-            last_price = rows.windows[order][valid, -2]
+            last_price = rows.windows[order[valid], -2]
             gru = np.abs(actual - prev_pred[valid])
             naive = np.abs(actual - last_price)
             for forecaster, errors in (("gru", gru), ("naive", naive)):
