@@ -243,8 +243,6 @@ class PredictionReader:
         self.produced_ms: list[np.ndarray] = []  # each record's Kafka (create) timestamp
         self.keys: list[np.ndarray] = []  # bytes arrays: no Python object per record
         self.count = 0
-        self.first_at: float | None = None
-        self.last_at: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._consumer: Any = None
         self._stop = asyncio.Event()
@@ -283,8 +281,6 @@ class PredictionReader:
                 )
                 self.keys.append(np.array([r.key for r in records], dtype=np.bytes_))
                 self.count += len(records)
-                self.first_at = self.first_at or now
-                self.last_at = now
 
     async def wait_for(self, total: int, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -303,7 +299,7 @@ class PredictionReader:
         from aiokafka import TopicPartition
 
         assert self._consumer is not None
-        await self._consumer.topics()  # a fresh metadata: partitions_for_topic is cached
+        await self._consumer.topics()  # refreshes metadata: partitions_for_topic is cached
         partitions = self._consumer.partitions_for_topic(self.topic) or set()
         ends = await self._consumer.end_offsets([TopicPartition(self.topic, p) for p in partitions])
         return await self.wait_for(sum(ends.values()), timeout_s)
