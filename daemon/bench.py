@@ -798,7 +798,8 @@ async def drain_backlog(
         await writer.write_backlog(ticks)
         produce_s = time.perf_counter() - started
     conflate = bool(child_settings.get("conflate"))
-    expected = None if conflate else ticks - source.n_symbols * (WINDOW - 1)
+    filling = source.n_symbols * (WINDOW - 1)  # ticks that only fill windows, unscored
+    expected = None if conflate else ticks - filling
     child = ChildDaemon(
         ChildConfig(
             settings=ctx.child_config(topics, **child_settings), fast=fast, compile=compile
@@ -832,8 +833,7 @@ async def drain_backlog(
             **sampler.window(first_at, done_at),
         }
         if conflate:
-            warm = source.n_symbols * (WINDOW - 1)
-            result["ingest_ticks_per_s"] = round((ticks - warm) / seconds)
+            result["ingest_ticks_per_s"] = round((ticks - filling) / seconds)
         if child.compile_s is not None:
             result["compile_s"] = round(child.compile_s, 1)
         if keep:
@@ -1035,8 +1035,9 @@ async def run_phases(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     # minute of load (measured at 20,000 ticks/s: its JIT threads took 0.48, 0.18, then
     # 0.08 cores in three 10 s windows), which (c) would otherwise pay alone.
     print("broker warm-up: the (c) drain twice over, not counted ...", flush=True)
-    ticks_c = plan.symbols * (WINDOW - 1) + plan.predictions
-    warmup_ticks = plan.symbols * (WINDOW - 1) + 2 * plan.predictions
+    filling = plan.symbols * (WINDOW - 1)  # ticks before each symbol's first full window
+    ticks_c = filling + plan.predictions
+    warmup_ticks = filling + 2 * plan.predictions
     r["broker_warmup"], _ = await drain_backlog(
         ctx,
         "warmup",
@@ -1049,7 +1050,7 @@ async def run_phases(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     print(f"  {r['broker_warmup']}", flush=True)
 
     print("(b) naive baseline: daemon, max_batch_size=1, nn.GRU ...", flush=True)
-    naive_ticks = plan.symbols * (WINDOW - 1) + plan.naive_predictions
+    naive_ticks = filling + plan.naive_predictions
     r["b_naive"], _ = await drain_backlog(
         ctx, "naive", {"max_batch_size": 1}, source, naive_ticks, fast=False, compile=None
     )
