@@ -115,7 +115,7 @@ async def measure_restore(
                 names.tolist(), paths[:, k].tolist(), partition_of.tolist(), strict=True
             ):
                 value = orjson.dumps({"symbol": name, "price": price, "ts": ts})
-                by_partition.setdefault(p, []).append(OutRecord(name.encode(), value, []))
+                by_partition.setdefault(p, []).append((name.encode(), value, []))
             deliveries = []
             for p, records in by_partition.items():
                 deliveries += await publisher.send_to_partition(topics["input"], p, records)

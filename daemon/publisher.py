@@ -22,11 +22,9 @@ logger = logging.getLogger(__name__)
 Headers = list[tuple[str, bytes]]
 
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~0.3 us more per record
-class OutRecord:
-    key: bytes | None
-    value: bytes
-    headers: Headers
+# One record to send: (key, value, headers). A plain tuple because the daemon builds one
+# per prediction on its event loop: 40 ns, against 170 ns for a slotted dataclass.
+OutRecord = tuple[bytes | None, bytes, Headers]
 
 
 @dataclass
@@ -75,9 +73,9 @@ class BatchPublisher:
         placed = self._partition_of[topic]
         by_partition: dict[int, list[OutRecord]] = {p: [] for p in partitions}
         for record in records:
-            p = placed.get(record.key)
+            p = placed.get(record[0])
             if p is None:
-                p = self.partition_for(topic, record.key, partitions)
+                p = self.partition_for(topic, record[0], partitions)
             by_partition[p].append(record)
         deliveries: list[Delivery] = []
         for partition, items in by_partition.items():
@@ -93,23 +91,12 @@ class BatchPublisher:
         batch = self._producer.create_batch()
         members: list[OutRecord] = []
         for record in records:
-            if (
-                batch.append(
-                    key=record.key, value=record.value, timestamp=None, headers=record.headers
-                )
-                is None
-            ):
+            key, value, headers = record
+            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
                 deliveries.append(await self._submit(topic, partition, batch, members))
                 batch, members = self._producer.create_batch(), []
-                if (
-                    batch.append(
-                        key=record.key, value=record.value, timestamp=None, headers=record.headers
-                    )
-                    is None
-                ):
-                    raise KafkaError(
-                        f"record of {len(record.value)} bytes does not fit an empty batch"
-                    )
+                if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                    raise KafkaError(f"record of {len(value)} bytes does not fit an empty batch")
             members.append(record)
         if members:
             deliveries.append(await self._submit(topic, partition, batch, members))

@@ -55,7 +55,7 @@ class TickStream:
             # spread them by one ms each.
             ts = restamp_ms + np.arange(stop - start, dtype=np.int64)
         return [
-            OutRecord(symbol.encode(), encode_tick(symbol, price, t), [])
+            (symbol.encode(), encode_tick(symbol, price, t), [])
             for symbol, price, t in zip(
                 self.symbols[start:stop].tolist(),
                 self.prices[start:stop].tolist(),

@@ -60,13 +60,13 @@ def encode_snapshot(snapshot: WindowSnapshot, offsets: dict[int, int]) -> list[O
     blob = rows.tobytes()
     size = dtype.itemsize
     return [
-        OutRecord(symbol.encode(), blob[i * size : (i + 1) * size], [])
+        (symbol.encode(), blob[i * size : (i + 1) * size], [])
         for i, symbol in enumerate(snapshot.symbols)
     ]
 
 
 def encode_marker(offset: int) -> OutRecord:
-    return OutRecord(MARKER_KEY, MARKER_MAGIC + int(offset).to_bytes(8, "little", signed=True), [])
+    return (MARKER_KEY, MARKER_MAGIC + int(offset).to_bytes(8, "little", signed=True), [])
 
 
 def decode_marker(value: bytes) -> int | None:

@@ -31,7 +31,7 @@ def test_snapshot_round_trip_restores_identical_windows():
     assert sorted(snap.symbols) == ["A", "B"]
     assert not wins.dirty.any()  # taking a snapshot marks the symbols clean
     records = encode_snapshot(snap, {2: 130})
-    latest = {r.key: r.value for r in [*records, encode_marker(130)] if r.key is not None}
+    latest = {key: value for key, value, _ in [*records, encode_marker(130)] if key is not None}
     state = decode_partition_state(latest, partition=2, window_length=60)
     assert state.marker == 130
     assert (state.offsets == 130).all()
@@ -59,10 +59,10 @@ def test_garbage_and_other_window_lengths_are_ignored():
     good = encode_snapshot(wins.take_snapshot({2}), {2: 10})
     short = filled_windows(30)
     other = encode_snapshot(short.take_snapshot({2}), {2: 10})
-    good_key, other_key = good[0].key, other[1].key
+    (good_key, good_value, _), (other_key, other_value, _) = good[0], other[1]
     assert good_key is not None
     assert other_key is not None
-    latest = {good_key: good[0].value, b"X": b"junk", other_key + b"2": other[1].value}
+    latest = {good_key: good_value, b"X": b"junk", other_key + b"2": other_value}
     latest[MARKER_KEY] = b"nonsense"
     state = decode_partition_state(latest, partition=2, window_length=60)
     assert state.snapshot.symbols == [good_key.decode()]
