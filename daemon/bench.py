@@ -46,8 +46,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import orjson
+
+from daemon.ticks import json_numbers
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +143,8 @@ class TickSource:
     key_bytes: list[bytes]
     prices: np.ndarray  # [S, ticks_per_symbol] float64
     note: str
+    # Each symbol's tick JSON up to its price, encoded once: b'{"symbol":"QQQ.0","price":'
+    value_prefixes: list[bytes]
 
     @staticmethod
     def build(n_symbols: int, ticks_per_symbol: int) -> TickSource:
@@ -160,7 +165,12 @@ class TickSource:
             f"({', '.join(s.symbol for s in series)}); replica r starts r*97 rows later "
             "and cycles; ts = wall clock at produce time"
         )
-        return TickSource(names, [n.encode() for n in names], rows, note)
+        return TickSource.of(names, rows, note)
+
+    @staticmethod
+    def of(names: list[str], prices: np.ndarray, note: str) -> TickSource:
+        prefixes = [b'{"symbol":%b,"price":' % orjson.dumps(n) for n in names]
+        return TickSource(names, [n.encode() for n in names], prices, note, prefixes)
 
     @property
     def n_symbols(self) -> int:
@@ -191,11 +201,13 @@ class TickWriter:
         ts = first + (step - step[0])
         self.last_step_ts = int(ts[-1])
         self.next_tick += n
-        prices = s.prices[sym, step]
-        dumps, names, keys = orjson.dumps, s.names, s.key_bytes
+        # The load generator shares the 2 cores with the daemon it measures: the same
+        # bytes as orjson.dumps of each tick's dict, at a third of the cost.
+        prices = json_numbers(s.prices[sym, step])
+        prefixes, keys = s.value_prefixes, s.key_bytes
         return [
-            (keys[i], dumps({"symbol": names[i], "price": p, "ts": t}), [])
-            for i, p, t in zip(sym.tolist(), prices.tolist(), ts.tolist(), strict=True)
+            (keys[i], b'%b%b,"ts":%d}' % (prefixes[i], p, t), [])
+            for i, p, t in zip(sym.tolist(), prices, ts.tolist(), strict=True)
         ]
 
     async def write(self, n: int) -> None:
@@ -232,6 +244,19 @@ class TickWriter:
 
 
 # ============================================================================ output
+class _PredictionTs(msgspec.Struct):
+    ts: int
+
+
+_decode_prediction_ts = msgspec.json.Decoder(_PredictionTs).decode
+
+
+def _prediction_ts(record: Any) -> int:
+    """A prediction's ts, parsed in C without building the rest of it (the reader shares
+    the cores with the daemon it measures: 0.23 us per record, 0.52 us via a dict)."""
+    return _decode_prediction_ts(record.value).ts
+
+
 class PredictionReader:
     """Reads the output topic from the start; keeps (received at, ts, symbol id) per record."""
 
@@ -266,14 +291,13 @@ class PredictionReader:
 
     async def _run(self) -> None:
         assert self._consumer is not None
-        loads = orjson.loads
         while not self._stop.is_set():
             fetched = await self._consumer.getmany(timeout_ms=50, max_records=20_000)
             now = time.time()
             for records in fetched.values():
                 if not records:
                     continue
-                ts = np.fromiter((loads(r.value)["ts"] for r in records), np.int64, len(records))
+                ts = np.fromiter(map(_prediction_ts, records), np.int64, len(records))
                 self.ts.append(ts)
                 self.received.append(np.full(len(records), now))
                 self.produced_ms.append(

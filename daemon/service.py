@@ -50,7 +50,7 @@ from daemon.publisher import BatchPublisher, OutRecord
 from daemon.restore import restore_windows
 from daemon.settings import Settings
 from daemon.state_store import PendingSnapshot, StateWriter
-from daemon.ticks import BadTick, decode_ticks
+from daemon.ticks import BadTick, decode_ticks, json_numbers
 from daemon.windows import SymbolWindows
 from model.checkpoint import CheckpointError, read_latest
 
@@ -76,15 +76,6 @@ def _timed_predict(predictor: Predictor, windows: np.ndarray) -> tuple[np.ndarra
     started = time.perf_counter()
     predictions = predictor.predict(windows)
     return predictions, time.perf_counter() - started
-
-
-def json_numbers(values: np.ndarray) -> list[bytes]:
-    """Each float of a 1-D array as JSON text (``null`` for NaN and infinities), formatted
-    by orjson in one call: byte for byte what ``orjson.dumps`` gives for each on its own."""
-    if not len(values):
-        return []
-    contiguous = np.ascontiguousarray(values, dtype=np.float64)  # orjson requires both
-    return orjson.dumps(contiguous, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",")
 
 
 class NoCheckpointError(RuntimeError):

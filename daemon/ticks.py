@@ -239,3 +239,12 @@ def decode_one_by_one(
 def encode_tick(symbol: str, price: float, ts: int) -> bytes:
     """The canonical tick value (used by ``tickcast replay`` and the tests)."""
     return orjson.dumps({"symbol": symbol, "price": price, "ts": ts})
+
+
+def json_numbers(values: np.ndarray) -> list[bytes]:
+    """Each float of a 1-D array as JSON text (``null`` for NaN and infinities), formatted
+    by orjson in one call: byte for byte what ``orjson.dumps`` gives for each on its own."""
+    if not len(values):
+        return []
+    contiguous = np.ascontiguousarray(values, dtype=np.float64)  # orjson requires both
+    return orjson.dumps(contiguous, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",")

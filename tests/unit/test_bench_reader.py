@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+import orjson
 
-from daemon.bench import PredictionReader, next_commit_poll_s
+from daemon.bench import (
+    PredictionReader,
+    TickSource,
+    TickWriter,
+    _prediction_ts,
+    next_commit_poll_s,
+)
+from daemon.ticks import encode_tick
 
 
 def test_distinct_counts_a_redelivered_prediction_once() -> None:
@@ -39,3 +47,25 @@ def test_commit_polls_are_sparse_far_from_the_end_and_dense_near_it() -> None:
     assert next_commit_poll_s((0.0, 0), 9.99, 999, 1000, fine=0.01, coarse=0.25) == 0.01
     # No progress since the first poll: no rate to go by.
     assert next_commit_poll_s((5.0, 500), 6.0, 500, 1000, fine=0.01, coarse=0.25) == 0.25
+
+
+def test_the_load_generator_writes_canonical_tick_json() -> None:
+    prices = np.array([[312.45, 0.1 + 0.2, 1e-7], [5e22, 1.0, 2.5]])
+    source = TickSource.of(["QQQ.0", 'odd "one".1'], prices, note="")
+    writer = TickWriter.__new__(TickWriter)  # no producer needed for _records
+    writer.source, writer.next_tick, writer.last_step_ts = source, 0, 0
+    records = writer._records(6)
+    for k, (key, value, headers) in enumerate(records):
+        name, price = source.names[k % 2], source.prices[k % 2, k // 2]
+        tick = orjson.loads(value)
+        assert key == name.encode() and headers == []
+        assert value == encode_tick(name, float(price), tick["ts"])
+    ts = [orjson.loads(v)["ts"] for _, v, _ in records]
+    assert ts[2] > ts[0] and ts[3] > ts[1]  # each symbol's ts grows
+
+
+def test_the_reader_takes_ts_from_the_prediction_json() -> None:
+    class Record:
+        value = b'{"symbol":"Q","ts":1704205800000,"price":1.5,"predicted":2.0,"x":[1]}'
+
+    assert _prediction_ts(Record()) == 1_704_205_800_000

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from daemon.pipeline import ScoringRows
-from daemon.service import TickcastService, json_numbers
+from daemon.service import TickcastService
+from daemon.ticks import json_numbers
 
 
 def rows_of(symbols: list[str], prices: np.ndarray, partitions: list[int]) -> ScoringRows:
