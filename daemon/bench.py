@@ -898,9 +898,9 @@ async def wait_committed(
             now = time.time()
             if committed >= total:
                 return now
-            await asyncio.sleep(next_commit_poll_s(first, now, committed, total))
             if first is None and committed > 0:
                 first = (now, committed)
+            await asyncio.sleep(next_commit_poll_s(first, now, committed, total))
     finally:
         await consumer.stop()
 
@@ -915,9 +915,10 @@ def next_commit_poll_s(
     coarse: float = COMMIT_POLL_COARSE_S,
 ) -> float:
     """Seconds until the next poll: half the time the commits so far say is left,
-    between ``fine`` and ``coarse`` (``coarse`` until there is a rate to go by)."""
+    between ``fine`` and ``coarse``; ``fine`` until there is a rate to go by, since a
+    short drain (conflation: ~0.3 s) may end within its first two commits."""
     if first is None or committed <= first[1] or now <= first[0]:
-        return coarse
+        return fine
     rate = (committed - first[1]) / (now - first[0])
     return min(coarse, max(fine, 0.5 * (total - committed) / rate))
 

@@ -37,16 +37,15 @@ def test_first_produced_at_is_the_earliest_record_timestamp() -> None:
 
 
 def test_commit_polls_are_sparse_far_from_the_end_and_dense_near_it() -> None:
-    # No progress seen yet: the coarse period.
-    assert next_commit_poll_s(None, 10.0, 0, 1000, fine=0.01, coarse=0.25) == 0.25
+    # No progress seen yet, or none since the first: no rate, so poll densely.
+    assert next_commit_poll_s(None, 10.0, 0, 1000, fine=0.01, coarse=0.25) == 0.01
+    assert next_commit_poll_s((5.0, 500), 6.0, 500, 1000, fine=0.01, coarse=0.25) == 0.01
     # 100 commits/s since t=0, 900 left: 9 s to go, so the coarse period.
     assert next_commit_poll_s((0.0, 0), 1.0, 100, 1000, fine=0.01, coarse=0.25) == 0.25
     # 10 left at 100/s: half of the 0.1 s still to go.
     assert next_commit_poll_s((0.0, 0), 9.9, 990, 1000, fine=0.01, coarse=0.25) == 0.05
     # 1 left: never below the fine period.
     assert next_commit_poll_s((0.0, 0), 9.99, 999, 1000, fine=0.01, coarse=0.25) == 0.01
-    # No progress since the first poll: no rate to go by.
-    assert next_commit_poll_s((5.0, 500), 6.0, 500, 1000, fine=0.01, coarse=0.25) == 0.25
 
 
 def test_the_load_generator_writes_canonical_tick_json() -> None:
