@@ -102,6 +102,7 @@ class Plan:
     daemon_threads: int | None
     restore_symbols: int
     restore_ticks: int
+    c_drains: int  # (c) is the median of this many drains, each on a fresh daemon
 
     @staticmethod
     def from_args(args: argparse.Namespace) -> Plan:
@@ -120,7 +121,7 @@ class Plan:
             seconds_per_point=0.1 if quick else 0.6,
             memory_symbols=args.symbols if args.symbols is not None else 1_000_000,
             conflate_symbols=50,
-            conflate_ticks=3_000 if quick else 50_000,
+            conflate_ticks=3_000 if quick else 200_000,  # ~2 s: 50,000 (~0.4 s) was noise
             max_batch_size=args.max_batch_size,
             compile=args.compile,
             compile_loop_in_ceiling=bool(args.compile_loop),
@@ -131,6 +132,7 @@ class Plan:
             if args.restore_symbols is not None
             else (200 if quick else 10_000),
             restore_ticks=args.restore_ticks or (100 if quick else 1_000),
+            c_drains=args.c_drains or (1 if quick else 3),
         )
 
 
@@ -1106,22 +1108,31 @@ async def run_phases(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     r["b_naive"]["how"] = "the daemon itself with max_batch_size=1 and nn.GRU (fast=False)"
     print(f"  {r['b_naive']}", flush=True)
 
-    print("(c) tickcast end to end ...", flush=True)
+    # One ~5 s drain on this VM moved by a fifth between runs minutes apart (52,253 and
+    # 63,791 ticks/s in v12 and v13), so (c) is the median drain of several, each on a
+    # fresh daemon; all rates are kept. The last daemon stays on for the live phases.
+    print(f"(c) tickcast end to end: median of {plan.c_drains} drains ...", flush=True)
     compile = None if plan.compile == "none" else plan.compile
-    r["c_tickcast"], kept = await drain_backlog(
-        ctx,
-        "tickcast",
-        {"max_batch_size": plan.max_batch_size},
-        source,
-        ticks_c,
-        fast=True,
-        compile=compile,
-        keep=True,
-    )
-    r["c_tickcast"]["forward"] = "explicit GRU cell" + (
-        f", compiled ({compile})" if compile else ", TorchScript"
-    )
-    print(f"  {r['c_tickcast']}", flush=True)
+    drains: list[dict[str, Any]] = []
+    for i in range(plan.c_drains):
+        drain, kept = await drain_backlog(
+            ctx,
+            "tickcast",
+            {"max_batch_size": plan.max_batch_size},
+            source,
+            ticks_c,
+            fast=True,
+            compile=compile,
+            keep=i == plan.c_drains - 1,
+        )
+        print(f"  {drain}", flush=True)
+        drains.append(drain)
+    forward = f"compiled ({compile})" if compile else "TorchScript"
+    r["c_tickcast"] = {
+        **sorted(drains, key=lambda d: d["predictions_per_s"])[len(drains) // 2],
+        "drains_predictions_per_s": [d["predictions_per_s"] for d in drains],
+        "forward": f"explicit GRU cell, {forward}",
+    }
     child, sampler, reader, _, _ = kept
     try:
         rate_c = float(r["c_tickcast"]["predictions_per_s"])
@@ -1254,6 +1265,9 @@ def render_table(report: dict[str, Any]) -> str:
             row("(b) naive end to end, ticks/s", f"{f['b_ticks_per_s']:,.0f}"),
             row("(c) tickcast end to end, ticks/s", f"{f['c_ticks_per_s']:,.0f}"),
         ]
+        if len(c.get("drains_predictions_per_s", ())) > 1:
+            rates = ", ".join(f"{x:,}" for x in c["drains_predictions_per_s"])
+            lines.append(row("    median of the drains", rates))
         if "broker_warmup" in r:
             cold = r["broker_warmup"]["predictions_per_s"]
             lines.append(row("    the same on the cold broker (warm-up)", f"{cold:,.0f}"))
@@ -1390,6 +1404,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--symbols-live", type=int, default=None, help="symbols in the Kafka phases (default 1000)"
     )
     parser.add_argument("--predictions", type=int, default=None, help="windows to score in (c)")
+    parser.add_argument(
+        "--c-drains", type=int, default=None, help="(c) is the median of this many (default 3)"
+    )
     parser.add_argument(
         "--naive-predictions", type=int, default=None, help="windows to score in (b)"
     )

@@ -48,7 +48,7 @@ def test_quick_bench_reports_every_figure(kafka_bootstrap: str, tmp_path: Path) 
     plots = tmp_path / "plots"
     done = run_bench(
         *("--quick", "--bootstrap-servers", kafka_bootstrap, "--symbols", "20000"),
-        *("--json", str(out), "--plot", str(plots)),
+        *("--json", str(out), "--plot", str(plots), "--c-drains", "3"),
     )
     assert "(c)/(b)" in done.stdout  # the table
     report = json.loads(out.read_text())
@@ -71,6 +71,11 @@ def test_quick_bench_reports_every_figure(kafka_bootstrap: str, tmp_path: Path) 
         assert figures["distinct_predictions"] == figures["windows_expected"]
         assert figures["predictions_per_s"] > 0
         assert figures["cpu_cores"] >= 0 and figures["rss_max_bytes"] > 50 * 2**20
+    # (c) is the median of its drains, which are all kept
+    rates = r["c_tickcast"]["drains_predictions_per_s"]
+    assert len(rates) == 3
+    assert r["c_tickcast"]["predictions_per_s"] == sorted(rates)[1]
+    assert "median of the drains" in done.stdout
 
     (half,) = r["latency"]
     assert half["load_fraction"] == 0.5
