@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
 from daemon.publisher import BatchPublisher, Delivery, OutRecord
-from daemon.ticks import encode_tick
+from daemon.ticks import encode_ticks, tick_prefix
 from model.data import PriceSeries
 
 logger = logging.getLogger(__name__)
@@ -54,15 +54,9 @@ class TickStream:
             # Same ms for a whole slice would make later ticks of a symbol "not newer";
             # spread them by one ms each.
             ts = restamp_ms + np.arange(stop - start, dtype=np.int64)
-        return [
-            (symbol.encode(), encode_tick(symbol, price, t), [])
-            for symbol, price, t in zip(
-                self.symbols[start:stop].tolist(),
-                self.prices[start:stop].tolist(),
-                ts.tolist(),
-                strict=True,
-            )
-        ]
+        symbols = self.symbols[start:stop].tolist()
+        values = encode_ticks(list(map(tick_prefix, symbols)), self.prices[start:stop], ts.tolist())
+        return [(symbol.encode(), value, []) for symbol, value in zip(symbols, values, strict=True)]
 
 
 async def replay(

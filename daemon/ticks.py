@@ -237,8 +237,24 @@ def decode_one_by_one(
 
 
 def encode_tick(symbol: str, price: float, ts: int) -> bytes:
-    """The canonical tick value (used by ``tickcast replay`` and the tests)."""
+    """The canonical tick value (used by the tests; :func:`encode_ticks` for many)."""
     return orjson.dumps({"symbol": symbol, "price": price, "ts": ts})
+
+
+def tick_prefix(symbol: str) -> bytes:
+    """A tick value up to its price, ``b'{"symbol":"QQQ","price":'``, for :func:`encode_ticks`
+    (a producer of many ticks per symbol encodes it once per symbol)."""
+    return b'{"symbol":%b,"price":' % orjson.dumps(symbol)
+
+
+def encode_ticks(prefixes: Sequence[bytes], prices: np.ndarray, ts: Sequence[int]) -> list[bytes]:
+    """:func:`encode_tick` for many ticks, byte for byte, at about a third of the cost:
+    ``prefixes[i]`` is :func:`tick_prefix` of tick i's symbol; prices are formatted per
+    batch (:func:`json_numbers`)."""
+    return [
+        b'%b%b,"ts":%d}' % (prefix, price, t)
+        for prefix, price, t in zip(prefixes, json_numbers(prices), ts, strict=True)
+    ]
 
 
 def json_numbers(values: np.ndarray) -> list[bytes]:

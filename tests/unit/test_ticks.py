@@ -9,7 +9,16 @@ from aiokafka.structs import ConsumerRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.ticks import MAX_TS_MS, DecodedTicks, _decode_clean, decode_one_by_one, decode_ticks
+from daemon.ticks import (
+    MAX_TS_MS,
+    DecodedTicks,
+    _decode_clean,
+    decode_one_by_one,
+    decode_ticks,
+    encode_tick,
+    encode_ticks,
+    tick_prefix,
+)
 
 LIMITS = {"max_tick_bytes": 256, "max_symbol_length": 8}
 
@@ -122,3 +131,20 @@ def test_both_paths_agree(batch: list[bytes | None]) -> None:
         (b.record.offset, b.reason) for b in reference_bad
     ]
     assert len(decoded) + len(bad) == len(records)  # nothing lost
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.text(min_size=1, max_size=20),
+            st.floats(min_value=1e-300, max_value=1e300),
+            st.integers(1, MAX_TS_MS - 1),
+        ),
+        max_size=30,
+    )
+)
+def test_encode_ticks_writes_encode_tick_bytes(ticks: list[tuple[str, float, int]]) -> None:
+    symbols = [t[0] for t in ticks]
+    prices = np.array([t[1] for t in ticks], dtype=np.float64)
+    values = encode_ticks([tick_prefix(s) for s in symbols], prices, [t[2] for t in ticks])
+    assert values == [encode_tick(*t) for t in ticks]
