@@ -57,6 +57,9 @@ DEMO_DATA = (
 TRAIN_DATA = "dataset:nasdaq"
 DEMO_GROUP_ID = "tickcast-demo"
 REFRESH_S = 0.5
+# At the end, the daemon counts as drained once it has consumed nothing for this long
+# (its fetch wait is 10 ms) and has no window in flight.
+QUIET_S = 0.3
 READY_TIMEOUT_S = 90.0
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -777,10 +780,19 @@ async def _drive(
         replay_s = time.monotonic() - started
         replay.cancel()
         await asyncio.gather(replay, return_exceptions=True)
-        # Let the reader catch up with what the daemon has published (bounded).
+        # The replay has stopped: let the daemon finish the ticks already produced
+        # (nothing consumed for QUIET_S, nothing in flight), then the reader catch up
+        # with what it published, so the summary's two counts agree. Bounded.
         catch_up = time.monotonic() + 5.0
+        consumed, quiet_since = -1.0, time.monotonic()
         while time.monotonic() < catch_up and not service_task.done():
-            if view.predictions >= _metric(service, "tickcast_predictions_published_total"):
+            if (now_consumed := _metric(service, "tickcast_ticks_consumed_total")) != consumed:
+                consumed, quiet_since = now_consumed, time.monotonic()
+            drained = time.monotonic() - quiet_since >= QUIET_S and not _metric(
+                service, "tickcast_inflight_windows"
+            )
+            published = _metric(service, "tickcast_predictions_published_total")
+            if drained and view.predictions >= published:
                 break
             await asyncio.sleep(0.1)
         if live is not None:
