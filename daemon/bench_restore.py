@@ -20,7 +20,6 @@ from typing import Any
 from uuid import uuid4
 
 import numpy as np
-import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry
@@ -31,6 +30,7 @@ from daemon.publisher import BatchPublisher, OutRecord
 from daemon.service import TickcastService
 from daemon.settings import Settings
 from daemon.state_store import encode_marker, encode_snapshot
+from daemon.ticks import encode_ticks, tick_prefix
 from daemon.windows import SymbolWindows
 from model.data import load_many
 
@@ -107,15 +107,15 @@ async def measure_restore(
     offsets_end = dict.fromkeys(range(partitions), 0)
     windows = SymbolWindows(window_length, initial_capacity=symbols)
     snapshot_at = ticks_per_symbol - tail
+    keys = [n.encode() for n in names.tolist()]
+    prefixes = [tick_prefix(n) for n in names.tolist()]
     try:
         for k in range(ticks_per_symbol):
             ts = base_ts + k * 1000
+            values = encode_ticks(prefixes, paths[:, k], [ts] * len(prefixes))
             by_partition: dict[int, list[OutRecord]] = {}
-            for name, price, p in zip(
-                names.tolist(), paths[:, k].tolist(), partition_of.tolist(), strict=True
-            ):
-                value = orjson.dumps({"symbol": name, "price": price, "ts": ts})
-                by_partition.setdefault(p, []).append((name.encode(), value, []))
+            for key, value, p in zip(keys, values, partition_of.tolist(), strict=True):
+                by_partition.setdefault(p, []).append((key, value, []))
             deliveries = []
             for p, records in by_partition.items():
                 deliveries += await publisher.send_to_partition(topics["input"], p, records)
