@@ -1363,6 +1363,13 @@ def draw_plots(report: dict[str, Any], out_dir: Path) -> list[str]:
     return paths
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``tickcast bench``."""
     parser.add_argument(
@@ -1401,7 +1408,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--predictions", type=int, default=None, help="windows to score in (c)")
     parser.add_argument(
-        "--c-drains", type=int, default=None, help="(c) is the median of this many (default 3)"
+        "--c-drains",
+        type=_at_least_one,
+        default=None,
+        help="(c) is the median of this many (default 3)",
     )
     parser.add_argument(
         "--naive-predictions", type=int, default=None, help="windows to score in (b)"

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import orjson
+import pytest
 
 from daemon.bench import (
     PredictionReader,
     TickSource,
     TickWriter,
     _prediction_ts,
+    add_bench_arguments,
     next_commit_poll_s,
 )
 from daemon.ticks import encode_tick
@@ -68,3 +72,12 @@ def test_the_reader_takes_ts_from_the_prediction_json() -> None:
         value = b'{"symbol":"Q","ts":1704205800000,"price":1.5,"predicted":2.0,"x":[1]}'
 
     assert _prediction_ts(Record()) == 1_704_205_800_000
+
+
+def test_c_drains_must_be_at_least_one(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    assert parser.parse_args(["--c-drains", "5"]).c_drains == 5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--c-drains", "0"])
+    assert "must be at least 1" in capsys.readouterr().err
