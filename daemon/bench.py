@@ -273,6 +273,9 @@ class PredictionReader:
     async def start(self) -> None:
         from aiokafka import AIOKafkaConsumer
 
+        from daemon.raw_records import install, raw_value
+
+        install()
         self._consumer = AIOKafkaConsumer(
             self.topic,
             bootstrap_servers=self.bootstrap,
@@ -283,6 +286,7 @@ class PredictionReader:
             # Like the daemon: fuller fetches, so the reader's CPU does not crowd it out.
             fetch_min_bytes=64 * 1024,
             fetch_max_wait_ms=5,
+            value_deserializer=raw_value,  # records as fetched: no ConsumerRecord each
         )
         await self._consumer.start()
         self._task = asyncio.create_task(self._run())

@@ -15,9 +15,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
+from daemon import raw_records
 from daemon.state_store import decode_partition_state
 from daemon.ticks import decode_ticks
 from daemon.windows import SymbolWindows
@@ -87,6 +89,7 @@ async def restore_windows(
     todo = {tp: end for tp, end in until.items() if end > 0}
     if not todo:
         return RestoreStats(0, 0, 0.0)
+    raw_records.install()
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers,
         group_id=None,
@@ -94,6 +97,7 @@ async def restore_windows(
         auto_offset_reset="earliest",  # a marker below the log start: read what is left
         isolation_level="read_committed",
         max_partition_fetch_bytes=16 * 1024 * 1024,
+        value_deserializer=raw_records.raw_value,  # offsets, keys and values are all it reads
         **(consumer_kwargs or {}),
     )
     await consumer.start()
@@ -119,9 +123,12 @@ async def restore_windows(
                 loaded += len(state.snapshot)
                 replay_from[input_tp] = state.marker
         consumer.assign(list(todo))
-        async for _, records in _read_to_end(consumer, replay_from, todo, fetch_max_records):
+        async for tp, records in _read_to_end(consumer, replay_from, todo, fetch_max_records):
             decoded, _ = decode_ticks(
-                records, max_tick_bytes=max_tick_bytes, max_symbol_length=max_symbol_length
+                records,
+                np.full(len(records), tp.partition, np.int32),
+                max_tick_bytes=max_tick_bytes,
+                max_symbol_length=max_symbol_length,
             )
             slots = windows.slots_for(decoded.symbols, decoded.partitions)
             windows.apply(slots, decoded.prices, decoded.ts)

@@ -39,8 +39,9 @@ import orjson
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError, ProducerFenced
-from aiokafka.structs import ConsumerRecord, TopicPartition
+from aiokafka.structs import TopicPartition
 
+from daemon import raw_records
 from daemon.http import HealthServer
 from daemon.metrics import DaemonMetrics, observe_many
 from daemon.model_watcher import ModelWatcher
@@ -50,7 +51,7 @@ from daemon.publisher import BatchPublisher, OutRecord
 from daemon.restore import restore_windows
 from daemon.settings import Settings
 from daemon.state_store import PendingSnapshot, StateWriter
-from daemon.ticks import BadTick, decode_ticks, json_numbers
+from daemon.ticks import BadTick, RawRecord, decode_ticks, json_numbers
 from daemon.windows import SymbolWindows
 from model.checkpoint import CheckpointError, read_latest
 
@@ -112,7 +113,9 @@ def make_producer(settings: Settings, role: str, **tuning: Any) -> AIOKafkaProdu
 
 
 def make_consumer(settings: Settings) -> AIOKafkaConsumer:
-    """The input consumer: manual commits, read_committed, fetch sizes from settings."""
+    """The input consumer: manual commits, read_committed, fetch sizes from settings; it
+    hands over records as fetched, without a ConsumerRecord each (daemon.raw_records)."""
+    raw_records.install()
     return AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
         group_id=settings.group_id,
@@ -123,6 +126,7 @@ def make_consumer(settings: Settings) -> AIOKafkaConsumer:
         max_partition_fetch_bytes=4 * 1024 * 1024,
         fetch_min_bytes=settings.fetch_min_bytes,
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        value_deserializer=raw_records.raw_value,
         **kafka_security_kwargs(settings),
     )
 
@@ -270,7 +274,7 @@ class TickcastService:
         # listener is still running, so records of partitions whose windows are not yet
         # restored are parked here and released, in order, once they are.
         self._ready_partitions: set[TopicPartition] = set()
-        self._parked: dict[TopicPartition, list[ConsumerRecord]] = {}
+        self._parked: dict[TopicPartition, list[RawRecord]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._http = HealthServer(self, settings.metrics_host, settings.metrics_port)
         self._watcher = ModelWatcher(self, settings.checkpoint_dir, settings.checkpoint_poll_s)
@@ -570,9 +574,11 @@ class TickcastService:
             consumer.resume(*[tp for tp in partitions if tp in consumer.assignment()])
             self.metrics.fetch_paused.set(0)
 
-    def _build_chunk(self, fetched: dict[TopicPartition, list[ConsumerRecord]]) -> Chunk | None:
+    def _build_chunk(self, fetched: dict[TopicPartition, list[RawRecord]]) -> Chunk | None:
         s = self.settings
-        live: list[ConsumerRecord] = []
+        live: list[RawRecord] = []
+        live_partitions: list[int] = []
+        live_counts: list[int] = []
         commit: dict[TopicPartition, int] = {}
         released = [tp for tp in self._parked if tp in self._ready_partitions]
         if released:
@@ -584,13 +590,18 @@ class TickcastService:
                 self._parked.setdefault(tp, []).extend(records)
             elif records:
                 live.extend(records)
+                live_partitions.append(tp.partition)
+                live_counts.append(len(records))
                 commit[tp] = records[-1].offset + 1
         self.metrics.ticks_consumed.inc(len(live))
         if not live:
             return None
         consumed_at = time.time()
         decoded, bad = decode_ticks(
-            live, max_tick_bytes=s.max_tick_bytes, max_symbol_length=s.max_symbol_length
+            live,
+            np.repeat(np.asarray(live_partitions, np.int32), live_counts),
+            max_tick_bytes=s.max_tick_bytes,
+            max_symbol_length=s.max_symbol_length,
         )
         for tick in bad:
             self.metrics.bad_ticks.labels(tick.reason).inc()
@@ -901,14 +912,14 @@ class TickcastService:
             )
         ]
 
-    @staticmethod
-    def _dead_letter_record(tick: BadTick) -> OutRecord:
+    def _dead_letter_record(self, tick: BadTick) -> OutRecord:
         r = tick.record
+        source = f"{self.settings.input_topic}/{tick.partition}/{r.offset}"
         headers = [*list(r.headers or ())]
         headers += [
             ("tickcast.reason", tick.reason.encode()),
             ("tickcast.detail", tick.detail.encode("utf-8", "replace")[:512]),
-            ("tickcast.source", f"{r.topic}/{r.partition}/{r.offset}".encode()),
+            ("tickcast.source", source.encode()),
         ]
         return (r.key, r.value or b"", headers)
 

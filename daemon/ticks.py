@@ -24,12 +24,9 @@ MAX_TS_MS = 10**13
 
 
 class RawRecord(Protocol):
-    """What we need of an aiokafka ``ConsumerRecord``."""
+    """What we need of a fetched record: an aiokafka ``ConsumerRecord``, or the record
+    object itself on the raw path (:mod:`daemon.raw_records`), which has no partition."""
 
-    @property
-    def topic(self) -> str: ...
-    @property
-    def partition(self) -> int: ...
     @property
     def offset(self) -> int: ...
     @property
@@ -45,6 +42,7 @@ class BadTick:
     """A record that cannot be used, with the reason it goes to the dead-letter topic."""
 
     record: RawRecord
+    partition: int
     reason: str  # short, bounded vocabulary: used as a metric label
     detail: str  # human-readable, goes into a header
 
@@ -117,20 +115,25 @@ def _validate(obj: Any, max_symbol_length: int) -> tuple[str, float, int]:
 
 
 def decode_ticks(
-    records: Sequence[RawRecord], *, max_tick_bytes: int, max_symbol_length: int
+    records: Sequence[RawRecord],
+    partitions: np.ndarray,
+    *,
+    max_tick_bytes: int,
+    max_symbol_length: int,
 ) -> tuple[DecodedTicks, list[BadTick]]:
-    """Split records into valid ticks (as arrays) and bad ticks (with reasons).
+    """Split records into valid ticks (as arrays) and bad ticks (with reasons);
+    ``partitions[i]`` is the input partition of ``records[i]``.
 
     A fetch of only good ticks (the usual case) is parsed against a typed schema in C
     (msgspec) and checked column by column with numpy; any doubt sends the whole fetch
     through the record-by-record path, which names each bad tick's reason. Both give the
     same answer.
     """
-    clean = _decode_clean(records, max_tick_bytes, max_symbol_length)
+    clean = _decode_clean(records, partitions, max_tick_bytes, max_symbol_length)
     if clean is not None:
         return clean, []
     return decode_one_by_one(
-        records, max_tick_bytes=max_tick_bytes, max_symbol_length=max_symbol_length
+        records, partitions, max_tick_bytes=max_tick_bytes, max_symbol_length=max_symbol_length
     )
 
 
@@ -148,12 +151,14 @@ _SYMBOL = operator.attrgetter("symbol")
 _PRICE = operator.attrgetter("price")
 _TS = operator.attrgetter("ts")
 _VALUE = operator.attrgetter("value")
-_PARTITION = operator.attrgetter("partition")
 _OFFSET = operator.attrgetter("offset")
 
 
 def _decode_clean(
-    records: Sequence[RawRecord], max_tick_bytes: int, max_symbol_length: int
+    records: Sequence[RawRecord],
+    partitions: np.ndarray,
+    max_tick_bytes: int,
+    max_symbol_length: int,
 ) -> DecodedTicks | None:
     """The fetch as arrays when every record is a good tick; None at the first doubt."""
     n = len(records)
@@ -181,30 +186,34 @@ def _decode_clean(
         symbols=symbols,
         prices=prices,
         ts=ts,
-        partitions=np.fromiter(map(_PARTITION, records), np.int32, n),
+        partitions=np.asarray(partitions, dtype=np.int32),
         offsets=np.fromiter(map(_OFFSET, records), np.int64, n),
     )
 
 
 def decode_one_by_one(
-    records: Sequence[RawRecord], *, max_tick_bytes: int, max_symbol_length: int
+    records: Sequence[RawRecord],
+    partitions: np.ndarray,
+    *,
+    max_tick_bytes: int,
+    max_symbol_length: int,
 ) -> tuple[DecodedTicks, list[BadTick]]:
     """:func:`decode_ticks` one record at a time, with a reason for each bad tick."""
     symbols: list[str] = []
     prices: list[float] = []
     times: list[int] = []
-    partitions: list[int] = []
+    good_partitions: list[int] = []
     offsets: list[int] = []
     bad: list[BadTick] = []
     loads = orjson.loads
-    for record in records:
+    for record, partition in zip(records, np.asarray(partitions).tolist(), strict=True):
         value = record.value
         if not value:
-            bad.append(BadTick(record, "empty", "record has no value"))
+            bad.append(BadTick(record, partition, "empty", "record has no value"))
             continue
         if len(value) > max_tick_bytes:
             detail = f"value is {len(value)} bytes, limit {max_tick_bytes}"
-            bad.append(BadTick(record, "oversized", detail))
+            bad.append(BadTick(record, partition, "oversized", detail))
             continue
         try:
             obj = loads(value)
@@ -212,25 +221,26 @@ def decode_one_by_one(
             try:
                 value.decode("utf-8")
             except UnicodeDecodeError:
-                bad.append(BadTick(record, "not_utf8", "value is not UTF-8"))
+                bad.append(BadTick(record, partition, "not_utf8", "value is not UTF-8"))
             else:
-                bad.append(BadTick(record, "not_json", f"value is not JSON: {exc}"[:200]))
+                detail = f"value is not JSON: {exc}"[:200]
+                bad.append(BadTick(record, partition, "not_json", detail))
             continue
         try:
             symbol, price, ts = _validate(obj, max_symbol_length)
         except _InvalidTickError as invalid:
-            bad.append(BadTick(record, invalid.reason, invalid.detail))
+            bad.append(BadTick(record, partition, invalid.reason, invalid.detail))
             continue
         symbols.append(symbol)
         prices.append(price)
         times.append(ts)
-        partitions.append(record.partition)
+        good_partitions.append(partition)
         offsets.append(record.offset)
     decoded = DecodedTicks(
         symbols=symbols,
         prices=np.asarray(prices, dtype=np.float64),
         ts=np.asarray(times, dtype=np.int64),
-        partitions=np.asarray(partitions, dtype=np.int32),
+        partitions=np.asarray(good_partitions, dtype=np.int32),
         offsets=np.asarray(offsets, dtype=np.int64),
     )
     return decoded, bad

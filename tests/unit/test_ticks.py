@@ -28,6 +28,10 @@ def record(offset: int, value: bytes | None, partition: int = 0) -> ConsumerReco
     return ConsumerRecord("ticks", partition, offset, 0, 0, None, value, None, 0, size, ())
 
 
+def partitions_of(records: list[ConsumerRecord[bytes, bytes]]) -> np.ndarray:
+    return np.array([r.partition for r in records], dtype=np.int32)
+
+
 def good(symbol: str, price: float, ts: int) -> bytes:
     return orjson.dumps({"symbol": symbol, "price": price, "ts": ts})
 
@@ -74,20 +78,20 @@ def same(a: DecodedTicks, b: DecodedTicks) -> bool:
 
 @pytest.mark.parametrize(("value", "reason"), BAD_VALUES)
 def test_each_bad_value_has_its_reason(value: bytes | None, reason: str) -> None:
-    records = [record(0, good("A", 1.0, 1)), record(1, value), record(2, good("B", 2.0, 2))]
-    decoded, bad = decode_ticks(records, **LIMITS)
+    records = [record(0, good("A", 1.0, 1)), record(1, value, 4), record(2, good("B", 2.0, 2))]
+    decoded, bad = decode_ticks(records, partitions_of(records), **LIMITS)
     assert decoded.symbols == ["A", "B"]
     assert decoded.offsets.tolist() == [0, 2]
-    assert [(b.record.offset, b.reason) for b in bad] == [(1, reason)]
+    assert [(b.record.offset, b.partition, b.reason) for b in bad] == [(1, 4, reason)]
 
 
 def test_a_clean_fetch_takes_the_fast_path() -> None:
     records = [
         record(i, good(f"S{i % 7}", 100.0 + i, 1_700_000_000_000 + i), i % 3) for i in range(50)
     ]
-    fast = _decode_clean(records, LIMITS["max_tick_bytes"], LIMITS["max_symbol_length"])
+    fast = _decode_clean(records, partitions_of(records), **LIMITS)
     assert fast is not None
-    slow, bad = decode_one_by_one(records, **LIMITS)
+    slow, bad = decode_one_by_one(records, partitions_of(records), **LIMITS)
     assert bad == [] and same(fast, slow)
     assert fast.prices.dtype == np.float64 and fast.ts.dtype == np.int64
 
@@ -95,8 +99,8 @@ def test_a_clean_fetch_takes_the_fast_path() -> None:
 def test_a_repeated_field_counts_once_the_same_way_on_both_paths() -> None:
     # JSON leaves duplicate keys open; both parsers keep the last, so both paths agree.
     records = [record(0, b'{"symbol": "A", "symbol": "B", "price": 2.0, "price": 3, "ts": 5}')]
-    fast = _decode_clean(records, LIMITS["max_tick_bytes"], LIMITS["max_symbol_length"])
-    slow, bad = decode_one_by_one(records, **LIMITS)
+    fast = _decode_clean(records, partitions_of(records), **LIMITS)
+    slow, bad = decode_one_by_one(records, partitions_of(records), **LIMITS)
     assert fast is not None and bad == [] and same(fast, slow)
     assert fast.symbols == ["B"] and fast.prices.tolist() == [3.0]
 
@@ -104,8 +108,8 @@ def test_a_repeated_field_counts_once_the_same_way_on_both_paths() -> None:
 @pytest.mark.parametrize("value", ODD_BUT_GOOD)
 def test_odd_but_valid_ticks_fall_back_and_are_kept(value: bytes) -> None:
     records = [record(0, good("A", 1.0, 1)), record(1, value)]
-    assert _decode_clean(records, LIMITS["max_tick_bytes"], LIMITS["max_symbol_length"]) is None
-    decoded, bad = decode_ticks(records, **LIMITS)
+    assert _decode_clean(records, partitions_of(records), **LIMITS) is None
+    decoded, bad = decode_ticks(records, partitions_of(records), **LIMITS)
     assert bad == [] and decoded.offsets.tolist() == [0, 1]
 
 
@@ -124,11 +128,11 @@ values = st.one_of(
 @given(st.lists(values, max_size=40))
 def test_both_paths_agree(batch: list[bytes | None]) -> None:
     records = [record(i, v, i % 2) for i, v in enumerate(batch)]
-    decoded, bad = decode_ticks(records, **LIMITS)
-    reference, reference_bad = decode_one_by_one(records, **LIMITS)
+    decoded, bad = decode_ticks(records, partitions_of(records), **LIMITS)
+    reference, reference_bad = decode_one_by_one(records, partitions_of(records), **LIMITS)
     assert same(decoded, reference)
-    assert [(b.record.offset, b.reason) for b in bad] == [
-        (b.record.offset, b.reason) for b in reference_bad
+    assert [(b.record.offset, b.partition, b.reason) for b in bad] == [
+        (b.record.offset, b.partition, b.reason) for b in reference_bad
     ]
     assert len(decoded) + len(bad) == len(records)  # nothing lost
 

@@ -1,0 +1,67 @@
+"""Fetched records as aiokafka parsed them, without building a ``ConsumerRecord`` each.
+
+For every fetched record aiokafka builds a ``ConsumerRecord`` (eleven fields) and a tuple
+of its headers: 1.35 us per record, measured on the CI machine, the largest per-tick cost
+left on the daemon's event loop. A consumer made with ``value_deserializer=raw_value``
+instead receives the record objects aiokafka parsed the fetch into (0.45 us per record).
+They have the ``offset``, ``timestamp``, ``key``, ``value`` and ``headers`` of a
+``ConsumerRecord``, but no ``topic`` or ``partition``: ``getmany()`` already keys each list
+by its TopicPartition.
+
+This overrides a private method of aiokafka (``PartitionRecords._consumer_record``), so
+it is installed only on the aiokafka versions whose fetcher it was read against; on any
+other version such a consumer gets ordinary ``ConsumerRecord``\\ s, which have the same
+attributes, and works as before. Consumers made without ``raw_value`` are unaffected.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import aiokafka
+from aiokafka.consumer import fetcher
+
+logger = logging.getLogger(__name__)
+
+# Versions whose PartitionRecords._consumer_record(tp, record) was read: 0.11.0 to 0.14.0.
+SUPPORTED_AIOKAFKA = ((0, 11), (0, 15))
+
+
+def raw_value(value: bytes | None) -> bytes | None:
+    """The value as fetched. As a consumer's ``value_deserializer`` it also selects the
+    raw record path (and, where that is not installed, it is an identity)."""
+    return value
+
+
+def supported(version: str) -> bool:
+    """Whether the raw path may be installed on this aiokafka version."""
+    major, minor = (
+        int("".join(c for c in part if c.isdigit()) or 0) for part in version.split(".")[:2]
+    )
+    low, high = SUPPORTED_AIOKAFKA
+    return low <= (major, minor) < high
+
+
+def install() -> bool:
+    """Route the records of ``raw_value`` consumers around ``ConsumerRecord``; idempotent.
+    Returns whether the raw path is in place."""
+    records_class: Any = fetcher.PartitionRecords
+    if getattr(records_class, "_tickcast_raw", False):
+        return True
+    if not supported(aiokafka.__version__) or not hasattr(records_class, "_consumer_record"):
+        logger.info(
+            "aiokafka %s: raw record path not installed, consumers get ConsumerRecords",
+            aiokafka.__version__,
+        )
+        return False
+    build_consumer_record = records_class._consumer_record
+
+    def consumer_record(self: Any, tp: Any, record: Any) -> Any:
+        if self._value_deserializer is raw_value:
+            return record
+        return build_consumer_record(self, tp, record)
+
+    records_class._consumer_record = consumer_record
+    records_class._tickcast_raw = True
+    return True
