@@ -565,13 +565,32 @@ class ChildDaemon:
         self._log.close()
 
 
+def parse_proc_stat(first_line: str, ticks_per_s: float) -> tuple[float, float]:
+    """(busy, stolen) CPU seconds of the whole machine from /proc/stat's ``cpu`` line.
+    Busy is user, nice, system, irq and softirq; stolen is time the hypervisor gave this
+    VM's CPUs to someone else, which no process here sees in its own CPU time."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, first_line.split()[1:9])
+    return (user + nice + system + irq + softirq) / ticks_per_s, steal / ticks_per_s
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """:func:`parse_proc_stat` now; (nan, nan) where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            return parse_proc_stat(f.readline(), os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError):
+        return float("nan"), float("nan")
+
+
 class Sampler:
-    """Samples a child's CPU seconds and RSS every ``period`` seconds in a thread."""
+    """Samples a child's CPU seconds and RSS, and the machine's busy and stolen CPU
+    seconds, every ``period`` seconds in a thread."""
 
     def __init__(self, child: ChildDaemon, period: float = 0.1) -> None:
         self.child = child
         self.period = period
-        self.samples: list[tuple[float, float, int]] = []  # (time.time(), cpu s, rss)
+        # (time.time(), child cpu s, child rss, machine busy s, machine stolen s)
+        self.samples: list[tuple[float, float, int, float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -579,18 +598,23 @@ class Sampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             with contextlib.suppress(Exception):
-                self.samples.append((time.time(), self.child.cpu_seconds(), self.child.rss()))
+                cpu, rss = self.child.cpu_seconds(), self.child.rss()
+                self.samples.append((time.time(), cpu, rss, *machine_cpu_seconds()))
             self._stop.wait(self.period)
 
     def window(self, start: float, stop: float) -> dict[str, float]:
-        """CPU use (cores) and RSS over [start, stop] of wall time."""
+        """The child's CPU use (cores) and RSS, and the machine's busy and stolen cores,
+        over [start, stop] of wall time."""
         inside = [s for s in self.samples if start <= s[0] <= stop]
         if len(inside) < 2:
             inside = self.samples[-2:]
-        (t0, c0, _), (t1, c1, _) = inside[0], inside[-1]
+        first, last = inside[0], inside[-1]
+        wall = max(last[0] - first[0], 1e-9)
         return {
-            "cpu_cores": round((c1 - c0) / max(t1 - t0, 1e-9), 2),
+            "cpu_cores": round((last[1] - first[1]) / wall, 2),
             "rss_max_bytes": max(s[2] for s in inside),
+            "machine_busy_cores": round((last[3] - first[3]) / wall, 2),
+            "machine_stolen_cores": round((last[4] - first[4]) / wall, 2),
         }
 
     def stop(self) -> None:
@@ -995,7 +1019,7 @@ async def soak(ctx: Context, kept: Any, rate: float, seconds: float) -> dict[str
         writer.last_step_ts = int(time.time() * 1000) + 1
         started = time.time()
         sent, real_s = await writer.write_at_rate(rate, seconds)
-    samples = [(t, r) for t, _, r in sampler.samples if t >= started]
+    samples = [(s[0], s[2]) for s in sampler.samples if s[0] >= started]
     t = np.array([s[0] for s in samples]) - started
     rss = np.array([s[1] for s in samples], dtype=np.float64)
     half = len(rss) // 2
@@ -1279,6 +1303,10 @@ def render_table(report: dict[str, Any]) -> str:
             row(
                 "    daemon CPU cores / RSS MiB",
                 f"{c['cpu_cores']:.2f} / {c['rss_max_bytes'] / mib:.0f}",
+            ),
+            row(
+                "    machine cores busy / stolen by the hypervisor",
+                f"{c['machine_busy_cores']:.2f} / {c['machine_stolen_cores']:.2f}",
             ),
             row("(c)/(b)", f"{f['c_over_b']:.1f}", verdict("c_over_b", ">= 20")),
             row("(c)/(a)", f"{f['c_over_a']:.3f}", verdict("c_over_a", ">= 0.6")),

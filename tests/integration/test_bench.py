@@ -71,6 +71,9 @@ def test_quick_bench_reports_every_figure(kafka_bootstrap: str, tmp_path: Path) 
         assert figures["distinct_predictions"] == figures["windows_expected"]
         assert figures["predictions_per_s"] > 0
         assert figures["cpu_cores"] >= 0 and figures["rss_max_bytes"] > 50 * 2**20
+        # the whole machine was busy at least with the daemon, and lost >= 0 to steal
+        assert figures["machine_busy_cores"] >= figures["cpu_cores"] - 0.2
+        assert figures["machine_stolen_cores"] >= 0
     # (c) is the median of its drains, which are all kept
     rates = r["c_tickcast"]["drains_predictions_per_s"]
     assert len(rates) == 3
