@@ -273,9 +273,8 @@ class PredictionReader:
     async def start(self) -> None:
         from aiokafka import AIOKafkaConsumer
 
-        from daemon.raw_records import install, raw_value
+        from daemon.raw_records import raw_value
 
-        install()
         self._consumer = AIOKafkaConsumer(
             self.topic,
             bootstrap_servers=self.bootstrap,

@@ -13,6 +13,8 @@ This overrides a private method of aiokafka (``PartitionRecords._consumer_record
 it is installed only on the aiokafka versions whose fetcher it was read against; on any
 other version such a consumer gets ordinary ``ConsumerRecord``\\ s, which have the same
 attributes, and works as before. Consumers made without ``raw_value`` are unaffected.
+Importing this module installs the override, so passing ``raw_value`` is all a consumer
+needs to do.
 """
 
 from __future__ import annotations
@@ -66,3 +68,6 @@ def install() -> bool:
     records_class._consumer_record = consumer_record
     records_class._tickcast_raw = True
     return True
+
+
+install()

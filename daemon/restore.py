@@ -89,7 +89,6 @@ async def restore_windows(
     todo = {tp: end for tp, end in until.items() if end > 0}
     if not todo:
         return RestoreStats(0, 0, 0.0)
-    raw_records.install()
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers,
         group_id=None,

@@ -115,7 +115,6 @@ def make_producer(settings: Settings, role: str, **tuning: Any) -> AIOKafkaProdu
 def make_consumer(settings: Settings) -> AIOKafkaConsumer:
     """The input consumer: manual commits, read_committed, fetch sizes from settings; it
     hands over records as fetched, without a ConsumerRecord each (daemon.raw_records)."""
-    raw_records.install()
     return AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
         group_id=settings.group_id,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -95,3 +97,15 @@ def test_installed_only_on_the_versions_it_was_read_against(version: str, ok: bo
 
 def test_raw_value_is_an_identity_where_the_path_is_not_installed() -> None:
     assert raw_value(b"x") == b"x" and raw_value(None) is None
+
+
+def test_the_daemon_needs_no_install_call_of_its_own() -> None:
+    # A fresh interpreter: importing the service (which imports daemon.raw_records) is
+    # enough for its raw_value consumers to take the raw path.
+    code = (
+        "import daemon.service\n"
+        "from aiokafka.consumer import fetcher\n"
+        "print(getattr(fetcher.PartitionRecords, '_tickcast_raw', False))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True"
