@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -60,6 +61,15 @@ def test_quick_bench_reports_every_figure(kafka_bootstrap: str, tmp_path: Path) 
     if workers > 1:  # the daemon's own CPU shape: single-threaded forwards side by side
         assert f"scripted-cell/1tx{workers}w" in a["curves"]
     assert a["best"]["windows_per_s"] > 0
+    # (a) is re-measured after the sweep and before each of the 3 (c) drains; its figure
+    # is the median of those, and the sweep's fastest sample is kept beside it.
+    confirmations = a["best"]["confirmations"]
+    assert len(confirmations) == 4 and all(x > 0 for x in confirmations)
+    assert a["best"]["windows_per_s"] == round(statistics.median(confirmations))
+    assert a["best"]["sweep_max_windows_per_s"] == max(
+        map(max, map(dict.values, a["curves"].values()))
+    )
+    assert "median of re-measurements" in done.stdout
     assert 1.5e6 < a["flops_per_window"] < 1.6e6
     assert 0 < a["flop_fraction_of_sgemm_peak"] < 1.5
 

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+from unittest import mock
 
-from daemon.bench import render_table, summarise
+import numpy as np
+
+from daemon.bench import CeilingProbe, Context, Plan, confirm_ceiling, render_table, summarise
 
 
 def ceiling(windows_per_s: float, device: str) -> dict[str, Any]:
     return {
         "device": device,
-        "best": {"path": "p", "batch": 256, "windows_per_s": windows_per_s},
+        "best": {
+            "path": "p",
+            "batch": 256,
+            "windows_per_s": windows_per_s,
+            "sweep_max_windows_per_s": windows_per_s * 1.1,
+            "confirmations": [windows_per_s],
+        },
         "flop_fraction_of_sgemm_peak": 0.4,
     }
 
@@ -49,3 +59,49 @@ def test_a_ceiling_only_run_has_no_ratios_and_meets_none() -> None:
     table = render_table(report)
     assert "(a) model ceiling, windows/s" in table and "90,000" in table
     assert "(c)/(b)" not in table
+
+
+def test_c_over_a_uses_the_re_measured_ceiling_and_reports_the_sweep_max_beside() -> None:
+    results = {
+        "a_ceiling": ceiling(80_000, "cpu"),
+        "c_tickcast": {"predictions_per_s": 50_000},
+        "b_naive": {"predictions_per_s": 300},
+    }
+    figures = summarise(results)["figures"]
+    assert figures["c_over_a"] == 0.625
+    assert figures["c_over_a_sweep_max"] == round(50_000 / 88_000, 3)
+    assert summarise(results)["met"]["c_over_a"]
+
+
+class _FakeProbe(CeilingProbe):
+    """Returns the next of a fixed list of rates instead of running a forward pass."""
+
+    def __init__(self, rates: list[float]) -> None:
+        super().__init__("p/1tx2w", 1024, lambda w: w, 1, 2, np.zeros((1, 60)))
+        self.rates = rates
+
+    def measure(self, seconds: float) -> float:
+        return self.rates.pop(0)
+
+
+def test_the_ceiling_is_the_median_of_its_re_measurements(tmp_path: Path) -> None:
+    plan = mock.Mock(spec=Plan, confirm_seconds=0.01)
+    ctx = Context("unused", tmp_path, tmp_path, "cpu", plan)
+    ctx.ceiling_probe = _FakeProbe([70_000, 90_000, 80_000, 100_000])
+    ctx.results["a_ceiling"] = {
+        "best": {"windows_per_s": None, "sweep_max_windows_per_s": 99_000, "confirmations": []},
+        "flops_per_window": 1_000_000,
+        "sgemm_peak_flops_2t": 200e9,
+        "flop_fraction_of_sgemm_peak": None,
+    }
+    a = ctx.results["a_ceiling"]
+    confirm_ceiling(ctx)
+    assert a["best"]["windows_per_s"] == 70_000
+    assert a["flop_fraction_of_sgemm_peak"] == 0.35
+    confirm_ceiling(ctx)
+    confirm_ceiling(ctx)
+    assert a["best"]["confirmations"] == [70_000, 90_000, 80_000]
+    assert a["best"]["windows_per_s"] == 80_000
+    confirm_ceiling(ctx)  # an even count: the mean of the middle two
+    assert a["best"]["windows_per_s"] == 85_000
+    assert a["best"]["sweep_max_windows_per_s"] == 99_000  # kept as measured
