@@ -187,13 +187,13 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from daemon.bench import add_bench_arguments as add
+    from daemon.bench.run import add_bench_arguments as add
 
     add(parser)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from daemon.bench import run_bench as run
+    from daemon.bench.run import run_bench as run
 
     return run(args)
 

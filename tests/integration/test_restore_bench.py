@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.bench_restore import measure_restore
+from daemon.bench.restore import measure_restore
 from tests.support.daemon import make_checkpoint
 
 pytestmark = pytest.mark.kafka

@@ -8,14 +8,9 @@ import numpy as np
 import orjson
 import pytest
 
-from daemon.bench import (
-    PredictionReader,
-    TickSource,
-    TickWriter,
-    _prediction_ts,
-    add_bench_arguments,
-    next_commit_poll_s,
-)
+from daemon.bench.load import PredictionReader, TickSource, TickWriter, _prediction_ts
+from daemon.bench.phases import next_commit_poll_s
+from daemon.bench.run import add_bench_arguments
 from daemon.ticks import encode_tick
 
 

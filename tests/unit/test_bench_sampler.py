@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from daemon.bench import Sampler, machine_cpu_seconds, parse_proc_stat
+from daemon.bench.sampling import Sampler, machine_cpu_seconds, parse_proc_stat
 
 
 def test_proc_stat_busy_and_stolen_seconds() -> None:

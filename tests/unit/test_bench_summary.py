@@ -8,7 +8,9 @@ from unittest import mock
 
 import numpy as np
 
-from daemon.bench import CeilingProbe, Context, Plan, confirm_ceiling, render_table, summarise
+from daemon.bench.ceiling import CeilingProbe, confirm_ceiling
+from daemon.bench.plan import Context, Plan
+from daemon.bench.report import render_table, summarise
 
 
 def ceiling(windows_per_s: float, device: str) -> dict[str, Any]:

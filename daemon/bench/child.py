@@ -1,0 +1,217 @@
+"""Daemons under test run as child processes (``python -m daemon.bench CONFIG``), so their
+CPU time and RSS are their own; also the 1,000,000-symbol memory probe."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daemon.bench.plan import WINDOW
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChildConfig:
+    """What a child daemon runs: settings overrides plus predictor options."""
+
+    settings: dict[str, Any]
+    fast: bool = True
+    compile: str | None = None
+    threads: int | None = None
+    mode: str = "serve"  # or "memory"
+    memory_symbols: int = 0
+
+
+def child_main(config_json: str) -> int:
+    """Entry of ``python -m daemon.bench CONFIG``: one daemon (or the memory probe)."""
+    import torch
+    from prometheus_client import CollectorRegistry
+
+    from daemon.metrics import DaemonMetrics
+    from daemon.predictor import load_predictor, resolve_device
+    from daemon.service import TickcastService, inference_threads, inference_workers
+    from daemon.settings import Settings
+    from model.checkpoint import read_latest
+
+    config = ChildConfig(**json.loads(config_json))
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    settings = Settings(**config.settings)
+    device = resolve_device(settings.device)
+    # The same thread count `tickcast serve` would use (TICKCAST_TORCH_THREADS or its
+    # default), unless --daemon-threads overrides it.
+    workers = inference_workers(settings, device, compiled=config.compile is not None)
+    torch.set_num_threads(config.threads or inference_threads(settings, workers))
+    root = Path(settings.checkpoint_dir)
+    predictor = load_predictor(
+        root / str(read_latest(root)),
+        device,
+        fast=config.fast,
+        compile=config.compile,  # type: ignore[arg-type]
+    )
+    if predictor.fast is not None and config.compile:
+        started = time.perf_counter()
+        predictor.fast.wait_compiled()
+        print(
+            json.dumps({"compile_s": time.perf_counter() - started, "path": predictor.path}),
+            flush=True,
+        )
+    if config.mode == "memory":
+        print(json.dumps(_memory_probe(settings, predictor, config.memory_symbols)), flush=True)
+        return 0
+    service = TickcastService(settings, DaemonMetrics(CollectorRegistry()), predictor)
+    asyncio.run(service.serve())
+    return 0
+
+
+def proc_rss_bytes(pid: int | str = "self") -> int:
+    """Resident set size from /proc (Linux): the process's real memory, not an estimate."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def proc_cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU seconds of a process from /proc/PID/stat (Linux)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_bytes() -> int:
+    return proc_rss_bytes()
+
+
+def _memory_probe(settings: Any, predictor: Any, n_symbols: int) -> dict[str, Any]:
+    """RSS of a built (not started) service whose windows hold ``n_symbols`` full windows.
+
+    Windows are filled directly (slots allocated through ``slots_for``, prices written
+    into the arrays), then one real ``apply`` of a tick per symbol and one scored batch.
+    """
+    import gc
+
+    from prometheus_client import CollectorRegistry
+
+    from daemon.metrics import DaemonMetrics
+    from daemon.service import TickcastService
+
+    service = TickcastService(settings, DaemonMetrics(CollectorRegistry()), predictor)
+    gc.collect()
+    empty_rss = _rss_bytes()
+    windows = service.windows
+    names = [f"S{i:07d}" for i in range(n_symbols)]
+    slots = windows.slots_for(names, np.zeros(n_symbols, np.int32))
+    rng = np.random.default_rng(0)
+    chunk = 100_000
+    for start in range(0, n_symbols, chunk):
+        part = slots[start : start + chunk]
+        walk = 100.0 * np.exp(np.cumsum(rng.normal(0, 0.01, (len(part), WINDOW)), axis=1))
+        windows.prices[part] = walk
+        windows.count[part] = WINDOW
+        windows.last_ts[part] = 1
+    del names
+    # One real tick per symbol through the vectorised apply, in fetch-sized pieces.
+    for start in range(0, n_symbols, 5000):
+        part = slots[start : start + 5000]
+        applied = windows.apply(
+            part, windows.prices[part, -1] * 1.001, np.full(len(part), 2, np.int64)
+        )
+        if start == 0:
+            predictor.predict(applied.windows[:1024])
+    # A running daemon holds no per-symbol array beyond windows: drop the probe's own
+    # (walk, the last 100,000 x 60 float64 chunk, held 46 MiB here until v8).
+    del slots, part, applied, walk
+    gc.collect()
+    rss = _rss_bytes()
+    return {
+        "symbols": len(windows),
+        "rss_bytes": rss,
+        "rss_empty_service_bytes": empty_rss,
+        "windows_array_bytes": int(windows.nbytes),
+        "bytes_per_symbol": round((rss - empty_rss) / max(n_symbols, 1), 1),
+        "method": "service built (not started); windows filled directly, then one real "
+        "apply() per symbol and one scored batch; RSS = the child's real RSS",
+    }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ChildDaemon:
+    """A daemon in a child process, its readiness, and its CPU/RSS (from /proc)."""
+
+    def __init__(self, config: ChildConfig, log_path: Path) -> None:
+        self.config = config
+        self.port = free_port()
+        config.settings.update(metrics_port=self.port, metrics_host="127.0.0.1")
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "daemon.bench", json.dumps(asdict(config))],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+        )
+        self.compile_s: float | None = None
+
+    def read_json_line(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench child exited: {self.log_path.read_text()[-3000:]}")
+        return dict(json.loads(line))
+
+    async def wait_ready(self, timeout_s: float = 600.0) -> None:
+        if self.config.compile:
+            info = await asyncio.to_thread(self.read_json_line)
+            self.compile_s = float(info["compile_s"])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited: {self.log_path.read_text()[-3000:]}")
+            if await asyncio.to_thread(self._ready):
+                return
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"daemon not ready: {self.log_path.read_text()[-3000:]}")
+
+    def _ready(self) -> bool:
+        try:
+            url = f"http://127.0.0.1:{self.port}/readyz"
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def cpu_seconds(self) -> float:
+        return proc_cpu_seconds(self.process.pid)
+
+    def rss(self) -> int:
+        return proc_rss_bytes(self.process.pid)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self._log.close()
