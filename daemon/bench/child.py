@@ -19,8 +19,6 @@ import numpy as np
 
 from daemon.bench.plan import WINDOW
 
-logger = logging.getLogger(__name__)
-
 
 @dataclass
 class ChildConfig:

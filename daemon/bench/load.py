@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,8 +15,6 @@ import numpy as np
 
 from daemon.bench.plan import REAL_SERIES
 from daemon.ticks import encode_ticks, tick_prefix
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,8 +23,6 @@ from daemon.bench.load import (
 )
 from daemon.bench.plan import COMMIT_POLL_COARSE_S, COMMIT_POLL_FINE_S, PARTITIONS, WINDOW, Context
 from daemon.bench.sampling import Sampler
-
-logger = logging.getLogger(__name__)
 
 
 async def drain_backlog(

@@ -4,7 +4,6 @@ and the constants they agree on."""
 from __future__ import annotations
 
 import argparse
-import logging
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,8 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from daemon.bench.ceiling import CeilingProbe
-
-logger = logging.getLogger(__name__)
 
 
 REAL_SERIES = (

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
 from pathlib import Path
 from typing import Any
-
-logger = logging.getLogger(__name__)
-
 
 TARGETS = {
     "c_over_b": 20.0,

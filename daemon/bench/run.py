@@ -21,8 +21,6 @@ from daemon.bench.phases import ensure_checkpoint, run_phases
 from daemon.bench.plan import Context, Plan
 from daemon.bench.report import draw_plots, machine_info, render_table, summarise
 
-logger = logging.getLogger(__name__)
-
 
 def _at_least_one(text: str) -> int:
     value = int(text)

@@ -4,7 +4,6 @@ sampled in a thread through a phase."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import threading
 import time
@@ -12,8 +11,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from daemon.bench.child import ChildDaemon
-
-logger = logging.getLogger(__name__)
 
 
 def parse_proc_stat(first_line: str, ticks_per_s: float) -> tuple[float, float]:
