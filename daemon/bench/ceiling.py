@@ -160,25 +160,16 @@ def phase_ceiling(ctx: Context) -> dict[str, Any]:
                 shapes.append((1, workers))
         for threads, parallel in shapes:
             key = f"{name}/{threads}t" + (f"x{parallel}w" if parallel > 1 else "")
-            with torch_threads(threads):
-                curve: dict[str, float] = {}
-                for batch in plan.batch_sizes:
-                    windows = np.ascontiguousarray(np.resize(pool, (batch, WINDOW)))
-                    rate = (
-                        measure_parallel_rate(
-                            predictor.predict, windows, plan.seconds_per_point, parallel
-                        )
-                        if parallel > 1
-                        else measure_rate(predictor.predict, windows, plan.seconds_per_point)
-                    )
-                    curve[str(batch)] = round(rate)
-                    if best is None or rate > best[0]:
-                        best = (
-                            rate,
-                            CeilingProbe(key, batch, predictor.predict, threads, parallel, windows),
-                        )
-                curves[key] = curve
-                print(f"  ceiling {key:>22}: {curve}", flush=True)
+            curve: dict[str, float] = {}
+            for batch in plan.batch_sizes:
+                windows = np.ascontiguousarray(np.resize(pool, (batch, WINDOW)))
+                probe = CeilingProbe(key, batch, predictor.predict, threads, parallel, windows)
+                rate = probe.measure(plan.seconds_per_point)
+                curve[str(batch)] = round(rate)
+                if best is None or rate > best[0]:
+                    best = rate, probe
+            curves[key] = curve
+            print(f"  ceiling {key:>22}: {curve}", flush=True)
     assert best is not None, "the ceiling sweep measured nothing"
     sweep_max, ctx.ceiling_probe = best
     result = {
