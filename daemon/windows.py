@@ -21,6 +21,7 @@ import numpy as np
 GROWTH_CHUNK = 4096
 NO_TS = np.iinfo(np.int64).min
 PRICE_DTYPE = np.float32
+_INT64_HALF = np.iinfo(np.int64).max // 2
 
 
 @dataclass(frozen=True)
@@ -180,93 +181,108 @@ class SymbolWindows:
         n = len(slots)
         w = self.window_length
         if n == 0:
-            empty = np.empty(0, np.int64)
-            return AppliedTicks(empty, empty, empty, np.empty(0, bool), np.empty((0, w)), n_input=0)
+            return _nothing_applied(w, n_input=0)
 
-        order = np.argsort(slots, kind="stable")
+        order = np.argsort(slots, kind="stable")  # grouped by slot, time order within
         sorted_slots = slots[order]
-        sorted_ts = ts[order]
-        first = np.r_[True, sorted_slots[1:] != sorted_slots[:-1]]
-        group_of = np.cumsum(first) - 1  # group index of each sorted tick
-
-        # Running max of ts within each group, seeded by the slot's stored last ts. Groups
-        # are made disjoint in value by an offset so one cumulative max serves them all.
-        prior = self.last_ts[sorted_slots[first]]
-        base = int(min(sorted_ts.min(), prior[prior != NO_TS].min(initial=sorted_ts.min())))
-        rel_ts = sorted_ts - base
-        rel_prior = np.where(prior == NO_TS, -1, prior - base)
-        span = int(max(rel_ts.max(), rel_prior.max())) + 2
-        n_groups = len(prior)
-        if span * n_groups >= np.iinfo(np.int64).max // 2:
-            raise OverflowError("tick timestamps span too wide a range for one batch")
-        offset = np.arange(n_groups, dtype=np.int64) * span
-        keys = np.empty(n + n_groups, np.int64)
-        starts = np.flatnonzero(first)
-        tick_pos = np.arange(n) + group_of + 1
-        keys[starts + np.arange(n_groups)] = rel_prior + offset
-        keys[tick_pos] = rel_ts + offset[group_of]
-        running = np.maximum.accumulate(keys)
-        accepted_sorted = keys[tick_pos] > running[tick_pos - 1]
-
-        keep = order[accepted_sorted]
-        accepted = np.sort(keep)  # input order
-        if len(accepted) == 0:
-            empty = np.empty(0, np.int64)
-            return AppliedTicks(empty, empty, empty, np.empty(0, bool), np.empty((0, w)), n_input=n)
-
-        # Regroup the accepted ticks by slot (stable keeps time order within a symbol).
-        acc_order = accepted[np.argsort(slots[accepted], kind="stable")]
-        acc_slots = slots[acc_order]
-        acc_first = np.r_[True, acc_slots[1:] != acc_slots[:-1]]
-        acc_group = np.cumsum(acc_first) - 1
-        group_slots = acc_slots[acc_first]
+        first = _group_starts(sorted_slots)
+        accepted_sorted = self._newer_than_before(sorted_slots, ts[order], first)
+        if accepted_sorted is None:  # every tick is newer: the usual case
+            acc_order, acc_slots, acc_first = order, sorted_slots, first
+        else:
+            # Dropping ticks keeps the rest grouped by slot and in time order.
+            acc_order = order[accepted_sorted]
+            if len(acc_order) == 0:
+                return _nothing_applied(w, n_input=n)
+            acc_slots = sorted_slots[accepted_sorted]
+            acc_first = _group_starts(acc_slots)
+        m = len(acc_order)
         group_start = np.flatnonzero(acc_first)
-        group_size = np.diff(np.r_[group_start, len(acc_order)])
-        rank = np.arange(len(acc_order)) - group_start[acc_group]
+        group_slots = acc_slots[group_start]
+        group_size = np.empty(len(group_start), np.int64)
+        np.subtract(group_start[1:], group_start[:-1], out=group_size[:-1])
+        group_size[-1] = m - group_start[-1]
+        acc_group = np.cumsum(acc_first) - 1
+        rank = np.arange(m) - group_start[acc_group]
 
         # ext holds, per group, the stored window followed by the new prices.
         g = len(group_slots)
         seg_start = np.arange(g) * w + group_start  # where each group's segment begins
-        ext = np.empty(g * w + len(acc_order), np.float64)
-        # Row views of length w over ext: gathering or scattering whole rows through them
-        # copies w values per row without building a [rows, w] index array first.
-        rows_of_ext = np.lib.stride_tricks.sliding_window_view(ext, w, writeable=True)
+        ext = np.empty(g * w + m, np.float64)
+        # Row views of length w over ext (row i = ext[i:i+w]): gathering or scattering whole
+        # rows through them copies w values per row without a [rows, w] index array.
+        rows_of_ext = np.ndarray(
+            (len(ext) - w + 1, w), np.float64, buffer=ext, strides=(ext.itemsize, ext.itemsize)
+        )
         rows_of_ext[seg_start] = self.prices[group_slots]
         new_pos = seg_start[acc_group] + w + rank
         ext[new_pos] = prices[acc_order].astype(PRICE_DTYPE)  # rounded as it will be stored
 
-        prior_count = self.count[group_slots][acc_group]
-        full = prior_count + rank + 1 >= w
-        ready_rows = new_pos[full] - w + 1
-        windows = rows_of_ext[ready_rows]
+        count = self.count[group_slots]
+        full = count[acc_group] + rank + 1 >= w
 
         # Previous tick's ts for each accepted tick (stored last ts for a group's first).
         acc_ts = ts[acc_order]
-        prev_ts = np.empty(len(acc_order), np.int64)
+        prev_ts = np.empty(m, np.int64)
         prev_ts[1:] = acc_ts[:-1]
-        prev_ts[acc_first] = self.last_ts[group_slots]
+        prev_ts[group_start] = self.last_ts[group_slots]
 
         # Write back: each group's last w values become its stored window.
         last_pos = seg_start + w + group_size  # one past each group's last price
         self.prices[group_slots] = rows_of_ext[last_pos - w]
-        self.count[group_slots] = np.minimum(self.count[group_slots] + group_size, w)
+        self.count[group_slots] = np.minimum(count + group_size, w)
         self.last_ts[group_slots] = acc_ts[group_start + group_size - 1]
         self.dirty[group_slots] = True
 
-        # Report in input order: map the grouped arrays back through acc_order.
+        # Report in input order: map the grouped arrays back through acc_order, and gather
+        # each ready tick's window (the w prices ending at its own) in that order.
         back = np.argsort(acc_order, kind="stable")
-        ready_input_order = full[back]
-        # windows are in grouped order; reorder the ready ones to input order
-        grouped_ready_index = np.cumsum(full) - 1
-        window_rows = grouped_ready_index[back][ready_input_order]
+        ready = full[back]
+        window_ends = new_pos[back][ready]
         return AppliedTicks(
             accepted=acc_order[back],
             slots=acc_slots[back],
             prev_ts=prev_ts[back],
-            ready=ready_input_order,
-            windows=windows[window_rows],
+            ready=ready,
+            windows=rows_of_ext[window_ends - w + 1],
             n_input=n,
         )
+
+    def _newer_than_before(
+        self, sorted_slots: np.ndarray, sorted_ts: np.ndarray, first: np.ndarray
+    ) -> np.ndarray | None:
+        """Which ticks (grouped by slot, time order within) are newer than every earlier
+        tick of their symbol, stored or in this batch; None when all of them are."""
+        stored = self.last_ts[sorted_slots[first]]
+        # Cheap check first: each tick newer than the one before it in its group, and each
+        # group's first newer than the stored ts. When that holds, every tick is accepted.
+        rising = np.empty(len(sorted_ts), bool)
+        np.greater(sorted_ts[1:], sorted_ts[:-1], out=rising[1:])
+        rising[first] = sorted_ts[first] > stored
+        if rising.all():
+            return None
+        # Otherwise compare each tick with the running max of ts in its group (a tick after
+        # a dropped one must still beat the newest accepted one). Groups are made disjoint
+        # in value by an offset, so one cumulative max over all of them serves every group.
+        group_of = np.cumsum(first) - 1
+        n, n_groups = len(sorted_ts), len(stored)
+        base = int(sorted_ts.min())
+        known = stored != NO_TS
+        if known.any():
+            base = min(base, int(stored[known].min()))
+        rel_ts = sorted_ts - base
+        rel_prior = np.where(known, stored - base, -1)
+        span = int(max(rel_ts.max(), rel_prior.max())) + 2
+        if span * n_groups >= _INT64_HALF:
+            raise OverflowError("tick timestamps span too wide a range for one batch")
+        offset = np.arange(n_groups, dtype=np.int64) * span
+        keys = np.empty(n + n_groups, np.int64)
+        tick_pos = np.arange(n) + group_of + 1
+        keys[np.flatnonzero(first) + np.arange(n_groups)] = rel_prior + offset
+        keys[tick_pos] = rel_ts + offset[group_of]
+        running = np.maximum.accumulate(keys)
+        accepted: np.ndarray = keys[tick_pos] > running[tick_pos - 1]
+        return accepted
 
     def take_snapshot(self, partitions: set[int]) -> WindowSnapshot:
         """Copy the state of every changed symbol of ``partitions`` and mark it clean."""
@@ -292,6 +308,21 @@ class SymbolWindows:
         self.count[slots] = np.minimum(snapshot.count, self.window_length)
         self.last_ts[slots] = snapshot.last_ts
         self.dirty[slots] = False
+
+
+def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
+    """True where a run of equal values in a sorted array begins."""
+    starts = np.empty(len(sorted_keys), bool)
+    if len(starts):
+        starts[0] = True
+        np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=starts[1:])
+    return starts
+
+
+def _nothing_applied(window_length: int, n_input: int) -> AppliedTicks:
+    empty = np.empty(0, np.int64)
+    windows = np.empty((0, window_length))
+    return AppliedTicks(empty, empty, empty, np.empty(0, bool), windows, n_input=n_input)
 
 
 @dataclass(frozen=True)
