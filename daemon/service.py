@@ -52,7 +52,7 @@ from daemon.restore import restore_windows
 from daemon.settings import Settings
 from daemon.state_store import PendingSnapshot, StateWriter
 from daemon.ticks import BadTick, RawRecord, decode_ticks, json_numbers
-from daemon.windows import SymbolWindows
+from daemon.windows import SymbolWindows, group_starts
 from model.checkpoint import CheckpointError, read_latest
 
 logger = logging.getLogger(__name__)
@@ -854,13 +854,14 @@ class TickcastService:
         w = self.windows
         order = np.argsort(rows.slots, kind="stable")
         slots = rows.slots[order]
-        same_as_prev_row = np.r_[False, slots[1:] == slots[:-1]]
-        prev_pred = np.where(
-            same_as_prev_row, np.r_[np.nan, predictions[order][:-1]], w.last_prediction[slots]
-        )
-        prev_pred_ts = np.where(
-            same_as_prev_row, np.r_[0, rows.ts[order][:-1]], w.last_prediction_ts[slots]
-        )
+        sorted_predictions, sorted_ts = predictions[order], rows.ts[order]
+        first = group_starts(slots)  # a symbol's first row: its previous prediction is stored
+        prev_pred = np.empty(len(slots))
+        prev_pred[1:] = sorted_predictions[:-1]
+        prev_pred[first] = w.last_prediction[slots[first]]
+        prev_pred_ts = np.empty(len(slots), np.int64)
+        prev_pred_ts[1:] = sorted_ts[:-1]
+        prev_pred_ts[first] = w.last_prediction_ts[slots[first]]
         valid = (prev_pred_ts == rows.prev_ts[order]) & np.isfinite(prev_pred)
         actual = rows.prices[order][valid]
         if len(actual):
@@ -871,9 +872,11 @@ class TickcastService:
                 summary = self.metrics.live_abs_error.labels(forecaster)
                 summary._count.inc(len(errors))
                 summary._sum.inc(float(errors.sum()))
-        last_of_slot = np.r_[slots[1:] != slots[:-1], True]
-        w.last_prediction[slots[last_of_slot]] = predictions[order][last_of_slot]
-        w.last_prediction_ts[slots[last_of_slot]] = rows.ts[order][last_of_slot]
+        last_of_slot = np.empty(len(slots), bool)
+        last_of_slot[:-1] = first[1:]
+        last_of_slot[-1] = True
+        w.last_prediction[slots[last_of_slot]] = sorted_predictions[last_of_slot]
+        w.last_prediction_ts[slots[last_of_slot]] = sorted_ts[last_of_slot]
 
     @staticmethod
     def _prediction_records(

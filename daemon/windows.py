@@ -185,7 +185,7 @@ class SymbolWindows:
 
         order = np.argsort(slots, kind="stable")  # grouped by slot, time order within
         sorted_slots = slots[order]
-        first = _group_starts(sorted_slots)
+        first = group_starts(sorted_slots)
         accepted_sorted = self._newer_than_before(sorted_slots, ts[order], first)
         if accepted_sorted is None:  # every tick is newer: the usual case
             acc_order, acc_slots, acc_first = order, sorted_slots, first
@@ -195,7 +195,7 @@ class SymbolWindows:
             if len(acc_order) == 0:
                 return _nothing_applied(w, n_input=n)
             acc_slots = sorted_slots[accepted_sorted]
-            acc_first = _group_starts(acc_slots)
+            acc_first = group_starts(acc_slots)
         m = len(acc_order)
         group_start = np.flatnonzero(acc_first)
         group_slots = acc_slots[group_start]
@@ -310,7 +310,7 @@ class SymbolWindows:
         self.dirty[slots] = False
 
 
-def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
+def group_starts(sorted_keys: np.ndarray) -> np.ndarray:
     """True where a run of equal values in a sorted array begins."""
     starts = np.empty(len(sorted_keys), bool)
     if len(starts):
