@@ -112,7 +112,6 @@ def run_replay(args: argparse.Namespace) -> int:
     from aiokafka import AIOKafkaProducer
 
     from daemon.replay import TickStream, replay
-    from daemon.service import kafka_security_kwargs
     from model.data import DataError, load_many
 
     settings = settings_from_args(args)
@@ -139,7 +138,7 @@ def run_replay(args: argparse.Namespace) -> int:
             acks="all",
             enable_idempotence=True,
             linger_ms=5,
-            **kafka_security_kwargs(settings),
+            **settings.client_kwargs(),
         )
         await producer.start()
         try:

@@ -83,23 +83,6 @@ class NoCheckpointError(RuntimeError):
     """The daemon cannot start: there is no loadable checkpoint."""
 
 
-def kafka_security_kwargs(settings: Settings) -> dict[str, Any]:
-    """aiokafka connection arguments for the configured security protocol."""
-    kwargs: dict[str, Any] = {"security_protocol": settings.security_protocol}
-    if settings.sasl_mechanism:
-        kwargs["sasl_mechanism"] = settings.sasl_mechanism
-        kwargs["sasl_plain_username"] = settings.sasl_username
-        if settings.sasl_password is not None:
-            kwargs["sasl_plain_password"] = settings.sasl_password.get_secret_value()
-    if settings.security_protocol in ("SSL", "SASL_SSL"):
-        from aiokafka.helpers import create_ssl_context
-
-        kwargs["ssl_context"] = create_ssl_context(
-            cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None
-        )
-    return kwargs
-
-
 def make_producer(settings: Settings, role: str, **tuning: Any) -> AIOKafkaProducer:
     """An acks=all producer (idempotent unless turned off) for one of the daemon's roles."""
     return AIOKafkaProducer(
@@ -107,7 +90,7 @@ def make_producer(settings: Settings, role: str, **tuning: Any) -> AIOKafkaProdu
         client_id=f"{settings.client_id}-{role}",
         acks="all",
         enable_idempotence=settings.enable_idempotence,
-        **kafka_security_kwargs(settings),
+        **settings.client_kwargs(),
         **tuning,
     )
 
@@ -126,7 +109,7 @@ def make_consumer(settings: Settings) -> AIOKafkaConsumer:
         fetch_min_bytes=settings.fetch_min_bytes,
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
         value_deserializer=raw_records.raw_value,
-        **kafka_security_kwargs(settings),
+        **settings.client_kwargs(),
     )
 
 
@@ -513,7 +496,7 @@ class TickcastService:
             max_tick_bytes=s.max_tick_bytes,
             max_symbol_length=s.max_symbol_length,
             state_topic=self._state_topic,
-            consumer_kwargs=kafka_security_kwargs(s),
+            consumer_kwargs=s.client_kwargs(),
         )
         for tp in assigned:
             self._positions[tp] = until.get(tp, 0)

@@ -5,12 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from model.kafka_access import KafkaAccess
 
 
-class Settings(BaseSettings):
-    """``TICKCAST_*`` environment variables; CLI flags of the same name override them."""
+class Settings(KafkaAccess):
+    """``TICKCAST_*`` environment variables; CLI flags of the same name override them.
+
+    The connection fields (bootstrap servers, input topic, security) come from
+    :class:`~model.kafka_access.KafkaAccess`, which the retrain job reads too.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix="TICKCAST_",
@@ -19,9 +25,7 @@ class Settings(BaseSettings):
         extra="ignore",
     )
 
-    # Kafka
-    bootstrap_servers: str = "localhost:9092"
-    input_topic: str = "ticks"
+    # Kafka (and the connection fields of KafkaAccess)
     output_topic: str = "predictions"
     dlq_topic: str = "ticks.dlq"
     # Compacted, co-partitioned with the input topic; snapshots are off when it is missing.
@@ -33,11 +37,6 @@ class Settings(BaseSettings):
     transactional_id: str | None = None  # exactly_once: stable and unique per instance
     # Off only for brokers without InitProducerId (e.g. Tansu in the demo).
     enable_idempotence: bool = True
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
 
     # Model
     checkpoint_dir: Path = Path("./checkpoints")

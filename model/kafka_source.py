@@ -26,6 +26,7 @@ import orjson
 import pandas as pd
 
 from model.data import DataError, PriceSeries
+from model.kafka_access import KafkaAccess
 
 logger = logging.getLogger(__name__)
 
@@ -209,10 +210,10 @@ async def read_topic_values(
         request_timeout_ms=int(timeout_s * 1000),
         **(consumer_kwargs or {}),
     )
-    await consumer.start()
     values: list[bytes | None] = []
     started = time.monotonic()
     try:
+        await consumer.start()  # inside the try: a failed start (wrong password) still stops
         if topic not in await consumer.topics():
             raise DataError(f"topic {topic!r} does not exist on {bootstrap_servers}")
         # A group-less consumer tracks no topic's metadata until told to; aiokafka has no
@@ -271,24 +272,30 @@ async def read_topic_values(
 
 
 def load_kafka_series(
-    bootstrap_servers: str,
-    topic: str,
+    access: KafkaAccess,
     *,
     min_ticks: int,
     since_ms: int | None = None,
     timeout_s: float = 60.0,
 ) -> KafkaTicks:
-    """Read ``topic`` and build the training series (blocking; runs its own event loop)."""
+    """Read ``access.input_topic`` and build the training series (blocking; runs its own
+    event loop), connecting with ``access``'s security settings."""
+    bootstrap, topic = access.bootstrap_servers, access.input_topic
     try:
         values = asyncio.run(
-            read_topic_values(bootstrap_servers, topic, since_ms=since_ms, timeout_s=timeout_s)
+            read_topic_values(
+                bootstrap,
+                topic,
+                since_ms=since_ms,
+                consumer_kwargs=access.client_kwargs(),
+                timeout_s=timeout_s,
+            )
         )
     except DataError:
         raise
     except Exception as exc:  # KafkaError, connection refused, ...: a clear message, exit 2
-        raise DataError(
-            f"cannot read {topic} from {bootstrap_servers}: {type(exc).__name__}: {exc}"
-        ) from exc
+        reason = f"{type(exc).__name__}: {exc}"
+        raise DataError(f"cannot read {topic} from {bootstrap}: {reason}") from exc
     result = build_series(values, topic=topic, min_ticks=min_ticks, since_ms=since_ms)
     if not result.series:
         raise DataError(

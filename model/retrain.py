@@ -46,6 +46,7 @@ from model.data import (
 )
 from model.evaluate import plot_predictions, predict_windows, rmse_ratio
 from model.gru import ModelConfig
+from model.kafka_access import KafkaAccess
 from model.kafka_source import load_kafka_series, parse_duration, parse_since
 from model.train import TrainConfig, TrainResult, resolve_device
 from model.walk_forward import (
@@ -60,10 +61,6 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR_ENV = "TICKCAST_CHECKPOINT_DIR"
 DEFAULT_CHECKPOINT_DIR = "./checkpoints"
-BOOTSTRAP_SERVERS_ENV = "TICKCAST_BOOTSTRAP_SERVERS"
-DEFAULT_BOOTSTRAP_SERVERS = "localhost:9092"
-INPUT_TOPIC_ENV = "TICKCAST_INPUT_TOPIC"
-DEFAULT_INPUT_TOPIC = "ticks"
 PLOT_FILE = "predictions.png"
 EXIT_USAGE = 2  # bad input: missing file, unknown data set, NaN prices, too few rows
 EXIT_FAILURE = 1
@@ -220,14 +217,15 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="train on the ticks retained in the input topic (the daemon's own stream)",
     )
-    kafka = parser.add_argument_group("--from-kafka")
-    kafka.add_argument(
-        "--bootstrap-servers",
-        help=f"default: ${BOOTSTRAP_SERVERS_ENV}, else {DEFAULT_BOOTSTRAP_SERVERS}",
+    kafka = parser.add_argument_group(
+        "--from-kafka",
+        "security as for the daemon: $TICKCAST_SECURITY_PROTOCOL, $TICKCAST_SASL_MECHANISM, "
+        "$TICKCAST_SASL_USERNAME, $TICKCAST_SASL_PASSWORD, $TICKCAST_SSL_CAFILE",
     )
     kafka.add_argument(
-        "--input-topic", help=f"default: ${INPUT_TOPIC_ENV}, else {DEFAULT_INPUT_TOPIC}"
+        "--bootstrap-servers", help="default: $TICKCAST_BOOTSTRAP_SERVERS, else localhost:9092"
     )
+    kafka.add_argument("--input-topic", help="default: $TICKCAST_INPUT_TOPIC, else ticks")
     kafka.add_argument(
         "--since",
         type=_since_arg,
@@ -354,14 +352,19 @@ def _since_arg(text: str) -> str:
 
 def kafka_training_data(args: argparse.Namespace, window_length: int) -> list[PriceSeries]:
     """--from-kafka: the ticks retained in the input topic, one series per symbol."""
-    bootstrap = (
-        args.bootstrap_servers or os.environ.get(BOOTSTRAP_SERVERS_ENV) or DEFAULT_BOOTSTRAP_SERVERS
-    )
-    topic = args.input_topic or os.environ.get(INPUT_TOPIC_ENV) or DEFAULT_INPUT_TOPIC
+    flags = {"bootstrap_servers": args.bootstrap_servers, "input_topic": args.input_topic}
+    try:
+        access = KafkaAccess(**{name: value for name, value in flags.items() if value})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"TICKCAST_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise DataError(f"invalid Kafka setting: {problems}") from exc
     since_ms = parse_since(args.since) if args.since else None
     # chronological_split needs a window, a next price, and one row each for val and test.
-    ticks = load_kafka_series(bootstrap, topic, min_ticks=window_length + 3, since_ms=since_ms)
-    logger.info("training data from %s: %s", topic, json.dumps(ticks.summary()))
+    ticks = load_kafka_series(access, min_ticks=window_length + 3, since_ms=since_ms)
+    logger.info("training data from %s: %s", access.input_topic, json.dumps(ticks.summary()))
     return ticks.series
 
 
