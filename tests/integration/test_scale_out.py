@@ -146,6 +146,52 @@ async def test_daemon_over_sasl_plain(sasl_broker, tmp_path):
     assert [p.ts for p in predictions] == series.ts[-11:].tolist()
 
 
+def test_retrain_from_kafka_connects_with_the_daemons_sasl_settings(
+    sasl_broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``retrain --from-kafka`` reads the same TICKCAST_* security variables as the
+    daemon (the Kubernetes CronJob's cluster speaks SASL only); a wrong password is a
+    clear exit 2, not a hang."""
+    from model.__main__ import main as retrain_main
+    from model.checkpoint import read_latest, read_meta
+    from tests.support.daemon import produce, tick_records
+
+    plain, sasl = sasl_broker
+    topic = f"ticks-{uuid4().hex[:8]}"
+    series = load_many(["dataset:nasdaq"])[0]
+    n = 200
+
+    async def fill() -> None:
+        await create_topics(plain, [topic])
+        ticks = tick_records(["NDX"] * n, series.prices[-n:].tolist(), series.ts[-n:].tolist())
+        await produce(plain, topic, ticks)
+
+    asyncio.run(fill())
+    for name, value in {
+        "BOOTSTRAP_SERVERS": sasl,
+        "INPUT_TOPIC": topic,
+        "SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "SASL_MECHANISM": "PLAIN",
+        "SASL_USERNAME": "tickcast",
+        "SASL_PASSWORD": "wrong",
+    }.items():
+        monkeypatch.setenv(f"TICKCAST_{name}", value)
+    root = tmp_path / "checkpoints"
+    argv = ["--from-kafka", "--checkpoint-dir", str(root), "--no-progress", "--epochs", "1"]
+    argv += ["--hidden-size", "8", "--device", "cpu"]
+
+    assert retrain_main(argv) == 2
+    assert f"cannot read {topic} from {sasl}" in capsys.readouterr().err
+    assert read_latest(root) is None
+
+    monkeypatch.setenv("TICKCAST_SASL_PASSWORD", "tickcast-secret")
+    assert retrain_main(argv) == 0, capsys.readouterr().err
+    version = read_latest(root)
+    assert version is not None
+    [trained_on] = read_meta(root / version).training_data
+    assert (trained_on.symbol, trained_on.source) == ("NDX", f"kafka:{topic}")
+
+
 async def test_wrong_sasl_password_fails_start_with_a_clear_error(sasl_broker, tmp_path):
     from aiokafka.errors import KafkaError
 
