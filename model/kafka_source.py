@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -69,10 +70,17 @@ def _iso(epoch_ms: int) -> str:
 def parse_duration(text: str) -> timedelta:
     """``7d``, ``1h``, ``30m``, ``90s``, ``1h30m`` or ISO 8601 (``P7D``): a positive duration.
 
-    pandas' Timedelta parser does the work; this only insists on a positive result.
+    pandas' Timedelta parser does the work; this only insists on a unit and a positive
+    result (pandas reads a bare number as nanoseconds: ``--since 1714521600000``, meant as
+    epoch ms, would otherwise be 28 minutes back).
     """
+    cleaned = text.strip()
+    if re.fullmatch(r"[+-]?[\d.]+", cleaned):
+        raise ValueError(f"a duration needs a unit: {text!r} (try 7d, 1h, 30m, 90s or P7D)")
+    # A lone "d" for days is deprecated in pandas (Pandas4Warning): say "D" for it.
+    cleaned = re.sub(r"(?<=\d)d(?![a-z])", "D", cleaned)
     try:
-        value = pd.Timedelta(text.strip())
+        value = pd.Timedelta(cleaned)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"not a duration: {text!r} (try 7d, 1h, 30m, 90s or P7D)") from exc
     if pd.isna(value) or value <= pd.Timedelta(0):
@@ -80,13 +88,18 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(microseconds=value.value // 1000)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
 def parse_since(text: str, now: datetime | None = None) -> int:
     """``--since``: a duration back from ``now`` (``7d``) or an ISO time; epoch ms (UTC).
 
-    An ISO time without a zone is taken as UTC.
+    An ISO time without a zone is taken as UTC. Integer arithmetic throughout: a float
+    timestamp times 1000 can land a millisecond early.
     """
     try:
-        return int(((now or datetime.now(UTC)) - parse_duration(text)).timestamp() * 1000)
+        return ((now or datetime.now(UTC)) - parse_duration(text) - _EPOCH) // _MS
     except ValueError:
         pass
     try:
@@ -99,7 +112,7 @@ def parse_since(text: str, now: datetime | None = None) -> int:
         raise ValueError(f"--since: not a time: {text!r}")
     if stamp.tzinfo is None:
         stamp = stamp.tz_localize("UTC")
-    return int(stamp.timestamp() * 1000)
+    return int(stamp.value // 1_000_000)  # .value: nanoseconds since the epoch, UTC
 
 
 def decode_tick(value: bytes | None) -> tuple[str, float, int] | str:

@@ -227,7 +227,7 @@ def summarize(folds: Sequence[FoldResult], series: Sequence[PriceSeries]) -> dic
 
     With several series, ``overall`` is scale-free: each series' errors are divided by its
     naive RMSE over the evaluated span before pooling, so a series priced in thousands does
-    not drown one priced near 1. With one series this changes no ratio and no DM statistic.
+    not drown one priced near 1. With one series ``overall`` stays in its price units.
     """
     actual = np.concatenate([f.split.test.targets for f in folds])
     predicted = np.concatenate([f.test_predicted for f in folds])
@@ -239,7 +239,8 @@ def summarize(folds: Sequence[FoldResult], series: Sequence[PriceSeries]) -> dic
         rows = which == index
         per_series[one.symbol] = significance(actual[rows], predicted[rows], last[rows])
         naive_rmse = per_series[one.symbol]["naive"]["rmse"]
-        scale[rows] = naive_rmse if naive_rmse > 0 else 1.0
+        if len(series) > 1 and naive_rmse > 0:  # one series: its own units, as in the folds
+            scale[rows] = naive_rmse
     overall = significance(actual / scale, predicted / scale, last / scale)
     return {
         "folds": [
