@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 from daemon.predictor import CUDA_BUCKETS, Predictor
 from model.checkpoint import load_latest
+from model.data import load_series, make_windows
 from model.gru import predict_prices
 from tests.support.daemon import make_checkpoint
 
@@ -25,9 +27,23 @@ def checkpoint_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@functools.cache
+def real_windows() -> np.ndarray:
+    """Every 60-step window of four bundled real series, each scaled to open at 100, so
+    the tolerances below are in dollars at a ~100 price level (~17,000 windows)."""
+    parts = [
+        make_windows(load_series(f"dataset:{name}")[0].prices, 60)[0]
+        for name in ("nasdaq", "sp500", "goog", "eurusd")
+    ]
+    windows = np.concatenate(parts)
+    return 100.0 * windows / windows[:, :1]
+
+
 def windows(n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return 100.0 * np.exp(np.cumsum(rng.normal(0, 0.01, (n, 60)), axis=1))
+    """``n`` real windows from offset ``1000 * seed``, wrapping round (the largest batch
+    is four times the windows there are)."""
+    pool = real_windows()
+    return pool[(np.arange(n) + 1000 * seed) % len(pool)]
 
 
 @pytest.mark.parametrize("cuda_graphs", [True, False])
@@ -58,16 +74,18 @@ def test_buckets_are_reused_and_graphs_captured(checkpoint_dir: Path) -> None:
 
 
 def test_ceiling_on_gpu(checkpoint_dir: Path) -> None:
-    """Issue 8: at least 1,000,000 windows/s on a data-centre GPU (printed, loosely bound)."""
+    """Issue 8: full-size batches, back to back, stay right; the rate is printed, not
+    asserted (tickcast bench measures throughput)."""
     import time
 
     predictor = Predictor(load_latest(checkpoint_dir, "cuda"), torch.device("cuda"))
     batch = windows(CUDA_BUCKETS[-1])
+    expected = predict_prices(load_latest(checkpoint_dir).model, batch).numpy()
     predictor.predict(batch)
-    started, n = time.perf_counter(), 0
-    while time.perf_counter() - started < 2.0:
-        predictor.predict(batch)
-        n += len(batch)
-    rate = n / (time.perf_counter() - started)
-    print(f"CUDA ceiling incl. host copies: {rate:,.0f} windows/s")
-    assert rate > 100_000
+    calls = 20
+    started = time.perf_counter()
+    results = [predictor.predict(batch) for _ in range(calls)]
+    rate = calls * len(batch) / (time.perf_counter() - started)
+    print(f"CUDA ceiling incl. host copies: {rate:,.0f} windows/s over {calls} calls")
+    for got in results:  # each call returns its own copy, replay after replay
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3)

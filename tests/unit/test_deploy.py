@@ -185,7 +185,7 @@ def collected_metric_names() -> set[str]:
     suffixes = {
         "counter": ("_total", "_created"),
         "histogram": ("_bucket", "_sum", "_count", "_created"),
-        "summary": ("", "_sum", "_count", "_created"),
+        "summary": ("_sum", "_count", "_created"),  # client_python: no quantiles, no bare name
         "info": ("_info",),
         "gauge": ("",),
     }
@@ -596,6 +596,26 @@ def test_k8s_manifests_validate_against_schemas(
         "CronJob",
         "PersistentVolumeClaim",
     } <= kinds
+
+
+def test_metrics_port_is_the_same_everywhere(
+    services: dict[str, Any], k8s_docs: list[dict[str, Any]]
+) -> None:
+    """The daemon's metrics port as each file states it: the compose variable, port
+    mapping and healthcheck, and the k8s configmap, containerPort, Service and annotations."""
+    port = str(Settings.model_fields["metrics_port"].default)
+    daemon = services["tickcast"]
+    assert service_environment(daemon).get("TICKCAST_METRICS_PORT", port) == port
+    assert f"{port}:{port}" in [str(p).split(" ")[0] for p in daemon["ports"]]
+    assert f"127.0.0.1:{port}/healthz" in " ".join(daemon["healthcheck"]["test"])
+    assert k8s_kind(k8s_docs, "ConfigMap")["data"].get("TICKCAST_METRICS_PORT", port) == port
+    deployment = k8s_kind(k8s_docs, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert [str(p["containerPort"]) for p in container["ports"]] == [port]
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == port
+    service = k8s_kind(k8s_docs, "Service")
+    assert [str(p["port"]) for p in service["spec"]["ports"]] == [port]
+    assert service["metadata"]["annotations"]["prometheus.io/port"] == port
 
 
 def test_k8s_first_checkpoint_job_seeds_only_an_empty_pvc(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import base64
-import shutil
+import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,15 +85,50 @@ def test_log_tail_returns_the_last_lines(tmp_path: Path) -> None:
     assert broker.log_tail(3) == "line 97\nline 98\nline 99\n"
 
 
-def test_stop_before_start_and_twice_is_harmless(tmp_path: Path) -> None:
+def child(code: str) -> subprocess.Popen[bytes]:
+    """A Python child standing in for the broker process; returns once it prints 'ready'."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", f"{code}\nprint('ready', flush=True)\ntime.sleep(120)"],
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    with process.stdout:
+        assert process.stdout.readline() == b"ready\n"
+    return process
+
+
+def test_stop_terminates_the_process_and_is_safe_to_repeat(tmp_path: Path) -> None:
     broker = KafkaBroker(tmp_path, libs_dir=tmp_path)
+    broker.stop()  # never started: nothing to do, nothing raised
+    process = child("import time")
+    broker._process = process
+    assert broker.is_running
     broker.stop()
-    broker.stop()
+    assert process.returncode == -signal.SIGTERM  # a clean shutdown was asked for, and reaped
+    assert not broker.is_running
+    broker.stop()  # a second stop finds nothing left to stop
+    assert process.returncode == -signal.SIGTERM and not broker.is_running
+
+
+def test_stop_kills_a_process_that_ignores_sigterm(tmp_path: Path) -> None:
+    broker = KafkaBroker(tmp_path, libs_dir=tmp_path)
+    process = child("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)")
+    broker._process = process
+    try:
+        broker.stop(timeout_s=0.5)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
     assert not broker.is_running
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="needs java on PATH")
 def test_start_failure_reports_the_broker_log(tmp_path: Path) -> None:
+    try:
+        embedded_kafka._find_java()
+    except BrokerError as error:  # failed, not skipped, as the suite's broker fixture does
+        pytest.fail(f"this test needs java: {error}", pytrace=False)
     empty_libs = tmp_path / "libs"
     empty_libs.mkdir()
     broker = KafkaBroker(tmp_path / "work", libs_dir=empty_libs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import orjson
@@ -36,7 +37,9 @@ def test_each_record_carries_the_contract_fields_and_provenance() -> None:
     predicted = np.array([313.0, float("nan"), 2.5e22])
     rows = rows_of(symbols, prices, [2, 0, 2])
 
+    before_ms = int(time.time() * 1000)
     records = TickcastService._prediction_records(rows, predicted, "v7")
+    after_ms = int(time.time() * 1000)
 
     assert [key for key, _, _ in records] == [s.encode() for s in symbols]
     for i, (_, value, headers) in enumerate(records):
@@ -48,6 +51,7 @@ def test_each_record_carries_the_contract_fields_and_provenance() -> None:
         assert doc["predicted"] == expected if math.isfinite(expected) else doc["predicted"] is None
         assert doc["model_version"] == "v7"
         assert isinstance(doc["produced_at"], int)
+        assert before_ms <= doc["produced_at"] <= after_ms  # wall-clock ms of the call
         assert dict(headers) == {
             "model_version": b"v7",
             "input_partition": str(rows.partitions[i]).encode(),

@@ -113,6 +113,11 @@ def test_resolve_device() -> None:
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="device"):
         resolve_device("tpu")
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        assert resolve_device("cuda") == torch.device("cuda")
+        assert resolve_device("cuda:0") == torch.device("cuda:0")
+        with pytest.raises(ValueError, match="GPU"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+    else:
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")

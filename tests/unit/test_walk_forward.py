@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.data import DataError, PriceSeries
+from model.data import DataError, PriceSeries, load_series
 from model.walk_forward import FoldBounds, fold_bounds, walk_forward_splits
 
 
@@ -31,7 +31,8 @@ def test_fold_bounds_refuse_what_cannot_work() -> None:
         fold_bounds(5, 4, eval_fraction=0.9)
     with pytest.raises(ValueError, match="scheme"):
         fold_bounds(100, 2, scheme="sideways")  # type: ignore[arg-type]
-    short = PriceSeries("S", "synthetic", np.arange(12) * 1000, 1.0 + np.arange(12))
+    goog = load_series("dataset:goog")[0]
+    short = PriceSeries(goog.symbol, goog.source, goog.ts[:12], goog.prices[:12])
     with pytest.raises(DataError, match="too few for 4 walk-forward folds"):
         walk_forward_splits([short], 4, window_length=10)
 

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.windows import NO_TS, SymbolWindows
+from model.data import load_series
 
 
 class ReferenceWindows:
@@ -50,6 +51,8 @@ def run_both(w: int, batches: list[list[tuple[str, float, int]]]) -> None:
             assert applied.slots[i] == fast.slot_of(symbols[idx])
 
 
+# Synthetic on purpose: any positive float, not only real price levels, must come out as
+# the reference computes it (float32 rounding included), in any tick order.
 tick = st.tuples(
     st.sampled_from(["A", "B", "C", "D", "E"]),
     st.floats(min_value=0.01, max_value=1e6, allow_nan=False),
@@ -66,6 +69,7 @@ def test_matches_reference_including_out_of_order_and_duplicates(w, batches):
 def test_window_is_oldest_first_and_rolls():
     wins = SymbolWindows(3)
     slots = wins.slots_for(["X"] * 5, np.zeros(5, np.int32))
+    # Synthetic prices 1..5, so that the expected windows can be written out by hand.
     applied = wins.apply(slots, np.arange(1.0, 6.0), np.arange(1, 6))
     np.testing.assert_array_equal(applied.windows, [[1, 2, 3], [2, 3, 4], [3, 4, 5]])
     np.testing.assert_array_equal(wins.window("X"), [3, 4, 5])
@@ -74,6 +78,7 @@ def test_window_is_oldest_first_and_rolls():
 def test_redelivered_ticks_are_dropped_and_window_unchanged():
     wins = SymbolWindows(3)
     s = wins.slots_for(["X"] * 4, np.zeros(4, np.int32))
+    # Synthetic prices 1..4, so that a redelivered tick's effect would show by hand.
     wins.apply(s, np.array([1.0, 2, 3, 4]), np.array([10, 20, 30, 40]))
     again = wins.apply(s[:2], np.array([3.0, 4]), np.array([30, 40]))
     assert again.dropped == 2
@@ -86,7 +91,7 @@ def test_grows_past_capacity_and_drops_partitions():
     symbols = [f"S{i}" for i in range(10_000)]
     parts = np.arange(10_000, dtype=np.int32) % 3
     slots = wins.slots_for(symbols, parts)
-    wins.apply(slots, np.ones(10_000), np.ones(10_000, np.int64))
+    wins.apply(slots, np.ones(10_000), np.ones(10_000, np.int64))  # prices irrelevant here
     assert len(wins) == 10_000 and wins.capacity >= 10_000
     removed = wins.drop_partitions({1})
     assert removed == sum(1 for p in parts if p == 1)
@@ -106,6 +111,7 @@ def test_spare_capacity_never_leaks_into_snapshots():
     symbols = [f"S{i}" for i in range(5000)]
     slots = wins.slots_for(symbols, np.arange(5000, dtype=np.int32) % 2)
     assert wins.capacity > 5000  # some rows were never handed out
+    # Filler prices: only which rows a snapshot reads is under test, not their values.
     wins.apply(slots, np.linspace(1.0, 2.0, 5000), np.full(5000, 7, np.int64))
     wins.take_snapshot({0, 1})  # clean
     wins.dirty[:] = True  # as the state writer does after a failed write
@@ -123,10 +129,12 @@ def test_spare_capacity_never_leaks_into_snapshots():
 def test_prices_are_held_as_float32_and_counts_saturate():
     wins = SymbolWindows(4)
     slots = wins.slots_for(["X"] * 10, np.zeros(10, np.int32))
-    prices = 65432.17 + np.arange(10) * 0.01
+    prices = load_series("dataset:nasdaq")[0].prices[-10:]  # real closes, 6 decimals
     applied = wins.apply(slots, prices, np.arange(1, 11, dtype=np.int64))
     assert wins.prices.dtype == np.float32
-    # The scored windows carry exactly the stored (float32-rounded) prices.
+    # The scored windows carry exactly the stored (float32-rounded) prices...
     np.testing.assert_array_equal(applied.windows[-1], prices[-4:].astype(np.float32))
-    assert np.abs(applied.windows[-1] - prices[-4:]).max() < 65432.17 * 2**-24 * 1.01
+    assert (applied.windows[-1] != prices[-4:]).any()  # ...which float32 did round
+    # Round to nearest: off by at most half a float32 step (2**-24 of the price).
+    assert (np.abs(applied.windows[-1] - prices[-4:]) <= prices[-4:] * 2**-24).all()
     assert int(wins.count[slots[0]]) == 4  # saturates at the window length
