@@ -27,10 +27,12 @@ from tests.support.daemon import (
     reference_predictions,
     running_daemon,
 )
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.kafka
 
 PER_SYMBOL = 160
+BEFORE_STOP = 30  # predictions the first instance publishes before it is stopped
 
 
 def split_stream(stream, at: int):
@@ -71,6 +73,10 @@ def check_complete(predictions, stream, checkpoint_dir, *, allow_duplicates: boo
                 assert_same_model_output([p.predicted], reference[p.ts], windows[p.ts][None, :])
 
 
+def published(service) -> float:
+    return service.metrics.registry.get_sample_value("tickcast_predictions_published_total")
+
+
 async def test_sigkill_mid_stream_then_restart_loses_nothing(
     kafka_bootstrap, daemon_topics, checkpoint_dir, unique_group, tmp_path
 ):
@@ -106,10 +112,14 @@ async def test_graceful_stop_mid_stream_and_restart_has_no_gaps_and_no_duplicate
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     await producer.start()
     try:
-        # Ticks keep arriving at a steady rate while the daemon stops and starts again.
-        feeding = asyncio.create_task(replay(producer, daemon_topics["input"], stream, rate=150))
-        async with running_daemon(settings):
-            await asyncio.sleep(1.5)
+        async with running_daemon(settings) as first:
+            # Ticks keep arriving at a steady rate while the daemon stops and starts again.
+            feeding = asyncio.create_task(
+                replay(producer, daemon_topics["input"], stream, rate=150)
+            )
+            await wait_until(
+                lambda: published(first) >= BEFORE_STOP, "predictions of the first instance"
+            )
         assert not feeding.done(), "the stop must happen mid-stream"
         async with running_daemon(settings) as second:
             await feeding

@@ -31,6 +31,7 @@ from tests.support.daemon import (
     make_checkpoint,
     running_daemon,
 )
+from tests.support.polling import wait_until
 from tests.unit.test_model_watcher import BAD_CHECKPOINTS, WATCHER_LOGGER
 
 pytestmark = pytest.mark.kafka
@@ -38,6 +39,11 @@ pytestmark = pytest.mark.kafka
 WINDOW = 60
 REPLAY_RATE = 200.0  # ticks per second: steady load with small normal gaps
 MAX_SWAP_GAP_MS = 100
+# A CPU-starved run stalls the daemon without any swap too: the swap's gap may then reach
+# this multiple of the longest gap elsewhere in the run.
+SLOW_MACHINE_FACTOR = 3
+# Predictions acknowledged before the swap: mid-stream, clear of the start-up gaps.
+OLD_BEFORE_SWAP = 300
 
 
 @dataclass(frozen=True)
@@ -144,8 +150,11 @@ async def test_swap_under_steady_load(
         replaying = asyncio.create_task(
             produce_at_rate(kafka_bootstrap, daemon_topics["input"], stream, REPLAY_RATE)
         )
-        # Mid-stream: the first ~180 ticks fill windows, predictions flow from ~0.9 s on.
-        await asyncio.sleep(2.5)
+        # Symbols tick round-robin, so by then the old model has served each of them.
+        await wait_until(
+            lambda: sample(service, "tickcast_predictions_published_total") >= OLD_BEFORE_SWAP,
+            "predictions acknowledged before the swap",
+        )
         assert not replaying.done()
 
         # Publish it as the retrain job does: the finished version directory moves in,
@@ -221,11 +230,10 @@ async def test_swap_under_steady_load(
         f"longest elsewhere {baseline} ms; median {float(np.median(gaps)):.1f} ms"
     )
     print(f"\n{summary}")
-    if longest_around >= MAX_SWAP_GAP_MS and baseline >= MAX_SWAP_GAP_MS:
-        # Every check above passed; only the timing bound cannot be judged on a machine
-        # that stalls the daemon this long without any swap.
-        pytest.skip(f"CPU-starved run, the {MAX_SWAP_GAP_MS} ms bound is not judged: {summary}")
-    assert longest_around < MAX_SWAP_GAP_MS, summary
+    # The swap must not stall serving: under MAX_SWAP_GAP_MS, or on a machine that stalls
+    # the daemon longer without any swap, well within the same run's worst such stall.
+    limit = max(MAX_SWAP_GAP_MS, SLOW_MACHINE_FACTOR * baseline)
+    assert longest_around < limit, summary
 
 
 def _head(stream: TickStream, n: int) -> TickStream:

@@ -9,18 +9,22 @@ would have had.
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from uuid import uuid4
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.embedded_kafka import KafkaBroker, create_topics, pick_free_ports
 from daemon.replay import TickStream, replay
 from model.data import load_many
 from tests.integration.test_daemon_recovery import check_complete, expected_count
 from tests.support.daemon import DaemonProcess, consume, daemon_settings, running_daemon
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -61,7 +65,9 @@ async def test_kill_one_of_two_instances_mid_stream_then_add_a_third(
     await producer.start()
     try:
         feeding = asyncio.create_task(replay(producer, topics["input"], stream, rate=250))
-        await asyncio.sleep(1.5)
+        # Kill once both instances are publishing: the survivor must take over live work.
+        for instance in (first, second):
+            await wait_until(partial(published, instance), "predictions from both instances")
         assert not feeding.done(), "the kill must happen mid-stream"
         first.kill()
         third = DaemonProcess(settings, tmp_path / "c.log")
@@ -80,6 +86,17 @@ async def test_kill_one_of_two_instances_mid_stream_then_add_a_third(
     check_complete(predictions, stream, checkpoint_dir, allow_duplicates=not exactly_once)
     if exactly_once:
         assert len(predictions) == total
+
+
+def published(daemon: DaemonProcess) -> float:
+    """The instance's tickcast_predictions_published_total, read from its /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/metrics", timeout=2) as r:
+        text = r.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tickcast_predictions_published_total":
+                return float(sample.value)
+    return 0.0
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.request
+from collections.abc import Callable
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.replay import replay
+from daemon.state_store import MARKER_KEY, decode_marker
 from tests.integration.test_daemon_e2e import produce_stream
 from tests.integration.test_daemon_recovery import (
     check_complete,
@@ -16,18 +20,22 @@ from tests.integration.test_daemon_recovery import (
 )
 from tests.integration.test_scale_out import long_real_stream
 from tests.support.daemon import DaemonProcess, consume, daemon_settings, running_daemon
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.kafka
+
+PARTITIONS = 3
+StateTopic = dict[int, dict[bytes, bytes]]  # partition -> latest value per key
 
 
 @pytest.fixture
 async def state_topics(topic_factory) -> dict[str, str]:
     return {
-        "input": await topic_factory(partitions=3, prefix="ticks"),
-        "output": await topic_factory(partitions=3, prefix="predictions"),
+        "input": await topic_factory(partitions=PARTITIONS, prefix="ticks"),
+        "output": await topic_factory(partitions=PARTITIONS, prefix="predictions"),
         "dlq": await topic_factory(partitions=1, prefix="dlq"),
         "state": await topic_factory(
-            partitions=3, prefix="state", config={"cleanup.policy": "compact"}
+            partitions=PARTITIONS, prefix="state", config={"cleanup.policy": "compact"}
         ),
     }
 
@@ -43,6 +51,58 @@ def settings_for(kafka_bootstrap, topics, checkpoint_dir, group):
     )
 
 
+def markers(state: StateTopic) -> dict[int, int | None]:
+    return {p: decode_marker(values.get(MARKER_KEY, b"")) for p, values in state.items()}
+
+
+def symbol_keys(state: StateTopic) -> set[bytes]:
+    return {key for values in state.values() for key in values if key != MARKER_KEY}
+
+
+async def wait_for_state(
+    bootstrap: str, topics: dict[str, str], ready: Callable[[StateTopic], bool], what: str
+) -> StateTopic:
+    """Follow the state topic from its start until ``ready`` holds for what it holds."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    state: StateTopic = {p: {} for p in range(PARTITIONS)}
+
+    async def read_more() -> bool:
+        for tp, records in (await consumer.getmany(timeout_ms=200)).items():
+            state[tp.partition].update((r.key, r.value) for r in records if r.key and r.value)
+        return ready(state)
+
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topics["state"], p) for p in range(PARTITIONS)])
+        await wait_until(read_more, what, interval_s=0)
+    finally:
+        await consumer.stop()
+    return state
+
+
+async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in range(PARTITIONS)])
+    finally:
+        await consumer.stop()
+    return {tp.partition: end for tp, end in ends.items()}
+
+
+def scrape(port: int, name: str) -> float | None:
+    """One sample of a daemon process's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return None
+
+
 async def test_restart_loads_snapshots_and_replays_only_the_tail(
     kafka_bootstrap, state_topics, checkpoint_dir, unique_group
 ):
@@ -52,7 +112,14 @@ async def test_restart_loads_snapshots_and_replays_only_the_tail(
     async with running_daemon(settings) as one:
         await produce_stream(kafka_bootstrap, state_topics["input"], first)
         await consume(kafka_bootstrap, state_topics["output"], expected_count(first))
-        await asyncio.sleep(0.5)  # let a snapshot after the last commit go out
+        # The snapshot after the last commit: every symbol, markers at the input's ends.
+        ends = await end_offsets(kafka_bootstrap, state_topics["input"])
+        await wait_for_state(
+            kafka_bootstrap,
+            state_topics,
+            lambda state: markers(state) == ends and len(symbol_keys(state)) == 5,
+            f"state topic covering all 5 symbols and the input up to {ends}",
+        )
         written = one.metrics.registry.get_sample_value("tickcast_snapshot_symbols_total")
     assert written and written >= 5
 
@@ -86,7 +153,15 @@ async def test_sigkill_with_snapshots_loses_nothing(
     await producer.start()
     try:
         feeding = asyncio.create_task(replay(producer, state_topics["input"], stream, rate=300))
-        await asyncio.sleep(2.0)
+        # Restoring needs a partition's marker, written after its symbols' snapshots.
+        await wait_for_state(
+            kafka_bootstrap,
+            state_topics,
+            lambda state: any(
+                markers(state)[p] is not None and len(values) > 1 for p, values in state.items()
+            ),
+            "a partition with window snapshots and their marker",
+        )
         assert not feeding.done()
         daemon.kill()
         await feeding
@@ -99,6 +174,7 @@ async def test_sigkill_with_snapshots_loses_nothing(
     predictions = await consume(
         kafka_bootstrap, state_topics["output"], expected_count(stream), settle_s=1.0
     )
+    loaded = await asyncio.to_thread(scrape, again.port, "tickcast_restored_snapshots_total")
     assert again.terminate() == 0
-    assert "from snapshots" in (tmp_path / "b.log").read_text()
+    assert loaded, "the restart must load windows from the snapshots"
     check_complete(predictions, stream, checkpoint_dir, allow_duplicates=True)
