@@ -97,6 +97,16 @@ class DaemonMetrics:
             "Predictions acknowledged by the broker.",
             registry=r,
         )
+        self.offset_commits = Counter(
+            "tickcast_offset_commits_total",
+            "Input offset commits (at-least-once; exactly-once commits inside each "
+            "transaction), by result: committed, failed (after retries: the ticks are "
+            "redelivered), revoked (the partitions moved to another instance first).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("committed", "failed", "revoked"):
+            self.offset_commits.labels(result=result)
         self.snapshot_symbols = Counter(
             "tickcast_snapshot_symbols_total",
             "Symbol windows written to the state topic.",

@@ -1041,20 +1041,24 @@ class TickcastService:
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> bool:
         """Commit offsets of still-assigned partitions; False when that did not happen."""
+        commits = self.metrics.offset_commits
         assigned = consumer.assignment()
         mine = {tp: o for tp, o in offsets.items() if tp in assigned}
         if len(mine) < len(offsets):
+            commits.labels(result="revoked").inc()
             return False
         if not mine:
             return True
         for attempt, delay in enumerate(RETRY_BACKOFF_S):
             try:
                 await consumer.commit(mine)
+                commits.labels(result="committed").inc()
                 return True
             except KafkaError as exc:
                 # A later commit covers these offsets too; redelivery is the worst case.
                 logger.warning("commit failed (attempt %d): %s", attempt + 1, exc)
                 await asyncio.sleep(delay)
+        commits.labels(result="failed").inc()
         return False
 
     # ------------------------------------------------------------------ misc

@@ -90,6 +90,11 @@ async def test_replayed_real_ticks_get_one_exact_prediction_each(
     assert registry.get_sample_value("tickcast_ticks_consumed_total") == len(stream)
     assert registry.get_sample_value("tickcast_predictions_published_total") == expected
     assert registry.get_sample_value("tickcast_symbols_tracked") == 3
+    commits = {
+        result: registry.get_sample_value("tickcast_offset_commits_total", {"result": result})
+        for result in ("committed", "failed")
+    }
+    assert (commits["committed"] or 0) >= 1 and commits["failed"] == 0, commits
     version = predictions[0].model_version
     assert all(p.headers["model_version"] == version.encode() for p in predictions)
     assert all(int(p.headers["input_offset"]) >= 0 for p in predictions)

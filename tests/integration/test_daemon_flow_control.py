@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
@@ -61,11 +62,17 @@ async def test_fetching_pauses_when_inference_falls_behind(
     assert peak <= 2 * 16 + 50, f"{peak} windows in flight"
 
 
-def test_serve_without_a_checkpoint_names_retrain_and_exits_non_zero(tmp_path):
+# The installed console script and the module form start the same daemon.
+SERVE_COMMANDS = [
+    [str(Path(sys.executable).with_name("tickcast")), "serve"],
+    [sys.executable, "-m", "daemon"],
+]
+
+
+@pytest.mark.parametrize("command", SERVE_COMMANDS, ids=["tickcast serve", "python -m daemon"])
+def test_serve_without_a_checkpoint_names_retrain_and_exits_non_zero(tmp_path, command):
     env = {**os.environ, "TICKCAST_CHECKPOINT_DIR": str(tmp_path / "empty")}
-    done = subprocess.run(
-        [sys.executable, "-m", "daemon"], env=env, capture_output=True, text=True, timeout=120
-    )
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 3
     assert "tickcast retrain" in done.stderr
     assert "no checkpoint" in done.stderr

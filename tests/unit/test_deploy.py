@@ -54,6 +54,7 @@ REQUIRED_ALERTS = frozenset(
         "TickcastModelStale",
         "TickcastModelWorseThanNaive",
         "TickcastDown",
+        "TickcastOffsetCommitsFailing",
     }
 )
 REQUIRED_TOPICS = frozenset({"ticks", "predictions", "ticks.dlq", "ticks.state"})

@@ -1,0 +1,59 @@
+"""``TICKCAST_INFERENCE`` picks the forward the daemon serves with (daemon/service.py
+``load_serving_predictor``): "reference" is nn.GRU, "fast" the scripted cell loop,
+"compiled" the cell loop with its step compiled in the background. All three predict the
+same prices for the same real windows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daemon.service import NoCheckpointError, load_serving_predictor
+from daemon.settings import Settings
+from model.data import load_series, make_windows
+from tests.support.daemon import make_checkpoint
+
+WINDOW = 60
+
+
+@pytest.fixture(scope="module")
+def checkpoint_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("checkpoints")
+    make_checkpoint(root, window_length=WINDOW)
+    return root
+
+
+@pytest.fixture(scope="module")
+def windows() -> np.ndarray:
+    nasdaq = load_series("dataset:nasdaq")[0]
+    cut, _ = make_windows(nasdaq.prices[-400:], WINDOW)
+    return np.asarray(cut[-200:], dtype=np.float64)
+
+
+def serving(root: Path, inference: str) -> Settings:
+    return Settings(checkpoint_dir=root, device="cpu", inference=inference)
+
+
+def test_each_inference_setting_serves_its_forward(
+    checkpoint_root: Path, windows: np.ndarray
+) -> None:
+    reference = load_serving_predictor(serving(checkpoint_root, "reference"))
+    fast = load_serving_predictor(serving(checkpoint_root, "fast"))
+    compiled = load_serving_predictor(serving(checkpoint_root, "compiled"))
+    assert reference.path == "nn.GRU"
+    assert fast.path == "scripted-cell"
+    assert compiled.fast is not None and compiled.fast.compile_unit == "step"
+    # Until its compilation is done (seconds, in a background thread) "compiled" serves
+    # the cell loop; either way it must give the reference's prices.
+    assert compiled.path in ("scripted-cell", "compiled-step")
+    expected = reference.predict(windows)
+    for predictor in (fast, compiled):
+        np.testing.assert_allclose(predictor.predict(windows), expected, rtol=0, atol=1e-3)
+    assert len(set(np.round(expected, 2).tolist())) > 100  # real windows, distinct prices
+
+
+def test_no_checkpoint_names_the_retrain_command(tmp_path: Path) -> None:
+    with pytest.raises(NoCheckpointError, match="tickcast retrain --data dataset:nasdaq"):
+        load_serving_predictor(serving(tmp_path, "fast"))
