@@ -176,8 +176,8 @@ def _decode_clean(
             return None
         prices = np.fromiter(map(_PRICE, ticks), np.float64, n)
         ts = np.fromiter(map(_TS, ticks), np.int64, n)  # OverflowError beyond int64
-    except (msgspec.DecodeError, TypeError, OverflowError):
-        return None
+    except Exception:  # DecodeError, TypeError, OverflowError; RecursionError (msgspec
+        return None  # on a deeply nested extra field): the per-record path names each one
     if not (np.isfinite(prices).all() and (prices > 0).all()):
         return None
     if not ((ts > 0).all() and (ts < MAX_TS_MS).all()):
@@ -217,7 +217,7 @@ def decode_one_by_one(
             continue
         try:
             obj = loads(value)
-        except orjson.JSONDecodeError as exc:
+        except (orjson.JSONDecodeError, RecursionError) as exc:
             try:
                 value.decode("utf-8")
             except UnicodeDecodeError:

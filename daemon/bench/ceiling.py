@@ -43,25 +43,27 @@ def measure_rate(predict: Any, windows: np.ndarray, seconds: float) -> float:
 
 def measure_parallel_rate(predict: Any, windows: np.ndarray, seconds: float, workers: int) -> float:
     """``workers`` threads calling ``predict`` at once, as the daemon's inference workers
-    do; all windows scored over the wall time of the slowest (no partial overlap counted).
+    do; all windows scored over the wall time from the common start (after every worker's
+    warm-up call) to the end of the slowest (no partial overlap counted).
     """
     from concurrent.futures import ThreadPoolExecutor
 
     start = threading.Barrier(workers)
 
-    def run(_: int) -> int:
-        predict(windows)  # warm
+    def run(_: int) -> tuple[int, float, float]:
+        predict(windows)  # warm: not timed (a first call can take many times a later one)
         start.wait()
         n, started = 0, time.perf_counter()
         while n < 3 or time.perf_counter() - started < seconds:
             predict(windows)
             n += 1
-        return n
+        return n, started, time.perf_counter()
 
-    began = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
-        calls = sum(pool.map(run, range(workers)))
-    return len(windows) * calls / (time.perf_counter() - began)
+        runs = list(pool.map(run, range(workers)))
+    calls = sum(n for n, _, _ in runs)
+    wall = max(end for _, _, end in runs) - min(began for _, began, _ in runs)
+    return len(windows) * calls / wall
 
 
 @dataclass

@@ -113,6 +113,21 @@ def test_odd_but_valid_ticks_fall_back_and_are_kept(value: bytes) -> None:
     assert bad == [] and decoded.offsets.tolist() == [0, 1]
 
 
+def nested(depth: int) -> bytes:
+    return b'{"symbol": "N", "price": 2.0, "ts": 7, "extra": %b}' % (b"[" * depth + b"]" * depth)
+
+
+def test_deeply_nested_extra_fields_never_raise() -> None:
+    """msgspec raises RecursionError (not a DecodeError) on ~1,000 nested lists, a 2 KB
+    value; orjson parses up to 1,024 levels and refuses deeper ones. Neither may escape:
+    the tick is kept (an unknown field is ignored) or dead-lettered as not JSON."""
+    limits = {"max_tick_bytes": 8192, "max_symbol_length": 8}
+    records = [record(0, good("A", 1.0, 1)), record(1, nested(1000)), record(2, nested(2000))]
+    decoded, bad = decode_ticks(records, partitions_of(records), **limits)
+    assert decoded.offsets.tolist() == [0, 1]
+    assert [(b.record.offset, b.reason) for b in bad] == [(2, "not_json")]
+
+
 values = st.one_of(
     st.builds(
         good,
