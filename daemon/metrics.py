@@ -87,6 +87,13 @@ class DaemonMetrics:
             ["reason"],
             registry=r,
         )
+        self.ticks_warming_up = Counter(
+            "tickcast_ticks_warming_up_total",
+            "Valid ticks kept in a symbol's window before it is full: no prediction for them "
+            "(the first window_length - 1 ticks of a symbol, again after its partition moved "
+            "without a snapshot).",
+            registry=r,
+        )
         self.ticks_conflated = Counter(
             "tickcast_ticks_conflated_total",
             "Windows skipped because a newer window of the same symbol was queued (conflation).",

@@ -479,7 +479,18 @@ class TickcastService:
 
         Runs inside the rebalance, so the group consumer hands out no record of these
         partitions until their windows are exactly what an uninterrupted run would have.
+        aiokafka only logs a listener's exception, which would leave these partitions
+        parked unscored for good; a failed restore therefore stops the daemon (exit 1),
+        and the group gives the partitions to a member that can restore them.
         """
+        try:
+            await self._restore_assigned(assigned)
+        except Exception:
+            logger.exception("restoring partitions %s failed; stopping", assigned)
+            self.failed = True
+            self.should_exit.set()
+
+    async def _restore_assigned(self, assigned: list[TopicPartition]) -> None:
         consumer = self._consumer
         assert consumer is not None
         started = time.monotonic()
@@ -593,6 +604,8 @@ class TickcastService:
             self.metrics.ticks_dropped.labels("not_newer").inc(applied.dropped)
         self.metrics.symbols_tracked.set(len(self.windows))
         idx = applied.accepted[applied.ready]
+        if len(idx) < len(applied.accepted):
+            self.metrics.ticks_warming_up.inc(len(applied.accepted) - len(idx))
         rows = ScoringRows(
             windows=applied.windows,
             symbols=np.asarray(decoded.symbols, dtype=object)[idx]

@@ -89,6 +89,8 @@ async def test_replayed_real_ticks_get_one_exact_prediction_each(
     check_predictions(predictions, stream, checkpoint_dir)
     assert registry.get_sample_value("tickcast_ticks_consumed_total") == len(stream)
     assert registry.get_sample_value("tickcast_predictions_published_total") == expected
+    # Every tick is accounted for: predicted, or kept while its symbol's window filled.
+    assert registry.get_sample_value("tickcast_ticks_warming_up_total") == 3 * (WINDOW - 1)
     assert registry.get_sample_value("tickcast_symbols_tracked") == 3
     commits = {
         result: registry.get_sample_value("tickcast_offset_commits_total", {"result": result})
