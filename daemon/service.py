@@ -919,7 +919,12 @@ class TickcastService:
             ("tickcast.detail", tick.detail.encode("utf-8", "replace")[:512]),
             ("tickcast.source", source.encode()),
         ]
-        return (r.key, r.value or b"", headers)
+        value = r.value or b""
+        limit = self.settings.dlq_max_value_bytes
+        if len(value) > limit:
+            headers.append(("tickcast.value_bytes", str(len(value)).encode()))
+            value = value[:limit]
+        return (r.key, value, headers)
 
     async def _send_with_retry(self, topic: str, records: list[OutRecord]) -> list[Any]:
         assert self._publisher is not None

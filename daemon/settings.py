@@ -75,6 +75,10 @@ class Settings(KafkaAccess):
     # Input validation
     max_tick_bytes: int = Field(default=4096, ge=64)
     max_symbol_length: int = Field(default=64, ge=1)
+    # A dead letter carries at most this much of the original value (the rest stays in the
+    # input topic at tickcast.source): an oversized original plus headers could exceed the
+    # broker's message limit, and a rejected dead letter would be resent forever.
+    dlq_max_value_bytes: int = Field(default=256 * 1024, ge=0)
 
     # HTTP and lifecycle
     metrics_port: int = Field(default=9400, ge=0, le=65535)
