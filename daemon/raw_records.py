@@ -37,6 +37,28 @@ def raw_value(value: bytes | None) -> bytes | None:
     return value
 
 
+def unreadable_record(exc: BaseException) -> tuple[Any, int, int] | None:
+    """Where a fetch failed to parse: (TopicPartition, first offset not returned, end of
+    its record batch), read off the traceback of aiokafka's
+    ``PartitionRecords._unpack_records``; None when the error did not come from there.
+
+    aiokafka decodes header names as UTF-8 while it iterates a fetch, and some producers
+    (librdkafka's C API, for one) send any bytes. The UnicodeDecodeError leaves
+    ``getmany()`` without saying which record it was, and every later fetch of that
+    record batch fails at the same record, so none after it in the batch can be read.
+    """
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "_unpack_records":
+            records, batch = frame.f_locals.get("self"), frame.f_locals.get("next_batch")
+            if isinstance(records, fetcher.PartitionRecords) and batch is not None:
+                found = (records._tp, records.next_fetch_offset, batch.next_offset)
+        tb = tb.tb_next
+    return found
+
+
 def supported(version: str) -> bool:
     """Whether the raw path may be installed on this aiokafka version."""
     major, minor = (

@@ -51,7 +51,7 @@ from daemon.publisher import BatchPublisher, OutRecord
 from daemon.restore import restore_windows
 from daemon.settings import Settings
 from daemon.state_store import PendingSnapshot, StateWriter
-from daemon.ticks import BadTick, RawRecord, decode_ticks, json_numbers
+from daemon.ticks import BadTick, RawRecord, UnreadableRecord, decode_ticks, json_numbers
 from daemon.windows import SymbolWindows, group_starts
 from model.checkpoint import CheckpointError, read_latest
 
@@ -167,8 +167,11 @@ def lower_thread_priority(nice: int) -> None:
 def load_serving_predictor(settings: Settings) -> Predictor:
     """The checkpoint named by LATEST, loaded and self-tested; NoCheckpointError if none."""
     root = Path(settings.checkpoint_dir)
-    version = read_latest(root)
     hint = f"train one with: tickcast retrain --data dataset:nasdaq --checkpoint-dir {root}"
+    try:
+        version = read_latest(root)
+    except CheckpointError as exc:  # a LATEST that names no version (NUL bytes, a dir, ...)
+        raise NoCheckpointError(f"{exc}; fix or remove it, or {hint}") from exc
     if version is None:
         raise NoCheckpointError(f"no checkpoint in {root} (no LATEST file); {hint}")
     device = resolve_device(settings.device)
@@ -540,6 +543,9 @@ class TickcastService:
                 logger.warning("fetch failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
                 continue
+            except UnicodeDecodeError as exc:
+                await self._skip_unreadable(consumer, exc)
+                continue
             self._caught_up = sum(map(len, fetched.values())) < s.fetch_max_records
             chunk = self._build_chunk(fetched) if fetched or self._parked else None
             if chunk is None and (snapshot := self._maybe_snapshot()) is not None:
@@ -548,11 +554,59 @@ class TickcastService:
                 rows = ScoringRows.empty(self.windows.window_length)
                 chunk = Chunk(rows=rows, bad=[], commit={}, snapshot=snapshot)
             if chunk is not None:
-                self._inflight_chunks += 1
-                self._inflight_windows += len(chunk.rows)
-                self._drained.clear()
-                self.metrics.inflight_windows.set(self._inflight_windows)
-                await self._chunks.put(chunk)
+                await self._enqueue(chunk)
+
+    async def _enqueue(self, chunk: Chunk) -> None:
+        self._inflight_chunks += 1
+        self._inflight_windows += len(chunk.rows)
+        self._drained.clear()
+        self.metrics.inflight_windows.set(self._inflight_windows)
+        await self._chunks.put(chunk)
+
+    async def _skip_unreadable(self, consumer: AIOKafkaConsumer, exc: UnicodeDecodeError) -> None:
+        """Dead-letter what aiokafka cannot parse (a header name that is not UTF-8: that
+        record and the rest of its record batch), then go on after it, losing nothing else.
+
+        The failed ``getmany()`` dropped what it had already read, on every partition, so
+        all go back to what was processed; the partition at fault is then read one record
+        at a time up to the unreadable one. Each unreadable offset becomes a dead letter
+        without a value; its tickcast.source points at the original.
+        """
+        found = raw_records.unreadable_record(exc)
+        if found is None:
+            raise exc
+        tp, first, end = found
+        logger.warning(
+            "%s[%d] offsets %d..%d cannot be read (%s); dead-lettering them",
+            tp.topic,
+            tp.partition,
+            first,
+            end - 1,
+            exc,
+        )
+        for other in consumer.assignment():
+            if other in self._parked:
+                consumer.seek(other, self._parked[other][-1].offset + 1)
+            elif other in self._positions and other in self._ready_partitions:
+                consumer.seek(other, self._positions[other])
+        deadline = time.monotonic() + 60
+        while await consumer.position(tp) < first:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cannot reach offset {first} of {tp}") from exc
+            fetched = await consumer.getmany(tp, timeout_ms=500, max_records=1)
+            if (chunk := self._build_chunk(fetched)) is not None:
+                await self._enqueue(chunk)
+        detail = f"record batch unreadable from offset {first}: {exc}"[:200]
+        bad = [
+            BadTick(UnreadableRecord(offset), tp.partition, "unreadable", detail)
+            for offset in range(first, end)
+        ]
+        self.metrics.ticks_consumed.inc(len(bad))
+        self.metrics.bad_ticks.labels("unreadable").inc(len(bad))
+        self._positions[tp] = end
+        consumer.seek(tp, end)
+        rows = ScoringRows.empty(self.windows.window_length)
+        await self._enqueue(Chunk(rows=rows, bad=bad, commit={tp: end}))
 
     async def _pause_until_drained(self, consumer: AIOKafkaConsumer, low_water: int) -> None:
         """Backpressure: stop fetching while inference is behind, instead of buffering."""

@@ -37,6 +37,16 @@ class RawRecord(Protocol):
     def headers(self) -> Sequence[tuple[str, bytes]]: ...
 
 
+@dataclass(frozen=True)
+class UnreadableRecord:
+    """Stands in for a record the Kafka client could not parse: only its offset is known."""
+
+    offset: int
+    key: bytes | None = None
+    value: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class BadTick:
     """A record that cannot be used, with the reason it goes to the dead-letter topic."""

@@ -107,3 +107,72 @@ async def _scenario(bootstrap, root, garbage, rng) -> None:
         assert registry.get_sample_value("tickcast_bad_ticks_total", {"reason": reason}) == count
     assert registry.get_sample_value("tickcast_dead_letter_records_total") == len(garbage)
     assert registry.get_sample_value("tickcast_ticks_consumed_total") == len(mixed)
+
+
+class NotUtf8Name(str):
+    """A header name sent as bytes that are not UTF-8 (librdkafka's C API allows any)."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return b"\xff\xfe" + str(self).encode()
+
+
+async def test_a_record_the_client_cannot_parse_is_dead_lettered(
+    kafka_bootstrap, tmp_path, monkeypatch
+):
+    """aiokafka fails a whole fetch on a header name that is not UTF-8, and every fetch of
+    that record batch at that record: it and the rest of its batch become `unreadable`
+    dead letters (pointing at the originals), every tick before it and in the next batch
+    is predicted, and the daemon keeps running."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.producer import message_accumulator
+    from aiokafka.producer import producer as producer_module
+    from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+
+    series = load_series("dataset:nasdaq")[0]
+    n, bad_at, batch_end = 100, 65, 70
+    records = tick_records(["NDX"] * n, series.prices[-n:].tolist(), series.ts[-n:].tolist())
+    topics = {k: f"{k}-{uuid4().hex[:8]}" for k in ("input", "output", "dlq")}
+    await create_topics(kafka_bootstrap, list(topics.values()), partitions=1)
+    # The pure-Python batch builder calls the name's own encode(); the C one would not.
+    for module in (message_accumulator, producer_module):
+        monkeypatch.setattr(module, "DefaultRecordBatchBuilder", _DefaultRecordBatchBuilderPy)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=50)
+    await producer.start()
+    try:
+        for batch in (range(batch_end), range(batch_end, n)):  # two record batches
+            sent = [
+                await producer.send(
+                    topics["input"],
+                    records[i][1],
+                    key=records[i][0],
+                    headers=[(NotUtf8Name("trace"), b"1")] if i == bad_at else [],
+                )
+                for i in batch
+            ]
+            await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+    monkeypatch.undo()
+
+    make_checkpoint(tmp_path)
+    config = daemon_settings(kafka_bootstrap, topics, tmp_path, f"g-{uuid4().hex[:8]}")
+    unreadable = range(bad_at, batch_end)
+    readable = [t for i, t in enumerate(series.ts[-n:].tolist()) if i not in unreadable]
+    async with running_daemon(config) as service:
+        predictions = await consume(
+            kafka_bootstrap, topics["output"], len(readable) - 59, settle_s=0.5
+        )
+        dead = await consume_raw(kafka_bootstrap, topics["dlq"], len(unreadable))
+        assert all(service.readiness().values()), "daemon must stay alive and ready"
+        registry = service.metrics.registry
+
+    assert [p.ts for p in predictions] == readable[59:]
+    sources = [f"{topics['input']}/0/{offset}".encode() for offset in unreadable]
+    assert [dict(d.headers)["tickcast.source"] for d in dead] == sources
+    assert {dict(d.headers)["tickcast.reason"] for d in dead} == {b"unreadable"}
+    assert all(d.value in (None, b"") for d in dead)
+    unreadable_count = registry.get_sample_value(
+        "tickcast_bad_ticks_total", {"reason": "unreadable"}
+    )
+    assert unreadable_count == len(unreadable)
+    assert registry.get_sample_value("tickcast_ticks_consumed_total") == n
