@@ -15,13 +15,16 @@ from typing import Protocol
 
 from daemon.metrics import DaemonMetrics
 from daemon.predictor import Predictor, load_predictor
-from model.checkpoint import META_FILE, WEIGHTS_FILE, CheckpointError, read_latest
+from model.checkpoint import LATEST_FILE, META_FILE, WEIGHTS_FILE, CheckpointError, read_latest
 
 logger = logging.getLogger(__name__)
 
 # (version, its files' (mtime_ns, size)): what was rejected, so that a bad version is not
 # reloaded (and re-logged) every poll, yet is retried once its files change.
 _Signature = tuple[str, tuple[tuple[int, int] | None, ...]]
+# (the error, LATEST's (mtime_ns, size)): an unusable LATEST, counted and logged once until
+# it is rewritten.
+_LatestSignature = tuple[str, tuple[int, int] | None]
 
 
 class _Swappable(Protocol):
@@ -31,16 +34,16 @@ class _Swappable(Protocol):
     def request_swap(self, predictor: Predictor) -> None: ...
 
 
+def _stat_signature(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
 def _signature(version_dir: Path) -> tuple[tuple[int, int] | None, ...]:
-    files: list[tuple[int, int] | None] = []
-    for name in (META_FILE, WEIGHTS_FILE):
-        try:
-            st = (version_dir / name).stat()
-        except OSError:
-            files.append(None)
-        else:
-            files.append((st.st_mtime_ns, st.st_size))
-    return tuple(files)
+    return tuple(_stat_signature(version_dir / name) for name in (META_FILE, WEIGHTS_FILE))
 
 
 class ModelWatcher:
@@ -52,7 +55,7 @@ class ModelWatcher:
         self._poll_s = poll_s
         self._wake = asyncio.Event()
         self._rejected: _Signature | None = None
-        self._unreadable: str | None = None  # last LATEST read error, logged once
+        self._bad_latest: _LatestSignature | None = None  # an unusable LATEST, counted once
         # The version handed to the service: an idle daemon swaps only at its next batch,
         # and must not reload (and recount) the same version every poll until then.
         self._requested: str | None = None
@@ -78,14 +81,10 @@ class ModelWatcher:
         current = self._service.predictor
         try:
             version = read_latest(self._dir)
-        except (OSError, ValueError) as exc:  # ValueError: LATEST is not UTF-8
-            if str(exc) != self._unreadable:
-                self._unreadable = str(exc)
-                logger.warning(
-                    "cannot read %s/LATEST, still serving %s: %s", self._dir, current.version, exc
-                )
+        except Exception as exc:  # an unusable LATEST (NUL bytes, a directory, '../x', ...)
+            self._reject_latest(exc, current)
             return False
-        self._unreadable = None
+        self._bad_latest = None
         if version is None:
             return False
         if version == current.version:
@@ -136,3 +135,14 @@ class ModelWatcher:
             "checkpoint %s loaded; replacing %s at the next batch", version, current.version
         )
         return True
+
+    def _reject_latest(self, exc: Exception, current: Predictor) -> None:
+        """Count and log an unusable LATEST once (until it changes); keep serving."""
+        signature = (f"{type(exc).__name__}: {exc}", _stat_signature(self._dir / LATEST_FILE))
+        if signature == self._bad_latest:
+            return
+        self._bad_latest = signature
+        self._service.metrics.model_reloads.labels("rejected").inc()
+        logger.error(
+            "%s rejected, still serving %s: %s", LATEST_FILE, current.version, signature[0]
+        )

@@ -4,11 +4,13 @@ safetensors holds raw tensors only, so loading one can never execute code (unlik
 pickle). ``meta.json`` records the architecture, window length, scaling, training data,
 evaluation figures and lineage, plus a SHA-256 of the weights so that a truncated or
 tampered file is refused. ``<dir>/LATEST`` names the version in service and is replaced
-atomically: write a temp file, then ``os.replace``, so a reader never sees half of it.
+atomically: write a temp file, fsync, then ``os.replace`` and fsync the directory, so a
+reader never sees half of it, nor (after a power loss) a pointer to empty files.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_serializer
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -33,6 +35,10 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
 LATEST_FILE = "LATEST"
+MAX_LATEST_BYTES = 1024  # a version name and a newline; anything longer is not a pointer
+MAX_VERSION_BYTES = 255  # NAME_MAX: a version is one directory name
+DIR_MODE = 0o755  # readable by a daemon that runs as another user
+FILE_MODE = 0o644
 
 
 class CheckpointError(Exception):
@@ -70,7 +76,10 @@ class CheckpointMeta(BaseModel):
     training_data: list[DataRange] = Field(default_factory=list)
     evaluation: dict[str, Any] = Field(default_factory=dict)
     parent_version: str | None = None
-    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+    # Timezone-aware; meta.json holds ``datetime.isoformat()`` (``...+00:00``). Anything
+    # else (a naive or free-text time) fails validation, so the checkpoint is refused at
+    # load time instead of breaking whoever reads the age later.
+    created_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
     weights_file: str = WEIGHTS_FILE
     weights_sha256: str = ""
 
@@ -78,8 +87,12 @@ class CheckpointMeta(BaseModel):
     def window_length(self) -> int:
         return self.architecture.window_length
 
+    @field_serializer("created_at", when_used="json")
+    def _created_at_iso(self, value: datetime) -> str:
+        return value.isoformat()
+
     def created_at_epoch(self) -> float:
-        return datetime.fromisoformat(self.created_at).timestamp()
+        return self.created_at.timestamp()
 
 
 @dataclass(frozen=True)
@@ -101,10 +114,59 @@ def new_version(now: datetime | None = None) -> str:
     return f"{stamp}-{secrets.token_hex(3)}"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def _version_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a version (one plain directory name), or None if it can."""
+    if not name:
+        return "it is empty"
+    if "/" in name or "\\" in name or (os.altsep and os.altsep in name):
+        return "it contains a path separator"
+    if name.startswith("."):
+        return "it starts with '.' (hidden, '.' or '..')"
+    if not name.isprintable():
+        return "it contains control characters"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_VERSION_BYTES:
+        return f"it is longer than {MAX_VERSION_BYTES} bytes"
+    return None
+
+
+def _check_version_name(name: str, where: str) -> None:
+    problem = _version_name_problem(name)
+    if problem is not None:
+        raise CheckpointError(f"{where} names an invalid version {name!r}: {problem}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the entries of ``directory`` (a rename into it) survive a power loss."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # A few file systems (some FUSE and network mounts) cannot fsync a directory.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
+    """Create ``path`` (which must not exist) holding ``data``, with ``mode``, fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)  # whatever the umask
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
+    """Replace ``path`` atomically and durably: temp file, fsync, rename, fsync the dir."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)  # mkstemp creates it 0600
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -112,15 +174,20 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
 def save_checkpoint(checkpoint_dir: Path | str, model: PriceGRU, meta: CheckpointMeta) -> Path:
     """Write ``<checkpoint_dir>/<meta.version>/`` and return its path (does not promote).
 
     The version directory is assembled under a temporary name and renamed into place, so
-    a watcher never sees a version without both of its files.
+    a watcher never sees a version without both of its files. Files and directories are
+    fsynced before and after the rename (a power loss cannot leave a version of empty
+    files), and made world-readable (0644 files, 0755 directory) for a daemon that runs
+    as another user.
     """
     root = Path(checkpoint_dir)
+    _check_version_name(meta.version, "the checkpoint's meta")
     root.mkdir(parents=True, exist_ok=True)
     final = root / meta.version
     if final.exists():
@@ -138,12 +205,15 @@ def save_checkpoint(checkpoint_dir: Path | str, model: PriceGRU, meta: Checkpoin
     )
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{meta.version}."))
     try:
-        (staging / WEIGHTS_FILE).write_bytes(weights)
-        (staging / META_FILE).write_text(meta.model_dump_json(indent=2) + "\n")
+        os.chmod(staging, DIR_MODE)  # mkdtemp creates it 0700
+        _write_durably(staging / WEIGHTS_FILE, weights)
+        _write_durably(staging / META_FILE, (meta.model_dump_json(indent=2) + "\n").encode())
+        _fsync_dir(staging)
         os.replace(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _fsync_dir(root)
     return final
 
 
@@ -223,22 +293,42 @@ def load_checkpoint(version_dir: Path | str, device: torch.device | str = "cpu")
 
 
 def read_latest(checkpoint_dir: Path | str) -> str | None:
-    """The version named by ``LATEST``, or None when there is none yet."""
+    """The version named by ``LATEST``, or None when there is no ``LATEST`` yet.
+
+    Raises :class:`CheckpointError` when ``LATEST`` exists but names no valid version:
+    it cannot be read (a directory, permissions, I/O error), holds NUL bytes (zero-filled
+    after a crash), is not UTF-8, is empty, or names something that is not one plain
+    directory name (path separators, '..', a hidden name, control characters).
+    """
+    path = Path(checkpoint_dir) / LATEST_FILE
     try:
-        name = (Path(checkpoint_dir) / LATEST_FILE).read_text().strip()
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_LATEST_BYTES + 1)
     except FileNotFoundError:
         return None
-    return name or None
+    except OSError as exc:  # IsADirectoryError, NotADirectoryError, PermissionError, EIO
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if b"\0" in raw:
+        raise CheckpointError(f"{path} holds NUL bytes (zero-filled after a crash?): {raw[:32]!r}")
+    if len(raw) > MAX_LATEST_BYTES:
+        raise CheckpointError(f"{path} is longer than {MAX_LATEST_BYTES} bytes: not a pointer")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path} is not UTF-8 text: {raw[:32]!r}") from exc
+    name = text.strip()
+    if not name:
+        raise CheckpointError(f"{path} is empty: it names no version")
+    _check_version_name(name, str(path))
+    return name
 
 
 def load_latest(checkpoint_dir: Path | str, device: torch.device | str = "cpu") -> Checkpoint:
     """Load the version in service; :class:`CheckpointError` when there is none."""
     root = Path(checkpoint_dir)
-    version = read_latest(root)
+    version = read_latest(root)  # validates the name
     if version is None:
         raise CheckpointError(f"no checkpoint in service: {root / LATEST_FILE} does not exist")
-    if Path(version).name != version or version.startswith("."):
-        raise CheckpointError(f"{root / LATEST_FILE} names an invalid version {version!r}")
     checkpoint = load_checkpoint(root / version, device)
     if checkpoint.meta.version != version:
         raise CheckpointError(
@@ -251,6 +341,7 @@ def load_latest(checkpoint_dir: Path | str, device: torch.device | str = "cpu") 
 def promote(checkpoint_dir: Path | str, version: str) -> None:
     """Atomically point ``LATEST`` at ``version`` (which must exist)."""
     root = Path(checkpoint_dir)
+    _check_version_name(version, "promote")
     if not (root / version / META_FILE).is_file():
         raise CheckpointError(f"cannot promote {version!r}: {root / version} is not a checkpoint")
     _atomic_write_bytes(root / LATEST_FILE, (version + "\n").encode())

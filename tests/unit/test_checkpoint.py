@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
+import re
+import stat
+import time
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +128,9 @@ def test_truncated_weights_are_refused(tmp_path: Path) -> None:
         ({"format_version": 99}, "format 99 is not supported"),
         ({"weights_file": "../elsewhere.safetensors"}, "plain file name"),
         ({"architecture": "gru"}, "does not describe a tickcast checkpoint"),
+        ({"created_at": "yesterday"}, "created_at"),
+        ({"created_at": "2026-01-01T00:00:00"}, "(?s)created_at.*timezone"),  # naive
+        ({"created_at": None}, "created_at"),
     ],
 )
 def test_tampered_meta_is_refused(tmp_path: Path, changes: dict[str, Any], message: str) -> None:
@@ -205,3 +214,151 @@ def test_latest_naming_a_mislabelled_version_is_refused(tmp_path: Path) -> None:
     (tmp_path / LATEST_FILE).write_text("v2\n")
     with pytest.raises(CheckpointError, match="says version 'v1'"):
         load_latest(tmp_path)
+
+
+# --------------------------------------------------------------------------- created_at
+
+
+def test_created_at_is_written_as_before_and_read_as_an_aware_datetime(tmp_path: Path) -> None:
+    before = time.time()
+    version_dir = save(tmp_path)
+    written = json.loads((version_dir / META_FILE).read_text())["created_at"]
+    # The format existing checkpoints have: datetime.isoformat() of a UTC time.
+    assert written.endswith("+00:00") and "T" in written
+    meta = load_checkpoint(version_dir).meta
+    assert meta.created_at == datetime.fromisoformat(written)
+    assert meta.created_at.tzinfo is not None
+    assert before - 1 <= meta.created_at_epoch() <= time.time() + 1
+
+
+@pytest.mark.parametrize(
+    ("created_at", "epoch"),
+    [
+        ("2026-01-02T03:04:05.678901+00:00", 1767323045.678901),  # what the writer writes
+        ("2026-01-02T03:04:05Z", 1767323045.0),
+        ("2026-01-02T05:04:05+02:00", 1767323045.0),
+    ],
+)
+def test_existing_iso_created_at_values_load(tmp_path: Path, created_at: str, epoch: float) -> None:
+    version_dir = save(tmp_path)
+    rewrite_meta(version_dir, created_at=created_at)
+    assert load_checkpoint(version_dir).meta.created_at_epoch() == pytest.approx(epoch)
+
+
+# --------------------------------------------------------------------------- LATEST
+
+
+def _latest_with(content: bytes) -> Callable[[Path], object]:
+    return lambda root: (root / LATEST_FILE).write_bytes(content)
+
+
+def _latest_is_a_directory(root: Path) -> None:
+    (root / LATEST_FILE).mkdir()
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (_latest_with(b"\0" * 4096), "NUL bytes"),  # zero-filled after a crash
+        (_latest_with(b"v1\0\n"), "NUL bytes"),
+        (_latest_is_a_directory, "Is a directory"),
+        (_latest_with(b"../x\n"), "invalid version '../x': it contains a path separator"),
+        (_latest_with(b"v1/../../x\n"), "path separator"),
+        (_latest_with(b"..\n"), "invalid version '..'"),
+        (_latest_with(b".hidden\n"), "invalid version '.hidden'"),
+        (_latest_with(b""), "is empty"),
+        (_latest_with(b" \n\t\n"), "is empty"),
+        (_latest_with(b"\xff\xfe garbage"), "not UTF-8"),
+        (_latest_with(b"v1\nv2\n"), "control characters"),
+        (_latest_with(b"v" * 300), "longer than 255 bytes"),
+        (_latest_with(b"v" * 5000), "longer than 1024 bytes"),
+    ],
+)
+def test_an_unusable_latest_is_a_checkpoint_error_naming_the_file(
+    tmp_path: Path, write: Callable[[Path], object], message: str
+) -> None:
+    save(tmp_path, version="v1")
+    write(tmp_path)
+    with pytest.raises(CheckpointError, match=re.escape(message)) as info:
+        read_latest(tmp_path)
+    assert str(tmp_path / LATEST_FILE) in str(info.value)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_latest(tmp_path)
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_a_checkpoint_error(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "checkpoints"
+    not_a_dir.write_text("oops")
+    with pytest.raises(CheckpointError, match="Not a directory"):
+        read_latest(not_a_dir)
+
+
+def test_no_latest_yet_is_none(tmp_path: Path) -> None:
+    assert read_latest(tmp_path / "does-not-exist-yet") is None
+    assert read_latest(tmp_path) is None
+
+
+@pytest.mark.parametrize("version", ["../x", "a/b", ".hidden", "", "v1\n"])
+def test_invalid_version_names_are_neither_saved_nor_promoted(tmp_path: Path, version: str) -> None:
+    root = tmp_path / "ck"
+    with pytest.raises(CheckpointError, match="invalid version"):
+        save_checkpoint(root, make_model(), CheckpointMeta(version=version, architecture=CONFIG))
+    with pytest.raises(CheckpointError, match="invalid version"):
+        promote(root, version)
+    assert not (tmp_path / "x").exists()
+    assert read_latest(root) is None
+
+
+# --------------------------------------------------------------------------- durability
+
+
+def test_saved_checkpoints_are_readable_by_other_users(tmp_path: Path) -> None:
+    old_umask = os.umask(0o077)  # the strictest usual umask must not matter
+    try:
+        version_dir = save(tmp_path, version="v1")
+        promote(tmp_path, "v1")
+    finally:
+        os.umask(old_umask)
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    assert mode(version_dir) == 0o755
+    assert mode(version_dir / WEIGHTS_FILE) == 0o644
+    assert mode(version_dir / META_FILE) == 0o644
+    assert mode(tmp_path / LATEST_FILE) == 0o644
+
+
+def test_files_and_directories_are_fsynced_around_each_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "ck"
+    root.mkdir()
+    real_fsync = os.fsync
+    # For each fsync: the inode synced, and whether v1 / the new LATEST were in place then.
+    calls: list[tuple[int, bool, bool]] = []
+
+    def recording_fsync(fd: int) -> None:
+        latest = root / LATEST_FILE
+        promoted = latest.is_file() and latest.read_text() == "v1\n"
+        calls.append((os.fstat(fd).st_ino, (root / "v1").exists(), promoted))
+        real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint_module.os, "fsync", recording_fsync)
+    version_dir = save(root, version="v1")
+    promote(root, "v1")
+    monkeypatch.undo()
+
+    def ino(path: Path) -> int:
+        return path.stat().st_ino
+
+    # Each file and the version directory before the rename into place; the checkpoint
+    # dir after it. Then LATEST's content before its rename, the checkpoint dir after.
+    assert calls == [
+        (ino(version_dir / WEIGHTS_FILE), False, False),
+        (ino(version_dir / META_FILE), False, False),
+        (ino(version_dir), False, False),
+        (ino(root), True, False),
+        (ino(root / LATEST_FILE), True, False),
+        (ino(root), True, True),
+    ]

@@ -1,7 +1,7 @@
 """ModelWatcher without Kafka: immediate checks, swaps, and every kind of bad checkpoint.
 
 ``BAD_CHECKPOINTS`` writes each rejected case into a checkpoint directory and points
-LATEST at it; the hot-swap tests on the real broker reuse them.
+LATEST at it (or breaks LATEST itself); the hot-swap tests on the real broker reuse them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from daemon.metrics import DaemonMetrics
-from daemon.model_watcher import ModelWatcher
+from daemon.model_watcher import ModelWatcher, _signature
 from daemon.predictor import Predictor, load_predictor
 from model.checkpoint import (
     LATEST_FILE,
@@ -125,9 +125,43 @@ def path_outside_the_checkpoint_dir(root: Path, tmp: Path) -> str:
     return version
 
 
+def created_at_not_iso(root: Path, tmp: Path) -> str:
+    """A meta.json whose created_at is no timestamp: refused at load, not when served."""
+    source = root / str(read_latest(root))
+    meta = json.loads((source / META_FILE).read_text())
+    version = new_version()
+    meta["version"] = version
+    meta["created_at"] = "yesterday"
+    target = root / version
+    target.mkdir()
+    (target / WEIGHTS_FILE).write_bytes((source / WEIGHTS_FILE).read_bytes())
+    (target / META_FILE).write_text(json.dumps(meta))
+    promote(root, version)
+    return version
+
+
+# A LATEST that names no version at all; the log line names the file.
+
+
+def nul_bytes_in_latest(root: Path, tmp: Path) -> str:
+    (root / LATEST_FILE).write_bytes(b"\0" * 4096)  # zero-filled after a crash
+    return LATEST_FILE
+
+
+def latest_is_a_directory(root: Path, tmp: Path) -> str:
+    (root / LATEST_FILE).unlink()
+    (root / LATEST_FILE).mkdir()
+    return LATEST_FILE
+
+
+def empty_latest(root: Path, tmp: Path) -> str:
+    (root / LATEST_FILE).write_bytes(b"")
+    return LATEST_FILE
+
+
 @dataclass(frozen=True)
 class BadCheckpoint:
-    write: Callable[[Path, Path], str]  # (checkpoint dir, scratch dir) -> version in LATEST
+    write: Callable[[Path, Path], str]  # (checkpoint dir, scratch dir) -> text the log names
     reason: str  # what the one log line must say
 
 
@@ -141,6 +175,10 @@ BAD_CHECKPOINTS = {
     "path_outside_the_checkpoint_dir": BadCheckpoint(
         path_outside_the_checkpoint_dir, "invalid version"
     ),
+    "created_at_not_iso": BadCheckpoint(created_at_not_iso, "created_at"),
+    "nul_bytes_in_latest": BadCheckpoint(nul_bytes_in_latest, "holds NUL bytes"),
+    "latest_is_a_directory": BadCheckpoint(latest_is_a_directory, "Is a directory"),
+    "empty_latest": BadCheckpoint(empty_latest, "is empty"),
 }
 
 
@@ -300,17 +338,48 @@ async def test_a_rejected_version_is_retried_once_its_files_change(
     assert service.requested[0].version == version
 
 
-async def test_an_unreadable_latest_is_logged_once_and_keeps_serving(
+async def test_an_unusable_latest_is_rejected_once_and_keeps_serving(
     root: Path, service: FakeService, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=WATCHER_LOGGER)
     watcher = watcher_for(service, root)
-    (root / LATEST_FILE).write_bytes(b"\xff\xfe\x00garbage")
+    (root / LATEST_FILE).write_bytes(b"\xff\xfe garbage")
     for _ in range(3):
         assert not await watcher.check()
-    assert len(rejections(caplog)) == 1
-    assert "cannot read" in rejections(caplog)[0].getMessage()
-    # And it recovers as soon as LATEST is sane again.
+    [line] = rejections(caplog)
+    assert "not UTF-8" in line.getMessage() and str(root / LATEST_FILE) in line.getMessage()
+    assert service.reloads("rejected") == 1
+    # It recovers as soon as LATEST is sane again ...
     new = make_checkpoint(root, seed=11)
     assert await watcher.check()
     assert service.requested[0].version == new
+    service.apply_swap()
+    # ... and a later broken LATEST is counted again.
+    (root / LATEST_FILE).write_bytes(b"\0" * 16)
+    assert not await watcher.check()
+    assert not await watcher.check()
+    assert service.reloads("rejected") == 2
+    assert service.predictor.version == new
+
+
+async def test_a_zero_filled_latest_does_not_stop_the_polling_task(
+    root: Path, service: FakeService
+) -> None:
+    watcher = watcher_for(service, root, poll_s=0.02)
+    task = asyncio.create_task(watcher.run())
+    try:
+        (root / LATEST_FILE).write_bytes(b"\0" * 4096)
+        await asyncio.sleep(0.3)  # many polls
+        assert not task.done()
+        assert service.reloads("rejected") == 1
+        new = make_checkpoint(root, seed=11)  # a retrain that promotes a good one
+        await asyncio.wait_for(service.swap_requested.wait(), 30)
+        assert [p.version for p in service.requested] == [new]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+def test_the_rejection_signature_of_a_nul_path_does_not_raise(tmp_path: Path) -> None:
+    assert _signature(tmp_path / "v1\0") == (None, None)
