@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 
@@ -68,12 +69,31 @@ def configure_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
+def device_error(device: str) -> str | None:
+    """Why ``device`` cannot be used here (``cuda`` without a GPU, ``cuda:3`` with one),
+    or None when it can; ``auto`` always can (CPU when there is no GPU)."""
+    from model.train import resolve_device
+
+    try:
+        resolve_device(device)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 # ---------------------------------------------------------------------------- serve
 def run_serve(args: argparse.Namespace) -> int:
     from daemon.service import NoCheckpointError, TickcastService
 
     settings = settings_from_args(args)
     configure_logging(settings.log_level)
+    problem = device_error(settings.device)
+    if problem is not None:
+        print(
+            f"tickcast serve: {problem} (--device / TICKCAST_DEVICE; 'auto' falls back to the CPU)",
+            file=sys.stderr,
+        )
+        return 2
 
     async def main() -> int:
         try:
@@ -90,6 +110,40 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- replay
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number above 0 (a rate, a duration)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite positive number, got {text!r}")
+    return value
+
+
+def rate_or_max(text: str) -> float | None:
+    """An argparse type: ``max`` (None: as fast as the broker takes them) or a rate."""
+    if text.strip().lower() == "max":
+        return None
+    try:
+        return positive_number(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be a finite positive number or 'max', got {text!r}"
+        ) from None
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
@@ -99,8 +153,10 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
         help="CSV/Parquet with Date and Close columns, a long (symbol, ts, price) "
         "table, or dataset:nasdaq|sp500|goog|eurusd|btcusd; repeat for more symbols",
     )
-    parser.add_argument("--rate", default="max", help="ticks per second, or 'max' (default)")
-    parser.add_argument("--limit", type=int, default=None, help="stop after N ticks")
+    parser.add_argument(
+        "--rate", type=rate_or_max, default="max", help="ticks per second, or 'max' (default)"
+    )
+    parser.add_argument("--limit", type=non_negative_int, default=None, help="stop after N ticks")
     parser.add_argument(
         "--restamp", action="store_true", help="replace historic event times with the wall clock"
     )
@@ -110,22 +166,18 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_replay(args: argparse.Namespace) -> int:
     from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaError
 
-    from daemon.replay import TickStream, replay
+    from daemon.replay import ReplayError, TickStream, replay
     from model.data import DataError, load_many
 
     settings = settings_from_args(args)
     configure_logging(settings.log_level)
-    try:
-        rate = None if args.rate == "max" else float(args.rate)
-        if rate is not None and rate <= 0:
-            raise ValueError
-    except ValueError:
-        print(
-            f"tickcast replay: --rate must be a positive number or 'max', got {args.rate!r}",
-            file=sys.stderr,
-        )
-        return 2
+    if logging.getLevelName(settings.log_level) > logging.DEBUG:
+        # A failure ends in one line below; aiokafka's own log lines would repeat it.
+        for noisy in ("aiokafka", "kafka"):
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    rate: float | None = args.rate
     try:
         stream = TickStream.merge(load_many(args.data), limit=args.limit)
     except DataError as exc:
@@ -140,7 +192,16 @@ def run_replay(args: argparse.Namespace) -> int:
             linger_ms=5,
             **settings.client_kwargs(),
         )
-        await producer.start()
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            await producer.stop()
+            print(
+                f"tickcast replay: error: cannot reach the broker at "
+                f"{settings.bootstrap_servers}: {exc} (0 ticks acknowledged)",
+                file=sys.stderr,
+            )
+            return 1
         try:
             sent = await replay(
                 producer,
@@ -150,6 +211,12 @@ def run_replay(args: argparse.Namespace) -> int:
                 restamp=args.restamp,
                 progress=not args.no_progress and sys.stderr.isatty(),
             )
+        except ReplayError as exc:
+            print(
+                f"tickcast replay: error: producing to {settings.input_topic} failed: {exc}",
+                file=sys.stderr,
+            )
+            return 1
         finally:
             await producer.stop()
         n_symbols = len(set(stream.symbols.tolist()))

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from daemon.cli import positive_number
+
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
     from rich.console import Console, RenderableType
@@ -100,13 +102,17 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"series to replay, repeatable (default: {' '.join(DEMO_DATA)})",
     )
     parser.add_argument(
-        "--rate", type=float, default=20.0, help="ticks per second after warm-up (default 20)"
+        "--rate",
+        type=positive_number,
+        default=20.0,
+        help="ticks per second after warm-up (default 20)",
     )
     parser.add_argument(
         "--history",
         type=int,
         default=2000,
-        help="replay each series' last N prices (default 2000)",
+        help="replay each series' last N prices, more than the model's window length "
+        "(default 2000)",
     )
     parser.add_argument(
         "--partitions", type=int, default=3, help="partitions per topic (default 3)"
@@ -121,7 +127,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--headless", action="store_true", help="no live view; print a summary")
     parser.add_argument(
         "--duration",
-        type=float,
+        type=positive_number,
         default=None,
         help="stop after this many seconds of replay (default: run until Ctrl-C)",
     )
@@ -281,19 +287,18 @@ async def produce_ticks(
     """Produce ``stream``: the first ``warmup`` ticks at once (so every symbol's window is
     full and predictions start immediately), the rest at ``rate`` ticks per second.
 
-    Event times are the wall clock, strictly increasing across the whole stream (the
-    daemon drops a tick that is not newer than its symbol's last one).
+    Event times are the wall clock, strictly increasing per symbol (the daemon drops a
+    tick that is not newer than its symbol's last one): see :class:`Restamper`.
     """
     from daemon.publisher import BatchPublisher
+    from daemon.replay import Restamper
 
     publisher = BatchPublisher(producer)
-    last_ts = 0
+    restamper = Restamper()
 
     async def send(start: int, stop: int) -> None:
-        nonlocal last_ts
-        stamp = max(int(time.time() * 1000), last_ts + 1)
-        last_ts = stamp + (stop - start) - 1
-        deliveries = await publisher.send(topic, stream.records(start, stop, stamp))
+        stamps = restamper.stamp(stream.symbols[start:stop], int(time.time() * 1000))
+        deliveries = await publisher.send(topic, stream.records(start, stop, stamps))
         await asyncio.gather(*(d.future for d in deliveries))
         progress.produced += stop - start
 
@@ -858,11 +863,8 @@ def run_demo(args: argparse.Namespace) -> int:
     for noisy in ("aiokafka", "kafka"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
 
-    if args.rate <= 0 or args.history < 2 or args.partitions < 1:
-        print("tickcast demo: --rate, --history and --partitions must be positive", file=sys.stderr)
-        return EXIT_USAGE
-    if args.duration is not None and args.duration <= 0:
-        print("tickcast demo: --duration must be positive", file=sys.stderr)
+    if args.partitions < 1:
+        print("tickcast demo: --partitions must be positive", file=sys.stderr)
         return EXIT_USAGE
     if args.bootstrap_servers is None and args.broker == "tansu":
         from daemon.embedded_kafka import BrokerError
@@ -874,22 +876,47 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"tickcast demo: {exc}", file=sys.stderr)
             return EXIT_USAGE
 
+    from daemon.cli import device_error
+    from daemon.settings import Settings
+
+    device = args.device if args.device is not None else Settings().device
+    problem = device_error(device)
+    if problem is not None:
+        flag = "--device" if args.device is not None else "TICKCAST_DEVICE"
+        print(f"tickcast demo: {flag}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+
     checkpoint_dir = Path(
         args.checkpoint_dir or os.environ.get("TICKCAST_CHECKPOINT_DIR") or "./checkpoints"
     )
+    from model.checkpoint import CheckpointError, read_latest, read_meta
+    from model.gru import ModelConfig
+
     try:
+        # Checked before training a first checkpoint, which has the default window length.
+        version = read_latest(checkpoint_dir)
+        window_length = (
+            read_meta(checkpoint_dir / version).window_length
+            if version is not None
+            else ModelConfig().window_length
+        )
+        if args.history <= window_length:
+            print(
+                f"tickcast demo: --history must be greater than the model's window length "
+                f"({window_length}), got {args.history}: no window would ever fill",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         version = ensure_checkpoint(
             checkpoint_dir, epochs=args.epochs, progress=sys.stderr.isatty()
         )
-        from model.checkpoint import read_meta
-
         window_length = read_meta(checkpoint_dir / version).window_length
         stream = demo_stream(load_many(args.data or DEMO_DATA), args.history)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except (DataError, RuntimeError) as exc:
+    except (DataError, CheckpointError, RuntimeError) as exc:
         print(f"tickcast demo: {exc}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(exc, DataError) else EXIT_FAILURE
+        return EXIT_FAILURE if isinstance(exc, RuntimeError) else EXIT_USAGE
 
     async def main() -> int:
         stop = asyncio.Event()

@@ -237,6 +237,11 @@ def _long_table_series(frame: pd.DataFrame, source: str) -> list[PriceSeries]:
     return series
 
 
+# Dates pandas can hold at nanosecond resolution (1677-09-21 .. 2262-04-11), in epoch ms.
+_MIN_DATE_MS = pd.Timestamp.min.value // 1_000_000 + 1
+_MAX_DATE_MS = pd.Timestamp.max.value // 1_000_000
+
+
 def _to_epoch_ms(values: pd.Series, source: str) -> np.ndarray:
     if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
         if values.isna().any():
@@ -248,8 +253,19 @@ def _to_epoch_ms(values: pd.Series, source: str) -> np.ndarray:
         raise DataError(f"{source}: dates could not be parsed: {exc}") from exc
     if parsed.isna().any():
         raise DataError(f"{source}: {int(parsed.isna().sum())} date(s) are missing")
-    epoch = pd.Timestamp(0, tz="UTC")
-    ms: np.ndarray = ((parsed - epoch) // pd.Timedelta(milliseconds=1)).to_numpy(dtype=np.int64)
+    # pandas 3 parses far dates (3000-01-01) at microsecond resolution; arithmetic with a
+    # nanosecond Timestamp would then overflow. Convert in the parsed unit (floored to ms)
+    # and keep dates to the range pandas' default nanosecond resolution can hold.
+    naive = parsed.dt.tz_localize(None).to_numpy()
+    ms: np.ndarray = naive.astype("datetime64[ms]").view(np.int64)
+    outside = (ms < _MIN_DATE_MS) | (ms > _MAX_DATE_MS)
+    if outside.any():
+        first = int(np.argmax(outside))
+        raise DataError(
+            f"{source}: {int(outside.sum())} date(s) outside the supported range "
+            f"{_iso(_MIN_DATE_MS)[:10]} to {_iso(_MAX_DATE_MS)[:10]}, the first at row {first}: "
+            f"{values.iloc[first]!r}"
+        )
     return ms
 
 

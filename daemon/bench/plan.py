@@ -58,7 +58,9 @@ class Plan:
 
     @staticmethod
     def from_args(args: argparse.Namespace) -> Plan:
-        from daemon.predictor import resolve_device
+        """The plan for ``args``; ValueError (a clear message) for a device this machine
+        lacks (``cuda`` without a GPU) or does not know. ``auto`` is CPU without a GPU."""
+        from model.train import resolve_device
 
         quick = bool(args.quick)
         on_gpu = resolve_device(args.device).type == "cuda"  # "auto" included

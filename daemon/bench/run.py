@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -147,7 +148,11 @@ def sigterm_unwinds() -> Iterator[None]:
 def run_bench(args: argparse.Namespace) -> int:
     """Entry of ``tickcast bench``."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    plan = Plan.from_args(args)
+    try:
+        plan = Plan.from_args(args)
+    except ValueError as exc:  # a device this machine lacks
+        print(f"tickcast bench: --device: {exc}", file=sys.stderr)
+        return 2
     with sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="tickcast-bench-") as tmp:
         work_dir = Path(tmp)
         checkpoint_dir, checkpoint_note = ensure_checkpoint(args.checkpoint_dir, work_dir)
