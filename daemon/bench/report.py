@@ -64,6 +64,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         "c_over_b": b is not None and c is not None and c / b >= targets["c_over_b"],
         "c_over_a": c is not None and c / a >= targets["c_over_a"],
         "p99_ms_at_half_load": half is not None
+        and half.get("complete", True)  # runs before v18 have no such field
         and half["p99_ms"] <= targets["p99_ms_at_half_load"],
         "rss_1m_symbols_bytes": rss_1m is not None and rss_1m <= targets["rss_1m_symbols_bytes"],
         "serving_ceiling_windows_per_s": a >= targets["serving_ceiling_windows_per_s"],

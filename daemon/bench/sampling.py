@@ -55,7 +55,15 @@ class Sampler:
         over [start, stop] of wall time."""
         inside = [s for s in self.samples if start <= s[0] <= stop]
         if len(inside) < 2:
-            inside = self.samples[-2:]
+            # A window shorter than the sampling period: the samples just around it.
+            before = [s for s in self.samples if s[0] < start][-1:]
+            after = [s for s in self.samples if s[0] > stop][:1]
+            inside = before + inside + after
+        if len(inside) < 2:
+            nan = float("nan")
+            rss = max((s[2] for s in inside), default=0)
+            keys = ("cpu_cores", "machine_busy_cores", "machine_stolen_cores")
+            return {**dict.fromkeys(keys, nan), "rss_max_bytes": rss}
         first, last = inside[0], inside[-1]
         wall = max(last[0] - first[0], 1e-9)
         return {

@@ -43,6 +43,23 @@ def test_window_turns_counters_into_cores() -> None:
     }
 
 
+def test_a_window_shorter_than_the_period_reads_the_samples_around_it() -> None:
+    # Not the newest two samples, taken after the phase ended (as before).
+    sampler = Sampler.__new__(Sampler)
+    sampler.samples = [
+        (100.0, 10.0, 700, 50.0, 5.0),
+        (101.0, 12.0, 900, 52.0, 5.0),  # the 0.2 s phase lies between these two
+        (102.0, 12.1, 800, 52.1, 5.0),
+        (103.0, 12.2, 800, 52.2, 5.0),
+    ]
+    window = sampler.window(100.4, 100.6)
+    assert window["cpu_cores"] == 2.0 and window["machine_busy_cores"] == 2.0
+    assert window["rss_max_bytes"] == 900
+    empty = Sampler.__new__(Sampler)
+    empty.samples = [(100.0, 10.0, 700, 50.0, 5.0)]
+    assert math.isnan(empty.window(101.0, 102.0)["cpu_cores"])
+
+
 def test_without_proc_stat_the_machine_figures_are_nan(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_file(*_: object, **__: object) -> None:
         raise FileNotFoundError("/proc/stat")

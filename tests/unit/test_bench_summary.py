@@ -75,6 +75,18 @@ def test_c_over_a_uses_the_re_measured_ceiling_and_reports_the_sweep_max_beside(
     assert summarise(results)["met"]["c_over_a"]
 
 
+def test_half_load_p99_is_judged_only_when_every_tick_was_predicted() -> None:
+    def at_half(p99_ms: float, complete: bool) -> bool:
+        load = {"load_fraction": 0.5, "p99_ms": p99_ms, "complete": complete}
+        results = {"a_ceiling": ceiling(80_000, "cpu"), "latency": [load]}
+        return bool(summarise(results)["met"]["p99_ms_at_half_load"])
+
+    assert at_half(30.0, complete=True)
+    assert not at_half(80.0, complete=True)
+    # A low p99 over only the predictions that arrived before the wait ran out.
+    assert not at_half(30.0, complete=False)
+
+
 class _FakeProbe(CeilingProbe):
     """Returns the next of a fixed list of rates instead of running a forward pass."""
 
