@@ -27,6 +27,10 @@ Headers = list[tuple[str, bytes]]
 OutRecord = tuple[bytes | None, bytes, Headers]
 
 
+# Placements remembered per topic (~150 B each); more distinct keys start it afresh.
+MAX_CACHED_KEYS = 1 << 21
+
+
 @dataclass
 class Delivery:
     """One batch handed to the producer; ``future`` resolves when the broker acks it."""
@@ -61,6 +65,8 @@ class BatchPublisher:
         placed = self._partition_of.setdefault(topic, {})
         cached = placed.get(key)
         if cached is None:
+            if len(placed) >= MAX_CACHED_KEYS:
+                placed.clear()  # dead letters carry any producer's keys: keep this bounded
             cached = placed[key] = self._partitioner(key, partitions, partitions)
         return cached
 

@@ -425,13 +425,17 @@ class TickcastService:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._consumer is not None:
-            with contextlib.suppress(Exception):
-                await self._consumer.stop()  # leaves the group
-        for producer in (self._producer, self._state_producer):
-            if producer is not None:
-                with contextlib.suppress(Exception):
-                    await producer.stop()  # flushes
+        # Bounded too: stopping the consumer waits for a rebalance callback in progress, and
+        # an idempotent producer's flush never gives up while the broker is unreachable.
+        clients = [self._consumer, self._producer, self._state_producer]
+        for client in (c for c in clients if c is not None):
+            try:
+                async with asyncio.timeout(self.settings.shutdown_timeout_s):
+                    await client.stop()  # the consumer leaves the group, producers flush
+            except TimeoutError:
+                logger.warning("%s did not stop in time; leaving it", type(client).__name__)
+            except Exception as exc:
+                logger.warning("stopping %s failed: %s", type(client).__name__, exc)
         await self._http.stop()
         self._inference.shutdown(wait=False, cancel_futures=True)
         logger.info("stopped")
