@@ -138,6 +138,11 @@ class StateWriter:
                 await self._write(pending)
             except Exception as exc:  # keep serving; the next snapshot carries everything
                 logger.warning("writing window snapshots failed (%s); will rewrite them all", exc)
+                # Snapshots queued behind the failed one were taken before now: they lack its
+                # symbols, yet their markers would say the state is complete up to a newer
+                # offset. Dropped; the next one is taken with every window dirty.
+                while not self._queue.empty():
+                    self._queue.get_nowait()
                 self._windows.dirty[:] = True
 
     async def flush(self) -> None:

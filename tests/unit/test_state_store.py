@@ -67,3 +67,49 @@ def test_garbage_and_other_window_lengths_are_ignored():
     state = decode_partition_state(latest, partition=2, window_length=60)
     assert state.snapshot.symbols == [good_key.decode()]
     assert state.marker is None
+
+
+class FlakyPublisher:
+    """Fails the first send, then acknowledges everything; records what reached it."""
+
+    def __init__(self) -> None:
+        self.failed = False
+        self.sent: list[tuple[int, bytes | None]] = []
+
+    async def send_to_partition(self, topic: str, partition: int, records: list) -> list:
+        import asyncio
+        from types import SimpleNamespace
+
+        if not self.failed:
+            self.failed = True
+            raise ConnectionError("broker gone")
+        self.sent += [(partition, key) for key, _, _ in records]
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return [SimpleNamespace(future=done)]
+
+
+async def test_a_failed_write_drops_the_snapshots_queued_behind_it():
+    """After a failure, no marker may claim state that was never written: the snapshot
+    queued behind the failed one lacks its symbols and is dropped; the next one, taken
+    with every window dirty, writes all symbols and then its marker."""
+    import asyncio
+
+    from daemon.state_store import PendingSnapshot, StateWriter
+
+    wins = filled_windows()
+    publisher = FlakyPublisher()
+    writer = StateWriter(publisher, "ticks.state", wins)  # type: ignore[arg-type]
+    writer.submit(PendingSnapshot(wins.take_snapshot({2}), {2: 130}))  # A and B: fails
+    slots = wins.slots_for(["A"], np.array([2], np.int32))
+    wins.apply(slots, np.array([1.0]), np.array([2_000_000_000_000]))
+    writer.submit(PendingSnapshot(wins.take_snapshot({2}), {2: 131}))  # only A
+    task = asyncio.create_task(writer.run())
+    await asyncio.sleep(0.05)
+    assert publisher.failed and publisher.sent == []  # the snapshot of A alone: dropped
+    assert wins.dirty.sum() == 2  # A and B: to be written again
+    writer.submit(PendingSnapshot(wins.take_snapshot({2}), {2: 131}))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    assert sorted(publisher.sent) == sorted([(2, b"A"), (2, b"B"), (2, MARKER_KEY)])
+    assert publisher.sent[-1] == (2, MARKER_KEY)  # symbols first, then the marker
