@@ -2,15 +2,23 @@
 
 Load → split in time → train → evaluate on the held-out test split against the naive
 forecast → save a checkpoint (with ``predictions.png`` beside it) → promote it to
-``LATEST`` only if it is not worse than the checkpoint in service on the same test windows.
-The three stages are separate functions (:func:`load_training_data`,
-:func:`fit_and_evaluate`, :func:`decide_promotion`) so that other data sources and
-walk-forward evaluation can reuse them.
+``LATEST`` only if it is not worse than the checkpoint in service on the same test targets
+that neither model was fitted on (see :func:`decide_promotion`). The three stages are
+separate functions (:func:`load_training_data`, :func:`fit_and_evaluate`,
+:func:`decide_promotion`) so that other data sources and walk-forward evaluation can reuse
+them.
+
+With several series, RMSE ratios and the promotion gate are scale-free: each series' errors
+are divided by that series' naive RMSE before pooling, as in
+:func:`model.walk_forward.summarize`; pooled in price units, a series priced in the
+thousands (BTCUSD: 14 of 2,560 test windows of the five bundled data sets, ~99.8 % of their
+naive squared error) would decide alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -18,7 +26,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +38,7 @@ import torch
 from pydantic import ValidationError
 
 from model.checkpoint import (
+    Checkpoint,
     CheckpointError,
     CheckpointMeta,
     DataRange,
@@ -62,21 +74,43 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_DIR_ENV = "TICKCAST_CHECKPOINT_DIR"
 DEFAULT_CHECKPOINT_DIR = "./checkpoints"
 PLOT_FILE = "predictions.png"
+# A plain file with a dot-name: never taken for a version directory (those are directories
+# whose names do not start with a dot, and LATEST may not name a dot-name).
+PROMOTE_LOCK_FILE = ".promote.lock"
 EXIT_USAGE = 2  # bad input: missing file, unknown data set, NaN prices, too few rows
 EXIT_FAILURE = 1
 # The loss the retrain job trains with unless --loss says otherwise: it beat "scaled" on the
 # development walk-forward (README.md, "Model quality").
 RETRAIN_LOSS = "relative"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
 
 
 @dataclass(frozen=True)
 class FitOutcome:
-    """One model trained on a split and scored on its held-out test windows."""
+    """One model trained on a split and scored on its held-out test windows.
+
+    ``evaluation`` is :func:`model.evaluate.evaluate_forecasts` on the test split (RMSE and
+    MAE in price units, pooled over the series) except ``rmse_ratio``, which is
+    :func:`held_out_rmse_ratio`: scale-free with several series. Build it with
+    :meth:`scored` so that the ratio is always that one.
+    """
 
     split: ChronologicalSplit
     training: TrainResult
     test_predicted: np.ndarray
-    evaluation: dict[str, Any]  # evaluate_forecasts() on the test split
+    evaluation: dict[str, Any]
+
+    @classmethod
+    def scored(
+        cls,
+        split: ChronologicalSplit,
+        training: TrainResult,
+        test_predicted: np.ndarray,
+        evaluation: dict[str, Any],
+    ) -> FitOutcome:
+        ratio = held_out_rmse_ratio(split, test_predicted)
+        return cls(split, training, test_predicted, {**evaluation, "rmse_ratio": ratio})
 
     @property
     def rmse(self) -> float:
@@ -85,10 +119,15 @@ class FitOutcome:
 
 @dataclass(frozen=True)
 class PromotionDecision:
+    """The gate's verdict; the RMSEs are on the ``compared_windows`` it compared (see
+    :func:`decide_promotion` for their units), None where nothing was compared."""
+
     promote: bool
     reason: str
     incumbent_version: str | None = None
     incumbent_rmse: float | None = None
+    candidate_rmse: float | None = None
+    compared_windows: int | None = None
 
 
 def load_training_data(specs: list[str]) -> list[PriceSeries]:
@@ -121,23 +160,157 @@ def fit_and_evaluate(
     training, predicted, evaluation = train_and_score(
         split, model_config, train_config, progress=progress
     )
-    return FitOutcome(split, training, predicted, evaluation)
+    return FitOutcome.scored(split, training, predicted, evaluation)
+
+
+# --------------------------------------------------------------------------- scale-free RMSE
+
+
+def naive_scale(
+    last: np.ndarray, targets: np.ndarray, series_index: np.ndarray, *, several: bool
+) -> np.ndarray:
+    """Per window, what its errors are divided by before pooling: its series' naive RMSE
+    over these windows.
+
+    With one series (``several`` false) or a series whose price never moved over these
+    windows (naive RMSE 0), 1: price units, so a one-series result is what it always was.
+    """
+    scale = np.ones(len(targets))
+    if not several:
+        return scale
+    for index in np.unique(series_index):
+        rows = series_index == index
+        naive_rmse = float(np.sqrt(np.mean((last[rows] - targets[rows]) ** 2)))
+        if naive_rmse > 0:
+            scale[rows] = naive_rmse
+    return scale
+
+
+def scaled_rmse(predicted: np.ndarray, targets: np.ndarray, scale: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(((predicted - targets) / scale) ** 2)))
+
+
+def held_out_rmse_ratio(split: ChronologicalSplit, predicted: np.ndarray) -> float:
+    """RMSE(model) / RMSE(naive) on the test split, scale-free with several series.
+
+    Each series' errors (model and naive) are divided by that series' naive RMSE on the test
+    windows before pooling; with one series this is the plain ratio in price units.
+    """
+    test = split.test
+    scale = naive_scale(test.last, test.targets, test.series_index, several=len(split.cuts) > 1)
+    return rmse_ratio(
+        scaled_rmse(predicted, test.targets, scale), scaled_rmse(test.last, test.targets, scale)
+    )
+
+
+# --------------------------------------------------------------------------- promotion gate
+
+
+def _epoch_ms(stamp: str) -> int | None:
+    """An ISO-8601 time (UTC unless it says otherwise) in epoch ms; None if unreadable."""
+    try:
+        moment = datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)  # DataRange times are written in UTC
+    return (moment - _EPOCH) // _MS
+
+
+def trained_through(meta: CheckpointMeta) -> dict[str, int]:
+    """Per symbol, the time (epoch ms) of the newest row the checkpoint was fitted on.
+
+    ``meta.training_data`` ends cover training and validation rows (early stopping looked
+    at validation, so it is in-sample too). An end that cannot be read counts as reaching
+    forever: better to compare on fewer windows than on data the model may have seen.
+    """
+    ends: dict[str, int] = {}
+    for data in meta.training_data:
+        end = _epoch_ms(data.end)
+        if end is None:
+            logger.warning(
+                "checkpoint %s: training end %r of %s is not an ISO time; treating all of "
+                "%s as seen",
+                meta.version,
+                data.end,
+                data.symbol,
+                data.symbol,
+            )
+            end = int(np.iinfo(np.int64).max)
+        ends[data.symbol] = max(end, ends.get(data.symbol, end))
+    return ends
+
+
+def out_of_sample(split: ChronologicalSplit, meta: CheckpointMeta) -> np.ndarray:
+    """Which test targets come after the newest row ``meta``'s model was fitted on for
+    their symbol; a symbol it was never fitted on is out of sample throughout."""
+    test = split.test
+    ends = trained_through(meta)
+    keep = np.ones(len(test), dtype=bool)
+    for index, cut in enumerate(split.cuts):
+        end = ends.get(cut.series.symbol)
+        if end is not None:
+            rows = test.series_index == index
+            keep[rows] = test.target_ts[rows] > end
+    return keep
+
+
+def held_out_windows(split: ChronologicalSplit, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """The test targets' windows of ``length`` prices, and which targets have that much
+    history: a model with another window length can then be scored on the same targets.
+
+    A cut's test targets are the last ``cut.test`` rows of its series (also for walk-forward
+    folds, whose cut series end at the fold's last test target), in test-set order.
+    """
+    test = split.test
+    if length == split.window_length:
+        return test.windows, np.ones(len(test), dtype=bool)
+    windows = np.zeros((len(test), length))
+    has_history = np.zeros(len(test), dtype=bool)
+    for index, cut in enumerate(split.cuts):
+        rows = np.flatnonzero(test.series_index == index)
+        prices = cut.series.prices
+        target_rows = np.arange(len(prices) - cut.test, len(prices))
+        if not np.array_equal(prices[target_rows], test.targets[rows]):
+            raise ValueError(f"split cut {index} does not end at its test targets")
+        enough = target_rows >= length
+        all_windows = np.lib.stride_tricks.sliding_window_view(prices, length)
+        windows[rows[enough]] = all_windows[target_rows[enough] - length]
+        has_history[rows] = enough
+    return windows, has_history
 
 
 def decide_promotion(
     checkpoint_dir: Path,
-    candidate_rmse: float,
-    test_windows: np.ndarray,
-    test_targets: np.ndarray,
+    split: ChronologicalSplit,
+    candidate_predicted: np.ndarray,
     *,
     force: bool = False,
     device: torch.device | str = "cpu",
 ) -> PromotionDecision:
-    """Promote unless the checkpoint in service does better on the same test windows.
+    """Promote unless the checkpoint in service does better on the same unseen targets.
 
-    Ties promote (the newer data wins). No checkpoint in service, one that cannot be
-    loaded, or one with another window length (so it cannot be scored on these windows)
-    promotes with a warning. ``force`` promotes regardless.
+    ``candidate_predicted`` are the candidate's predictions for ``split.test``. The two
+    models are compared on the test targets that lie after the newest row the incumbent was
+    fitted on for that symbol (its ``meta.training_data``; a symbol it never saw counts,
+    and so does every symbol of a checkpoint that records no training data), so an
+    incumbent is never scored on its own training data. Each model predicts from its own
+    window length: the incumbent's windows are cut from the same series for the same
+    targets, and targets with too little history for it are left out for both.
+
+    RMSE: with several series, each series' errors are divided by its naive RMSE over the
+    compared windows before pooling (:func:`naive_scale`); with one series, price units.
+
+    - Ties promote (the newer data wins); ``force`` promotes regardless.
+    - No checkpoint in service, or one that cannot be loaded: promote (with a warning).
+    - No target left to compare on: keep the incumbent, with a warning, rather than
+      promote untested. Nothing shows the candidate is better, and (the usual cause) the
+      incumbent was fitted on everything the candidate is tested on, i.e. on data at least
+      as new as the candidate's: replacing it would drop that for no measured gain. The
+      next run with newer data compares again; ``--force`` promotes anyway.
+
+    Raises :class:`CheckpointError` (or :class:`OSError`) when ``LATEST`` cannot be read.
+    The caller holds :func:`promotion_lock`, so ``LATEST`` stays what this decided against.
     """
     if force:
         return PromotionDecision(True, "--force given")
@@ -148,32 +321,95 @@ def decide_promotion(
     except CheckpointError as exc:
         logger.warning("the checkpoint in service cannot be loaded; promoting anyway: %s", exc)
         return PromotionDecision(True, f"checkpoint in service cannot be loaded ({exc})")
-    window_length = test_windows.shape[1]
-    if incumbent.meta.window_length != window_length:
+    return _compare_with(incumbent, split, candidate_predicted)
+
+
+def _compare_with(
+    incumbent: Checkpoint, split: ChronologicalSplit, candidate_predicted: np.ndarray
+) -> PromotionDecision:
+    test = split.test
+    if not incumbent.meta.training_data:
         logger.warning(
-            "checkpoint in service %s has window length %d, not %d: it cannot be scored on "
-            "the same test windows; promoting anyway",
-            incumbent.version,
-            incumbent.meta.window_length,
-            window_length,
-        )
-        return PromotionDecision(
-            True,
-            f"checkpoint in service {incumbent.version} has window length "
-            f"{incumbent.meta.window_length}, not {window_length}; not comparable",
+            "checkpoint in service %s records no training data: assuming it saw none of the "
+            "test windows",
             incumbent.version,
         )
-    predicted = predict_windows(incumbent.model, test_windows)
-    incumbent_rmse = float(np.sqrt(np.mean((predicted - test_targets) ** 2)))
+    unseen = out_of_sample(split, incumbent.meta)
+    incumbent_windows, has_history = held_out_windows(split, incumbent.meta.window_length)
+    compared = unseen & has_history
+    left_out = _left_out(incumbent, int((~unseen).sum()), int((unseen & ~has_history).sum()))
+    if not compared.any():
+        reason = (
+            f"no out-of-sample comparison possible: none of the {len(test)} test windows is "
+            f"usable ({left_out}); kept {incumbent.version} in service (--force promotes)"
+        )
+        logger.warning("%s", reason)
+        return PromotionDecision(False, reason, incumbent.version, compared_windows=0)
+    targets, last = test.targets[compared], test.last[compared]
+    scale = naive_scale(last, targets, test.series_index[compared], several=len(split.cuts) > 1)
+    candidate_rmse = scaled_rmse(candidate_predicted[compared], targets, scale)
+    incumbent_predicted = predict_windows(incumbent.model, incumbent_windows[compared])
+    incumbent_rmse = scaled_rmse(incumbent_predicted, targets, scale)
+    n = int(compared.sum())
     comparison = (
         f"RMSE {candidate_rmse:.6g} vs {incumbent_rmse:.6g} for {incumbent.version} in "
-        f"service, on the same {len(test_targets)} test windows"
+        f"service, on the same {n} test windows"
     )
-    if candidate_rmse <= incumbent_rmse:
-        return PromotionDecision(
-            True, f"not worse: {comparison}", incumbent.version, incumbent_rmse
+    if n < len(test):
+        comparison += f" of {len(test)} ({left_out})"
+    if len(split.cuts) > 1:
+        comparison += "; errors scaled by each series' naive RMSE"
+    if incumbent.meta.window_length != split.window_length:
+        comparison += (
+            f"; each model on its own window length ({split.window_length} vs "
+            f"{incumbent.meta.window_length})"
         )
-    return PromotionDecision(False, f"worse: {comparison}", incumbent.version, incumbent_rmse)
+    not_worse = candidate_rmse <= incumbent_rmse
+    return PromotionDecision(
+        not_worse,
+        f"{'not worse' if not_worse else 'worse'}: {comparison}",
+        incumbent.version,
+        incumbent_rmse,
+        candidate_rmse,
+        n,
+    )
+
+
+def _left_out(incumbent: Checkpoint, seen: int, short: int) -> str:
+    """Why test windows were not compared, for the reason text."""
+    parts = []
+    if seen:
+        parts.append(f"{seen} with targets inside {incumbent.version}'s training data")
+    if short:
+        parts.append(
+            f"{short} with fewer rows before them than its window length "
+            f"{incumbent.meta.window_length}"
+        )
+    return ", ".join(parts)
+
+
+@contextmanager
+def promotion_lock(checkpoint_dir: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<checkpoint_dir>/.promote.lock``, waiting for it.
+
+    Two retrains at once (the ``--every`` scheduler and a manual run) would each decide
+    against the ``LATEST`` they read, and the later one would overwrite a better checkpoint
+    promoted in between; holding this around (read ``LATEST``, decide, promote) serialises
+    them. The kernel drops a flock when its file is closed, also when the process dies, so a
+    crashed run leaves no stale lock.
+    """
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_dir / PROMOTE_LOCK_FILE
+    with path.open("a") as handle:  # "a": created if missing, never truncated
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another retrain to finish promoting (%s is locked)", path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+# --------------------------------------------------------------------------- data ranges
 
 
 def _row_range(cut: SeriesCut, start: int, stop: int) -> DataRange:
@@ -396,18 +632,131 @@ def run_retrain(args: argparse.Namespace) -> int:
     every = getattr(args, "every", None)
     if every is None:
         return retrain_once(args)
-    runs = 0
+    runs = failed = 0
     with _StopBetweenRuns() as stop:
         while not stop.requested.is_set():
             runs += 1
-            code = retrain_once(args)
-            if code != 0:
-                # A scheduler outlives one bad run (a topic still filling, a broker restart).
-                logger.warning("retrain run %d failed with exit code %d", runs, code)
+            if _scheduled_run(args, runs) != 0:
+                failed += 1
             logger.info("retrain run %d done; next in %s", runs, every)
             stop.requested.wait(every.total_seconds())
-    logger.info("retrain scheduler stopped after %d runs", runs)
+    logger.info("retrain scheduler stopped after %d runs (%d failed)", runs, failed)
     return 0
+
+
+def _scheduled_run(args: argparse.Namespace, run: int) -> int:
+    """One run of the ``--every`` scheduler; its exit code, never its exception.
+
+    A scheduler outlives one bad run (a topic still filling, a broker restart, a CUDA
+    error, a bug that one batch of data trips): any :class:`Exception` is logged with its
+    traceback and counted as a failed run. KeyboardInterrupt and SystemExit are not
+    Exceptions, so a second SIGTERM/SIGINT still stops the scheduler at once.
+    """
+    try:
+        code = retrain_once(args)
+    except Exception:
+        logger.exception("retrain run %d failed with an unexpected error", run)
+        return EXIT_FAILURE
+    if code != 0:
+        logger.warning("retrain run %d failed with exit code %d", run, code)
+    return code
+
+
+def _invalid_flags(args: argparse.Namespace) -> str | None:
+    """What is wrong with the split flags, if anything (argparse cannot check ranges)."""
+    for flag, fraction in (
+        ("--val-fraction", args.val_fraction),
+        ("--test-fraction", args.test_fraction),
+    ):
+        if not 0 < fraction < 0.5:
+            return f"{flag} must lie strictly between 0 and 0.5, got {fraction}"
+    folds = getattr(args, "walk_forward", None)
+    if folds is not None and folds < 1:
+        return f"--walk-forward must be at least 1, got {folds}"
+    if folds is not None and not 0 < args.walk_forward_span < 1:
+        return (
+            f"--walk-forward-span must lie strictly between 0 and 1, got {args.walk_forward_span}"
+        )
+    return None
+
+
+def _train_candidate(
+    args: argparse.Namespace,
+    series: list[PriceSeries],
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+) -> tuple[FitOutcome, WalkForwardResult | None]:
+    """The candidate model and its test figures: one split, or walk-forward folds."""
+    folds = getattr(args, "walk_forward", None)
+    if folds is None:
+        outcome = fit_and_evaluate(
+            series,
+            model_config,
+            train_config,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            progress=not args.no_progress,
+        )
+        return outcome, None
+    # The promotion gate then scores candidate and LATEST on the same windows: the last
+    # fold's test block, which the candidate never trained on.
+    walk = run_walk_forward(
+        series,
+        folds,
+        model_config,
+        train_config,
+        eval_fraction=args.walk_forward_span,
+        val_fraction=args.val_fraction,
+        scheme=args.walk_forward_scheme,
+        progress=not args.no_progress,
+    )
+    final = walk.final
+    outcome = FitOutcome.scored(final.split, final.training, final.test_predicted, final.evaluation)
+    return outcome, walk
+
+
+def _checkpoint_meta(
+    outcome: FitOutcome,
+    walk: WalkForwardResult | None,
+    decision: PromotionDecision,
+    parent: str | None,
+    train_config: TrainConfig,
+) -> CheckpointMeta:
+    training = outcome.training
+    return CheckpointMeta(
+        version=new_version(),
+        architecture=training.model.config,
+        training_data=training_ranges(outcome.split),
+        evaluation={
+            "rmse_ratio": outcome.evaluation["rmse_ratio"],
+            "test": outcome.evaluation,
+            "test_data": [r.model_dump() for r in held_out_ranges(outcome.split)],
+            "windows": {
+                "train": len(outcome.split.train),
+                "val": len(outcome.split.val),
+                "test": len(outcome.split.test),
+            },
+            "training": {
+                "best_epoch": training.best_epoch,
+                "epochs_run": len(training.history) - 1,
+                "best_val_loss": training.best_val_loss,
+                "untrained_val_loss": training.history[0].val_loss,
+                "seconds": round(training.seconds, 3),
+                "device": training.device,
+                "config": train_config.model_dump(),
+            },
+            "promotion": {
+                "promoted": decision.promote,
+                "reason": decision.reason,
+                "incumbent_version": decision.incumbent_version,
+                "incumbent_rmse": decision.incumbent_rmse,
+                "candidate_rmse": decision.candidate_rmse,
+                "compared_windows": decision.compared_windows,
+            },
+            "walk_forward": walk.summary if walk is not None else None,
+        },
+        parent_version=parent,
+    )
 
 
 def retrain_once(args: argparse.Namespace) -> int:
@@ -427,99 +776,43 @@ def retrain_once(args: argparse.Namespace) -> int:
         return _fail(f"invalid setting: {problems}")
     except ValueError as exc:
         return _fail(str(exc))
-    for flag, fraction in (
-        ("--val-fraction", args.val_fraction),
-        ("--test-fraction", args.test_fraction),
-    ):
-        if not 0 < fraction < 0.5:
-            return _fail(f"{flag} must lie strictly between 0 and 0.5, got {fraction}")
-    folds = getattr(args, "walk_forward", None)
-    if folds is not None and folds < 1:
-        return _fail(f"--walk-forward must be at least 1, got {folds}")
-    if folds is not None and not 0 < args.walk_forward_span < 1:
-        return _fail(
-            f"--walk-forward-span must lie strictly between 0 and 1, got {args.walk_forward_span}"
-        )
+    problem = _invalid_flags(args)
+    if problem is not None:
+        return _fail(problem)
+    try:
+        read_latest(checkpoint_dir)  # an unreadable LATEST fails now, not after training
+    except (CheckpointError, OSError) as exc:
+        return _fail(f"checkpoint in service: {exc}")
     try:
         series = (
             kafka_training_data(args, model_config.window_length)
             if args.from_kafka
             else load_training_data(args.data)
         )
-        parent = read_latest(checkpoint_dir)
-        walk: WalkForwardResult | None = None
-        if folds is not None:
-            # The promotion gate below then scores candidate and LATEST on the same
-            # windows: the last fold's test block, which the candidate never trained on.
-            walk = run_walk_forward(
-                series,
-                folds,
-                model_config,
-                train_config,
-                eval_fraction=args.walk_forward_span,
-                val_fraction=args.val_fraction,
-                scheme=args.walk_forward_scheme,
-                progress=not args.no_progress,
-            )
-            final = walk.final
-            outcome = FitOutcome(
-                final.split, final.training, final.test_predicted, final.evaluation
-            )
-        else:
-            outcome = fit_and_evaluate(
-                series,
-                model_config,
-                train_config,
-                val_fraction=args.val_fraction,
-                test_fraction=args.test_fraction,
-                progress=not args.no_progress,
-            )
+        outcome, walk = _train_candidate(args, series, model_config, train_config)
     except DataError as exc:
         return _fail(str(exc))
 
-    test = outcome.split.test
-    decision = decide_promotion(
-        checkpoint_dir, outcome.rmse, test.windows, test.targets, force=args.force, device=device
-    )
-    training = outcome.training
-    meta = CheckpointMeta(
-        version=new_version(),
-        architecture=model_config,
-        training_data=training_ranges(outcome.split),
-        evaluation={
-            "rmse_ratio": outcome.evaluation["rmse_ratio"],
-            "test": outcome.evaluation,
-            "test_data": [r.model_dump() for r in held_out_ranges(outcome.split)],
-            "windows": {
-                "train": len(outcome.split.train),
-                "val": len(outcome.split.val),
-                "test": len(test),
-            },
-            "training": {
-                "best_epoch": training.best_epoch,
-                "epochs_run": len(training.history) - 1,
-                "best_val_loss": training.best_val_loss,
-                "untrained_val_loss": training.history[0].val_loss,
-                "seconds": round(training.seconds, 3),
-                "device": training.device,
-                "config": train_config.model_dump(),
-            },
-            "promotion": {
-                "promoted": decision.promote,
-                "reason": decision.reason,
-                "incumbent_version": decision.incumbent_version,
-                "incumbent_rmse": decision.incumbent_rmse,
-            },
-            "walk_forward": walk.summary if walk is not None else None,
-        },
-        parent_version=parent,
-    )
     try:
-        version_dir = save_checkpoint(checkpoint_dir, training.model, meta)
-        plot_path = _plot(version_dir / PLOT_FILE, outcome)
-        if decision.promote:
-            promote(checkpoint_dir, meta.version)
-    except (CheckpointError, OSError) as exc:
+        # Under the lock LATEST cannot change between reading it, deciding against it and
+        # promoting: another run's promotion lands before or after all three.
+        with promotion_lock(checkpoint_dir):
+            parent = read_latest(checkpoint_dir)
+            decision = decide_promotion(
+                checkpoint_dir,
+                outcome.split,
+                outcome.test_predicted,
+                force=args.force,
+                device=device,
+            )
+            meta = _checkpoint_meta(outcome, walk, decision, parent, train_config)
+            version_dir = save_checkpoint(checkpoint_dir, outcome.training.model, meta)
+            plot_path = _plot(version_dir / PLOT_FILE, outcome)
+            if decision.promote:
+                promote(checkpoint_dir, meta.version)
+    except CheckpointError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
         return _fail(f"could not write the checkpoint: {exc}", EXIT_FAILURE)
     if decision.promote:
         logger.info("promoted %s to LATEST: %s", meta.version, decision.reason)
@@ -534,6 +827,9 @@ def retrain_once(args: argparse.Namespace) -> int:
         "reason": decision.reason,
         "parent_version": parent,
         "incumbent_rmse": decision.incumbent_rmse,
+        "candidate_rmse": decision.candidate_rmse,
+        "compared_windows": decision.compared_windows,
+        "series": [cut.series.symbol for cut in outcome.split.cuts],
         "evaluation": outcome.evaluation,
         "windows": meta.evaluation["windows"],
         "training": meta.evaluation["training"],
@@ -594,7 +890,9 @@ def format_report(report: dict[str, Any]) -> str:
             f"  {label:<22}{_fmt(figures['rmse']):>12}{_fmt(figures['mae']):>12}"
             f"{figures['mape']:>10.4f}{'n/a' if direction is None else f'{direction:.3f}':>11}"
         )
-    rows.append(f"  RMSE ratio GRU / naive: {evaluation['rmse_ratio']:.4f}")
+    # With several series the table's RMSEs are pooled in price units, the ratio is not.
+    scaled = " (errors scaled by each series' naive RMSE)" if len(report["series"]) > 1 else ""
+    rows.append(f"  RMSE ratio GRU / naive{scaled}: {evaluation['rmse_ratio']:.4f}")
     walk = report.get("walk_forward")
     if walk:
         rows[1] = f"held-out test of the last walk-forward fold, {evaluation['windows']} windows:"

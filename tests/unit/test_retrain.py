@@ -25,7 +25,7 @@ from model.checkpoint import (
     read_latest,
     save_checkpoint,
 )
-from model.data import chronological_split, load_series
+from model.data import ChronologicalSplit, chronological_split, load_series
 from model.gru import ModelConfig, PriceGRU
 from model.retrain import PLOT_FILE, add_retrain_arguments, decide_promotion, run_retrain
 from model.train import TrainResult
@@ -153,9 +153,8 @@ def test_a_worse_model_is_not_promoted_unless_forced(
 
 
 @pytest.fixture(scope="module")
-def goog_test_windows() -> tuple[np.ndarray, np.ndarray]:
-    split = chronological_split(load_series("dataset:goog")[0], window_length=WINDOW)
-    return split.test.windows, split.test.targets
+def goog_split() -> ChronologicalSplit:
+    return chronological_split(load_series("dataset:goog")[0], window_length=WINDOW)
 
 
 def install(root: Path, model: PriceGRU) -> str:
@@ -165,36 +164,33 @@ def install(root: Path, model: PriceGRU) -> str:
     return version
 
 
-def test_decide_promotion_rule(
-    tmp_path: Path, goog_test_windows: tuple[np.ndarray, np.ndarray]
-) -> None:
-    windows, targets = goog_test_windows
-    naive_rmse = float(np.sqrt(np.mean((windows[:, -1] - targets) ** 2)))
+def naive_times(split: ChronologicalSplit, factor: float) -> np.ndarray:
+    """Predictions whose every error is ``factor`` times the naive forecast's."""
+    return split.test.targets + factor * (split.test.last - split.test.targets)
+
+
+def test_decide_promotion_rule(tmp_path: Path, goog_split: ChronologicalSplit) -> None:
+    test = goog_split.test
+    naive_rmse = float(np.sqrt(np.mean((test.last - test.targets) ** 2)))
     # The untrained residual model is the naive forecast.
     version = install(tmp_path, PriceGRU(ModelConfig(hidden_size=8, window_length=WINDOW)))
-    worse = decide_promotion(tmp_path, naive_rmse * 1.01, windows, targets)
+    worse = decide_promotion(tmp_path, goog_split, naive_times(goog_split, 1.01))
     assert (worse.promote, worse.incumbent_version) == (False, version)
     assert worse.incumbent_rmse == pytest.approx(naive_rmse, rel=1e-6)
-    assert decide_promotion(tmp_path, naive_rmse * 0.99, windows, targets).promote
-    assert decide_promotion(tmp_path, naive_rmse * 1.01, windows, targets, force=True).promote
+    assert worse.candidate_rmse == pytest.approx(naive_rmse * 1.01)
+    assert worse.compared_windows == len(test)
+    assert decide_promotion(tmp_path, goog_split, naive_times(goog_split, 0.99)).promote
+    forced = decide_promotion(tmp_path, goog_split, naive_times(goog_split, 1.01), force=True)
+    assert forced.promote
 
 
-def test_incomparable_or_broken_incumbent_promotes_with_a_warning(
-    tmp_path: Path,
-    goog_test_windows: tuple[np.ndarray, np.ndarray],
-    caplog: pytest.LogCaptureFixture,
+def test_broken_incumbent_promotes_with_a_warning(
+    tmp_path: Path, goog_split: ChronologicalSplit, caplog: pytest.LogCaptureFixture
 ) -> None:
-    windows, targets = goog_test_windows
     caplog.set_level(logging.WARNING, logger="model.retrain")
-    install(tmp_path, PriceGRU(ModelConfig(hidden_size=8, window_length=WINDOW + 5)))
-    decision = decide_promotion(tmp_path, 1e9, windows, targets)
-    assert decision.promote
-    assert "window length" in decision.reason
-    assert "window length" in caplog.text
-
-    (tmp_path / read_latest(tmp_path) / "model.safetensors").write_bytes(b"garbage")  # type: ignore[operator]
-    caplog.clear()
-    decision = decide_promotion(tmp_path, 1e9, windows, targets)
+    version = install(tmp_path, PriceGRU(ModelConfig(hidden_size=8, window_length=WINDOW)))
+    (tmp_path / version / "model.safetensors").write_bytes(b"garbage")
+    decision = decide_promotion(tmp_path, goog_split, naive_times(goog_split, 100.0))
     assert decision.promote
     assert "cannot be loaded" in decision.reason
     assert "cannot be loaded" in caplog.text
