@@ -79,6 +79,10 @@ def _timed_predict(predictor: Predictor, windows: np.ndarray) -> tuple[np.ndarra
     return predictions, time.perf_counter() - started
 
 
+class PartitionsMovedError(RuntimeError):
+    """Exactly-once: a batch's input partitions were revoked before it was committed."""
+
+
 class NoCheckpointError(RuntimeError):
     """The daemon cannot start: there is no loadable checkpoint."""
 
@@ -869,6 +873,16 @@ class TickcastService:
             offsets.update(chunk.commit)
         attempt = 0
         while True:
+            moved = [tp for tp in offsets if tp not in self._ready_partitions]
+            if moved:
+                # Revoked while this batch was in flight (the drain timed out): committing
+                # their offsets now would not be fenced (aiokafka commits without the group
+                # generation) and the new owner's predictions would repeat these. Stop
+                # without committing; the new owner predicts these ticks once.
+                raise PartitionsMovedError(
+                    f"partitions {sorted(tp.partition for tp in moved)} moved while their "
+                    "batch was in flight; stopping without committing it (exactly-once)"
+                )
             try:
                 async with producer.transaction():
                     deliveries = await publisher.send(self.settings.output_topic, records)
