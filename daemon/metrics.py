@@ -179,7 +179,7 @@ class DaemonMetrics:
         )
         self.inflight_windows = Gauge(
             "tickcast_inflight_windows",
-            "Windows queued or being scored, not yet acknowledged.",
+            "Windows (and dead letters) queued or being scored, not yet acknowledged.",
             registry=r,
         )
         self.fetch_paused = Gauge(

@@ -566,7 +566,8 @@ class TickcastService:
 
     async def _enqueue(self, chunk: Chunk) -> None:
         self._inflight_chunks += 1
-        self._inflight_windows += len(chunk.rows)
+        # Dead letters count too: a stream of bad ticks must not queue without bound.
+        self._inflight_windows += len(chunk.rows) + len(chunk.bad)
         self._drained.clear()
         self.metrics.inflight_windows.set(self._inflight_windows)
         await self._chunks.put(chunk)
@@ -1084,7 +1085,7 @@ class TickcastService:
         dead = sum(len(c.bad) for c in item.completed)
         if dead:
             self.metrics.dead_letters.inc(dead)
-        self._inflight_windows -= n
+        self._inflight_windows -= n + dead
 
     async def _await_deliveries(self, item: Dispatched) -> None:
         assert self._publisher is not None

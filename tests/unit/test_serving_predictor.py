@@ -52,6 +52,11 @@ def test_each_inference_setting_serves_its_forward(
     for predictor in (fast, compiled):
         np.testing.assert_allclose(predictor.predict(windows), expected, rtol=0, atol=1e-3)
     assert len(set(np.round(expected, 2).tolist())) > 100  # real windows, distinct prices
+    # Then through the compiled step itself; waiting also keeps the compiling thread (which
+    # sets environment variables) from outliving this test.
+    assert compiled.fast.wait_compiled(timeout=600), compiled.fast.compile_error
+    assert compiled.path == "compiled-step"
+    np.testing.assert_allclose(compiled.predict(windows), expected, rtol=0, atol=1e-3)
 
 
 def test_no_checkpoint_names_the_retrain_command(tmp_path: Path) -> None:
