@@ -21,11 +21,6 @@ from model.data import (
 )
 
 
-@pytest.fixture(scope="module")
-def nasdaq() -> PriceSeries:
-    return load_series("dataset:nasdaq")[0]
-
-
 def seed_layout_csv(path: Path, rows: int = 300) -> pd.DataFrame:
     """The seed's QQQ.csv layout (Date,Open,High,Low,Close,Adj Close,Volume), from real data."""
     import arch.data.nasdaq

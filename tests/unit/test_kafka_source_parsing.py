@@ -30,16 +30,6 @@ NOW = datetime(2024, 5, 8, 12, 0, tzinfo=UTC)
 NOW_MS = 1_715_169_600_000
 
 
-@pytest.fixture(scope="module")
-def goog() -> PriceSeries:
-    return load_series("dataset:goog")[0]
-
-
-@pytest.fixture(scope="module")
-def nasdaq() -> PriceSeries:
-    return load_series("dataset:nasdaq")[0]
-
-
 def tick(symbol: str, price: float, ts: int) -> bytes:
     return orjson.dumps({"symbol": symbol, "price": price, "ts": ts})
 

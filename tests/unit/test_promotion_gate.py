@@ -72,11 +72,6 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 @pytest.fixture(scope="module")
-def goog() -> PriceSeries:
-    return load_series("dataset:goog")[0]
-
-
-@pytest.fixture(scope="module")
 def btc_eur() -> ChronologicalSplit:
     """BTCUSD (monthly, prices up to ~1e5: 20 test windows) and EURUSD (hourly, ~1.1: 747)."""
     series = [load_series("dataset:btcusd")[0], load_series("dataset:eurusd")[0]]

@@ -22,16 +22,6 @@ from model.retrain import held_out_ranges, training_ranges
 from model.walk_forward import walk_forward_splits
 
 
-@pytest.fixture(scope="module")
-def goog() -> PriceSeries:
-    return load_series("dataset:goog")[0]
-
-
-@pytest.fixture(scope="module")
-def nasdaq() -> PriceSeries:
-    return load_series("dataset:nasdaq")[0]
-
-
 @cache
 def eurusd() -> PriceSeries:
     return load_series("dataset:eurusd")[0]

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from model.data import PriceSeries, load_series
+from model.data import PriceSeries
 from model.evaluate import evaluate_forecasts
 from model.gru import ModelConfig, PriceGRU
 from model.train import TrainResult
@@ -24,16 +24,6 @@ from model.walk_forward import FoldResult, format_walk_forward, summarize, walk_
 
 WINDOW = 10
 MODEL = PriceGRU(ModelConfig(window_length=WINDOW, hidden_size=2))
-
-
-@pytest.fixture(scope="module")
-def goog() -> PriceSeries:
-    return load_series("dataset:goog")[0]
-
-
-@pytest.fixture(scope="module")
-def nasdaq() -> PriceSeries:
-    return load_series("dataset:nasdaq")[0]
 
 
 def fold_results(series: Sequence[PriceSeries], fractions: Sequence[float]) -> list[FoldResult]:
