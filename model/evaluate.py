@@ -250,3 +250,23 @@ def block_bootstrap_rmse_ratio(
     tail = (1.0 - confidence) / 2.0 * 100.0
     low, high = np.percentile(ratios, [tail, 100.0 - tail])
     return float(low), float(high)
+
+
+def naive_scale(
+    last: np.ndarray, targets: np.ndarray, series_index: np.ndarray, *, several: bool
+) -> np.ndarray:
+    """Per window, what its errors are divided by before pooling: its series' naive RMSE
+    over these windows.
+
+    With one series (``several`` false) or a series whose price never moved over these
+    windows (naive RMSE 0), 1: price units, so a one-series result is what it always was.
+    """
+    scale = np.ones(len(targets))
+    if not several:
+        return scale
+    for index in np.unique(series_index):
+        rows = series_index == index
+        naive_rmse = float(np.sqrt(np.mean((last[rows] - targets[rows]) ** 2)))
+        if naive_rmse > 0:
+            scale[rows] = naive_rmse
+    return scale

@@ -56,7 +56,7 @@ from model.data import (
     chronological_split,
     load_many,
 )
-from model.evaluate import plot_predictions, predict_windows, rmse_ratio
+from model.evaluate import naive_scale, plot_predictions, predict_windows, rmse_ratio
 from model.gru import ModelConfig
 from model.kafka_access import KafkaAccess
 from model.kafka_source import load_kafka_series, parse_duration, parse_since
@@ -164,26 +164,6 @@ def fit_and_evaluate(
 
 
 # --------------------------------------------------------------------------- scale-free RMSE
-
-
-def naive_scale(
-    last: np.ndarray, targets: np.ndarray, series_index: np.ndarray, *, several: bool
-) -> np.ndarray:
-    """Per window, what its errors are divided by before pooling: its series' naive RMSE
-    over these windows.
-
-    With one series (``several`` false) or a series whose price never moved over these
-    windows (naive RMSE 0), 1: price units, so a one-series result is what it always was.
-    """
-    scale = np.ones(len(targets))
-    if not several:
-        return scale
-    for index in np.unique(series_index):
-        rows = series_index == index
-        naive_rmse = float(np.sqrt(np.mean((last[rows] - targets[rows]) ** 2)))
-        if naive_rmse > 0:
-            scale[rows] = naive_rmse
-    return scale
 
 
 def scaled_rmse(predicted: np.ndarray, targets: np.ndarray, scale: np.ndarray) -> float:
@@ -299,7 +279,8 @@ def decide_promotion(
     targets, and targets with too little history for it are left out for both.
 
     RMSE: with several series, each series' errors are divided by its naive RMSE over the
-    compared windows before pooling (:func:`naive_scale`); with one series, price units.
+    compared windows before pooling (:func:`model.evaluate.naive_scale`); with one series,
+    price units.
 
     - Ties promote (the newer data wins); ``force`` promotes regardless.
     - No checkpoint in service, or one that cannot be loaded: promote (with a warning).

@@ -35,6 +35,7 @@ from model.evaluate import (
     block_bootstrap_rmse_ratio,
     diebold_mariano,
     evaluate_forecasts,
+    naive_scale,
     predict_windows,
 )
 from model.gru import ModelConfig
@@ -233,14 +234,12 @@ def summarize(folds: Sequence[FoldResult], series: Sequence[PriceSeries]) -> dic
     predicted = np.concatenate([f.test_predicted for f in folds])
     last = np.concatenate([f.split.test.last for f in folds])
     which = np.concatenate([f.split.test.series_index for f in folds])
-    per_series = {}
-    scale = np.ones_like(actual)
-    for index, one in enumerate(series):
-        rows = which == index
-        per_series[one.symbol] = significance(actual[rows], predicted[rows], last[rows])
-        naive_rmse = per_series[one.symbol]["naive"]["rmse"]
-        if len(series) > 1 and naive_rmse > 0:  # one series: its own units, as in the folds
-            scale[rows] = naive_rmse
+    per_series = {
+        one.symbol: significance(actual[which == i], predicted[which == i], last[which == i])
+        for i, one in enumerate(series)
+    }
+    # One series: its own price units, as in the folds.
+    scale = naive_scale(last, actual, which, several=len(series) > 1)
     overall = significance(actual / scale, predicted / scale, last / scale)
     return {
         "folds": [
