@@ -219,8 +219,23 @@ def _date_close_series(
 ) -> PriceSeries:
     dates = _column(frame, ("date", "datetime", "timestamp", "time"), source, "Date")
     prices = _column(frame, close, source, "Close")
+    if pd.api.types.is_integer_dtype(dates):
+        dates = _yyyymmdd(dates, source)
     ts = _to_epoch_ms(dates, source)
     return _series_sorted(symbol, source, ts, _to_prices(prices, source))
+
+
+def _yyyymmdd(dates: pd.Series, source: str) -> pd.Series:
+    """A Date column of integers must be YYYYMMDD (20240131): read as epoch ms, it would put
+    every row in January 1970. Epoch times belong in a long table's ``ts`` column."""
+    parsed = pd.to_datetime(dates.astype(str), format="%Y%m%d", errors="coerce", utc=True)
+    if parsed.isna().any():
+        first = int(np.argmax(parsed.isna().to_numpy()))
+        raise DataError(
+            f"{source}: the Date column holds numbers that are not YYYYMMDD dates, the first "
+            f"at row {first}: {dates.iloc[first]!r} (epoch times go in a symbol,ts,price table)"
+        )
+    return parsed
 
 
 def _long_table_series(frame: pd.DataFrame, source: str) -> list[PriceSeries]:

@@ -55,6 +55,25 @@ def test_seed_csv_layout(tmp_path: Path) -> None:
     assert series.iso_range()[0] == "1999-01-04T00:00:00+00:00"
 
 
+def test_numeric_yyyymmdd_dates_are_dates(tmp_path: Path) -> None:
+    # Read as epoch ms, 19990104 would be 5 hours after 1970-01-01.
+    frame = seed_layout_csv(tmp_path / "a.csv")
+    frame["Date"] = frame["Date"].str.replace("-", "").astype(int)
+    frame.to_csv(tmp_path / "qqq.csv", index=False)
+    (series,) = load_series(str(tmp_path / "qqq.csv"))
+    assert series.iso_range()[0] == "1999-01-04T00:00:00+00:00"
+    np.testing.assert_array_equal(series.prices, frame["Close"].to_numpy())
+
+
+def test_other_numeric_dates_are_a_clear_error(tmp_path: Path) -> None:
+    frame = seed_layout_csv(tmp_path / "a.csv")
+    epoch = pd.to_datetime(frame["Date"]) - pd.Timestamp("1970-01-01")
+    frame["Date"] = epoch // pd.Timedelta("1ms")
+    frame.to_csv(tmp_path / "qqq.csv", index=False)
+    with pytest.raises(DataError, match="not YYYYMMDD dates, the first at row 0"):
+        load_series(str(tmp_path / "qqq.csv"))
+
+
 def test_csv_columns_case_insensitive_and_rows_sorted(tmp_path: Path) -> None:
     frame = seed_layout_csv(tmp_path / "a.csv")
     newest_first = frame.iloc[::-1].rename(columns=str.lower)
