@@ -112,6 +112,8 @@ def make_consumer(settings: Settings) -> AIOKafkaConsumer:
         max_partition_fetch_bytes=4 * 1024 * 1024,
         fetch_min_bytes=settings.fetch_min_bytes,
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=min(3_000, settings.session_timeout_ms // 3),
         value_deserializer=raw_records.raw_value,
         **settings.client_kwargs(),
     )

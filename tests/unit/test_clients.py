@@ -25,3 +25,18 @@ async def test_consumer_defaults_trade_a_short_wait_for_fuller_fetches() -> None
         assert consumer._isolation_level == "read_committed"
     finally:
         await consumer.stop()
+
+
+async def test_a_longer_session_for_slow_restores() -> None:
+    # A restore runs inside the rebalance, without heartbeats: the session must outlast it.
+    consumer = make_consumer(Settings(session_timeout_ms=60_000))
+    try:
+        assert consumer._session_timeout_ms == 60_000
+        assert consumer._heartbeat_interval_ms == 3_000
+    finally:
+        await consumer.stop()
+    default = make_consumer(Settings())
+    try:
+        assert (default._session_timeout_ms, default._heartbeat_interval_ms) == (10_000, 3_000)
+    finally:
+        await default.stop()
