@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -19,8 +18,9 @@ from scipy import stats
 from model.data import load_series
 from model.evaluate import block_bootstrap_rmse_ratio, diebold_mariano
 from model.gru import ModelConfig, PriceGRU, predict_prices
-from model.retrain import add_retrain_arguments, run_retrain
+from model.retrain import run_retrain
 from model.walk_forward import significance
+from tests.support.retrain import FAST, parse
 
 # Hand-checkable: model errors (1, -2, 3, 0) against naive errors (2, 2, 2, 2).
 MODEL_ERRORS = np.array([1.0, -2.0, 3.0, 0.0])
@@ -109,24 +109,8 @@ def test_untrained_residual_model_is_exactly_naive(
 # --------------------------------------------------------------------------- CLI
 
 
-@pytest.fixture(scope="module")
-def goog_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The last 400 real GOOG daily bars in the seed's CSV layout."""
-    from backtesting.test import GOOG
-
-    frame = GOOG.iloc[-400:].rename_axis("Date").reset_index()
-    path = tmp_path_factory.mktemp("data") / "goog.csv"
-    frame[["Date", "Close"]].to_csv(path, index=False)
-    return path
-
-
 def retrain(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    add_retrain_arguments(parser)
-    return run_retrain(parser.parse_args(list(argv)))
-
-
-FAST = ["--epochs", "2", "--hidden-size", "8", "--window-length", "20", "--no-progress"]
+    return run_retrain(parse(*argv))
 
 
 def test_walk_forward_cli(

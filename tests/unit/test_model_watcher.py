@@ -7,12 +7,13 @@ LATEST at it (or breaks LATEST itself); the hot-swap tests on the real broker re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,13 +230,24 @@ def rejections(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == WATCHER_LOGGER and r.levelno >= logging.WARNING]
 
 
+@contextlib.asynccontextmanager
+async def polling(watcher: ModelWatcher) -> AsyncIterator[asyncio.Task[None]]:
+    """The watcher's polling task, running for the block and cancelled after it."""
+    task = asyncio.create_task(watcher.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 # --------------------------------------------------------------------------- tests
 
 
 async def test_check_now_triggers_an_immediate_check(root: Path, service: FakeService) -> None:
     watcher = watcher_for(service, root, poll_s=3600.0)  # the poll alone would never fire
-    task = asyncio.create_task(watcher.run())
-    try:
+    async with polling(watcher):
         new = make_checkpoint(root, seed=11)
         await asyncio.sleep(0.3)
         assert service.requested == []  # nobody asked: the next poll is an hour away
@@ -243,23 +255,14 @@ async def test_check_now_triggers_an_immediate_check(root: Path, service: FakeSe
         await asyncio.wait_for(service.swap_requested.wait(), 30)
         assert service.requested[0].version == new
         assert service.reloads("success") == 1
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
 
 
 async def test_polling_finds_a_new_version(root: Path, service: FakeService) -> None:
     watcher = watcher_for(service, root, poll_s=0.05)
-    task = asyncio.create_task(watcher.run())
-    try:
+    async with polling(watcher):
         new = make_checkpoint(root, seed=11)
         await asyncio.wait_for(service.swap_requested.wait(), 30)
         assert [p.version for p in service.requested] == [new]
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
 
 
 async def test_a_version_handed_over_is_not_reloaded_before_the_service_swaps_it(
@@ -366,8 +369,7 @@ async def test_a_zero_filled_latest_does_not_stop_the_polling_task(
     root: Path, service: FakeService
 ) -> None:
     watcher = watcher_for(service, root, poll_s=0.02)
-    task = asyncio.create_task(watcher.run())
-    try:
+    async with polling(watcher) as task:
         (root / LATEST_FILE).write_bytes(b"\0" * 4096)
         await asyncio.sleep(0.3)  # many polls
         assert not task.done()
@@ -375,10 +377,6 @@ async def test_a_zero_filled_latest_does_not_stop_the_polling_task(
         new = make_checkpoint(root, seed=11)  # a retrain that promotes a good one
         await asyncio.wait_for(service.swap_requested.wait(), 30)
         assert [p.version for p in service.requested] == [new]
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
 
 
 def test_the_rejection_signature_of_a_nul_path_does_not_raise(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ by a chosen factor, so each expected figure can be written down.
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import logging
@@ -51,7 +50,6 @@ from model.evaluate import evaluate_forecasts, predict_windows
 from model.gru import ModelConfig, PriceGRU
 from model.retrain import (
     PROMOTE_LOCK_FILE,
-    add_retrain_arguments,
     decide_promotion,
     held_out_rmse_ratio,
     held_out_windows,
@@ -60,15 +58,7 @@ from model.retrain import (
     training_ranges,
 )
 from model.walk_forward import walk_forward_splits
-
-WINDOW = 20
-FAST = ["--epochs", "2", "--hidden-size", "8", "--window-length", str(WINDOW), "--no-progress"]
-
-
-def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_retrain_arguments(parser)
-    return parser.parse_args(list(argv))
+from tests.support.retrain import FAST, WINDOW, parse
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +66,6 @@ def btc_eur() -> ChronologicalSplit:
     """BTCUSD (monthly, prices up to ~1e5: 20 test windows) and EURUSD (hourly, ~1.1: 747)."""
     series = [load_series("dataset:btcusd")[0], load_series("dataset:eurusd")[0]]
     return chronological_split(series, window_length=WINDOW)
-
-
-@pytest.fixture(scope="module")
-def goog_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The last 400 real GOOG daily bars as a Date,Close CSV."""
-    from backtesting.test import GOOG
-
-    frame = GOOG.iloc[-400:].rename_axis("Date").reset_index()
-    path = tmp_path_factory.mktemp("data") / "goog.csv"
-    frame[["Date", "Close"]].to_csv(path, index=False)
-    return path
 
 
 def install(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import subprocess
@@ -27,29 +26,9 @@ from model.checkpoint import (
 )
 from model.data import ChronologicalSplit, chronological_split, load_series
 from model.gru import ModelConfig, PriceGRU
-from model.retrain import PLOT_FILE, add_retrain_arguments, decide_promotion, run_retrain
+from model.retrain import PLOT_FILE, decide_promotion, run_retrain
 from model.train import TrainResult
-
-WINDOW = 20
-FAST = ["--epochs", "2", "--hidden-size", "8", "--window-length", str(WINDOW), "--no-progress"]
-
-
-def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_retrain_arguments(parser)
-    return parser.parse_args(list(argv))
-
-
-@pytest.fixture(scope="module")
-def goog_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The last 400 real GOOG daily bars in the seed's CSV layout."""
-    from backtesting.test import GOOG
-
-    frame = GOOG.iloc[-400:].rename_axis("Date").reset_index()
-    frame["Adj Close"] = frame["Close"]
-    path = tmp_path_factory.mktemp("data") / "goog.csv"
-    frame[["Date", "Open", "High", "Low", "Close", "Adj Close", "Volume"]].to_csv(path, index=False)
-    return path
+from tests.support.retrain import FAST, WINDOW, parse
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
