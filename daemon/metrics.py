@@ -174,6 +174,11 @@ class DaemonMetrics:
             "Input partitions assigned to this instance.",
             registry=r,
         )
+        self.restoring_partitions = Gauge(
+            "tickcast_restoring_partitions",
+            "Assigned input partitions paused while their windows are restored.",
+            registry=r,
+        )
         self.symbols_tracked = Gauge(
             "tickcast_symbols_tracked", "Symbols with a window in memory.", registry=r
         )

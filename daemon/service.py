@@ -266,6 +266,9 @@ class TickcastService:
         # restored are parked here and released, in order, once they are.
         self._ready_partitions: set[TopicPartition] = set()
         self._parked: dict[TopicPartition, list[RawRecord]] = {}
+        # Partitions paused while a background task rebuilds their windows (see on_assigned).
+        self._restoring: set[TopicPartition] = set()
+        self._restore_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._http = HealthServer(self, settings.metrics_host, settings.metrics_port)
         self._watcher = ModelWatcher(self, settings.checkpoint_dir, settings.checkpoint_poll_s)
@@ -411,6 +414,7 @@ class TickcastService:
         pipeline, helpers = self._tasks[:4], self._tasks[4:]
         for task in helpers:
             task.cancel()
+        await self._cancel_restore()
         try:
             async with asyncio.timeout(self.settings.shutdown_timeout_s):
                 if pipeline:
@@ -466,6 +470,9 @@ class TickcastService:
     # ------------------------------------------------------------------ rebalance
     async def on_revoked(self, revoked: list[TopicPartition]) -> None:
         """Finish and commit what was fetched from these partitions, then forget them."""
+        # aiokafka's rebalances are eager: everything assigned is revoked, so a restore
+        # still running is for partitions that are going away (or coming back re-restored).
+        await self._cancel_restore()
         if not revoked:
             return
         try:
@@ -488,20 +495,55 @@ class TickcastService:
         logger.info("partitions revoked: %s (%d symbols dropped)", sorted(parts), dropped)
 
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
-        """Rebuild each symbol's window from the input topic before scoring new ticks.
+        """Pause the new partitions and rebuild their windows in the background.
 
-        Runs inside the rebalance, so the group consumer hands out no record of these
-        partitions until their windows are exactly what an uninterrupted run would have.
-        aiokafka only logs a listener's exception, which would leave these partitions
-        parked unscored for good; a failed restore therefore stops the daemon (exit 1),
-        and the group gives the partitions to a member that can restore them.
+        aiokafka sends no heartbeats while this listener runs, so a restore done here
+        (seconds to minutes without the state topic) would outlast the session timeout and
+        get the member evicted: a rebalance, another restore, and so on. Instead the
+        partitions stay paused until a background task has made their windows exactly
+        what an uninterrupted run would have; the member heartbeats meanwhile, and the
+        partitions already ready go on being scored. Records fetched before the pause
+        took hold are parked until then (see _build_chunk).
         """
+        consumer = self._consumer
+        assert consumer is not None
+        self.metrics.assigned_partitions.set(len(consumer.assignment()))
+        if not assigned:
+            return
+        consumer.pause(*assigned)
+        self._restoring.update(assigned)
+        self.metrics.restoring_partitions.set(len(self._restoring))
+        self._restore_task = asyncio.create_task(
+            self._restore_in_background(list(assigned)), name="tickcast-restore"
+        )
+
+    async def _restore_in_background(self, assigned: list[TopicPartition]) -> None:
+        """A failed restore stops the daemon (exit 1): its partitions would stay paused
+        for good, and the group gives them to a member that can restore them."""
         try:
             await self._restore_assigned(assigned)
+        except asyncio.CancelledError:
+            raise
         except Exception:
             logger.exception("restoring partitions %s failed; stopping", assigned)
             self.failed = True
             self.should_exit.set()
+            return
+        consumer = self._consumer
+        assert consumer is not None
+        self._restoring.difference_update(assigned)
+        self.metrics.restoring_partitions.set(len(self._restoring))
+        if self._resume.is_set():  # else backpressure resumes them when it lifts
+            consumer.resume(*[tp for tp in assigned if tp in consumer.assignment()])
+
+    async def _cancel_restore(self) -> None:
+        task, self._restore_task = self._restore_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._restoring.clear()
+        self.metrics.restoring_partitions.set(0)
 
     async def _restore_assigned(self, assigned: list[TopicPartition]) -> None:
         consumer = self._consumer
@@ -529,7 +571,6 @@ class TickcastService:
         self.metrics.restored_snapshots.inc(stats.snapshots)
         self.metrics.restore_seconds.observe(time.monotonic() - started)
         self.metrics.symbols_tracked.set(len(self.windows))
-        self.metrics.assigned_partitions.set(len(consumer.assignment()))
         logger.info(
             "partitions assigned: %s (windows restored: %d from snapshots, %d ticks replayed)",
             sorted(tp.partition for tp in assigned),
@@ -621,15 +662,16 @@ class TickcastService:
 
     async def _pause_until_drained(self, consumer: AIOKafkaConsumer, low_water: int) -> None:
         """Backpressure: stop fetching while inference is behind, instead of buffering."""
-        partitions = list(consumer.assignment())
-        consumer.pause(*partitions)
+        consumer.pause(*consumer.assignment())
         self.metrics.fetch_paused.set(1)
         self._low_water = low_water
         self._resume.clear()
         try:
             await self._resume.wait()
         finally:
-            consumer.resume(*[tp for tp in partitions if tp in consumer.assignment()])
+            # The assignment may have changed meanwhile; partitions still being restored
+            # stay paused until their windows are ready.
+            consumer.resume(*(consumer.assignment() - self._restoring))
             self.metrics.fetch_paused.set(0)
 
     def _build_chunk(self, fetched: dict[TopicPartition, list[RawRecord]]) -> Chunk | None:

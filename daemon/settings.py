@@ -66,10 +66,8 @@ class Settings(KafkaAccess):
     # fetch with whatever just arrived: a few ticks per request round trip).
     fetch_min_bytes: int = Field(default=65536, ge=1)
     fetch_max_wait_ms: int = Field(default=10, ge=0)
-    # Group session (aiokafka's default). A restore runs inside the rebalance, where
-    # aiokafka sends no heartbeats: one that takes longer gets this member evicted. Raise it
-    # when restores without the state topic are slow; a crashed member's partitions then
-    # wait that long to move.
+    # Group session (aiokafka's default): how long a crashed member's partitions wait before
+    # they move. Restores run in the background and heartbeat, so they need no longer one.
     session_timeout_ms: int = Field(default=10_000, ge=6_000, le=1_800_000)
     max_inflight_batches: int = Field(default=8, ge=1)
     # At-least-once: acknowledged offsets are committed together at most this often

@@ -1,0 +1,199 @@
+"""Restores run in the background with their partitions paused.
+
+aiokafka sends no heartbeats while a rebalance listener runs, so on_assigned only pauses the
+new partitions and starts a task that rebuilds their windows; the member heartbeats
+meanwhile. These tests drive the service's rebalance methods with a fake group consumer
+(the real one is exercised in tests/integration/test_slow_restore.py) and a restore that
+finishes only when the test says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka.errors import KafkaConnectionError
+from aiokafka.structs import TopicPartition
+from prometheus_client import CollectorRegistry
+
+import daemon.service
+from daemon.metrics import DaemonMetrics
+from daemon.restore import RestoreStats
+from daemon.service import TickcastService
+from daemon.settings import Settings
+from tests.support.daemon import make_checkpoint
+from tests.support.polling import wait_until
+
+P0, P1, P2 = (TopicPartition("ticks", p) for p in range(3))
+
+
+class GroupConsumer:
+    """What the service asks of the group consumer around a rebalance."""
+
+    def __init__(self, assigned: Iterable[TopicPartition], committed: int | None = 5) -> None:
+        self.assigned = set(assigned)
+        self.paused: set[TopicPartition] = set()
+        self._committed = committed
+
+    def reassign(self, tps: Iterable[TopicPartition]) -> None:
+        """A rebalance: aiokafka keeps fresh state per assignment, unpaused."""
+        self.assigned = set(tps)
+        self.paused.clear()
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    def pause(self, *tps: TopicPartition) -> None:
+        assert set(tps) <= self.assigned, "only assigned partitions can be paused"
+        self.paused.update(tps)
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self.paused.difference_update(tps)
+
+    async def committed(self, tp: TopicPartition) -> int | None:
+        if self._committed is None:
+            raise KafkaConnectionError(f"no coordinator for {tp}")
+        return self._committed
+
+
+class GatedRestore:
+    """Stands in for restore_windows: records its calls, returns when opened."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.calls: list[dict[TopicPartition, int]] = []
+        self.cancelled = 0
+
+    async def __call__(self, windows: Any, until: dict[TopicPartition, int], **_: Any) -> Any:
+        self.calls.append(dict(until))
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return RestoreStats(snapshots=0, replayed=0, seconds=0.0)
+
+
+@pytest.fixture
+def restore(monkeypatch: pytest.MonkeyPatch) -> GatedRestore:
+    gated = GatedRestore()
+    monkeypatch.setattr(daemon.service, "restore_windows", gated)
+    return gated
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[TickcastService]:
+    make_checkpoint(tmp_path)
+    settings = Settings(checkpoint_dir=tmp_path, device="cpu")
+    service = TickcastService(settings, DaemonMetrics(CollectorRegistry(), process=False))
+    try:
+        yield service
+    finally:
+        await service._cancel_restore()
+        service._inference.shutdown()
+
+
+def gauge(service: TickcastService, name: str) -> float | None:
+    return service.metrics.registry.get_sample_value(name)
+
+
+async def test_assignment_returns_at_once_and_scores_after_the_restore(
+    service: TickcastService, restore: GatedRestore
+) -> None:
+    consumer = GroupConsumer({P0, P1})
+    service._consumer = consumer
+
+    # Returns while the restore is still waiting: the rebalance (and heartbeats) go on.
+    await asyncio.wait_for(service.on_assigned([P0, P1]), timeout=5)
+    await wait_until(lambda: restore.calls, what="the restore to start")
+    assert restore.calls == [{P0: 5, P1: 5}]
+    assert consumer.paused == {P0, P1}
+    assert not service.readiness()["partitions_assigned"]
+    assert gauge(service, "tickcast_restoring_partitions") == 2
+    assert gauge(service, "tickcast_assigned_partitions") == 2
+
+    restore.gate.set()
+    await wait_until(lambda: not consumer.paused, what="the partitions to resume")
+    assert service._ready_partitions == {P0, P1}
+    assert service._positions == {P0: 5, P1: 5}
+    assert service.readiness()["partitions_assigned"]
+    assert gauge(service, "tickcast_restoring_partitions") == 0
+
+
+async def test_revocation_cancels_a_restore_in_progress(
+    service: TickcastService, restore: GatedRestore
+) -> None:
+    consumer = GroupConsumer({P0})
+    service._consumer = consumer
+    await service.on_assigned([P0])
+    await wait_until(lambda: restore.calls, what="the restore to start")
+
+    await asyncio.wait_for(service.on_revoked([P0]), timeout=5)
+    assert restore.cancelled == 1
+    assert P0 not in service._ready_partitions
+    assert not service._restoring and not service.failed
+    assert gauge(service, "tickcast_restoring_partitions") == 0
+
+    # The next assignment restores afresh and completes.
+    consumer.reassign({P1})
+    restore.gate.set()
+    await service.on_assigned([P1])
+    await wait_until(lambda: P1 in service._ready_partitions, what="P1 to be restored")
+    assert restore.calls[-1] == {P1: 5}
+    assert not consumer.paused
+
+
+async def test_backpressure_lifting_leaves_restoring_partitions_paused(
+    service: TickcastService, restore: GatedRestore
+) -> None:
+    consumer = GroupConsumer({P0, P1})
+    service._consumer = consumer
+    await service.on_assigned([P1])
+    service._ready_partitions = {P0}
+    backpressure = asyncio.create_task(service._pause_until_drained(consumer, 0))
+    await wait_until(lambda: consumer.paused == {P0, P1}, what="backpressure to pause")
+
+    service._resume.set()  # inference caught up
+    await backpressure
+    assert consumer.paused == {P1}, "P1's windows are not restored yet"
+    restore.gate.set()
+    await wait_until(lambda: not consumer.paused, what="P1 to resume after its restore")
+
+
+async def test_partitions_restored_under_backpressure_resume_when_it_lifts(
+    service: TickcastService, restore: GatedRestore
+) -> None:
+    consumer = GroupConsumer({P0})
+    service._consumer = consumer
+    service._ready_partitions = {P0}
+    backpressure = asyncio.create_task(service._pause_until_drained(consumer, 0))
+    await wait_until(lambda: consumer.paused == {P0}, what="backpressure to pause")
+
+    # A rebalance meanwhile (eager: everything is revoked and assigned again).
+    await service.on_revoked([P0])
+    consumer.reassign({P0, P1, P2})
+    await service.on_assigned([P0, P1, P2])
+    restore.gate.set()
+    await wait_until(lambda: not service._restoring, what="the restore to finish")
+    assert consumer.paused == {P0, P1, P2}, "backpressure still holds"
+
+    service._resume.set()
+    await backpressure
+    assert not consumer.paused, "partitions assigned during backpressure were left paused"
+
+
+async def test_failed_restore_stops_the_daemon(
+    service: TickcastService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiokafka would only log a listener's exception and leave the partitions paused
+    unscored for good; the daemon stops instead (exit 1) and the group moves them."""
+    consumer = GroupConsumer({P0}, committed=None)  # the group coordinator is unreachable
+    service._consumer = consumer
+    await service.on_assigned([P0])
+    await wait_until(service.should_exit.is_set, what="the daemon to stop")
+    assert service.failed
+    assert P0 not in service._ready_partitions
+    assert "restoring partitions" in caplog.text and "no coordinator" in caplog.text
