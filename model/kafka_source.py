@@ -92,14 +92,19 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 
 
+def epoch_ms(moment: datetime) -> int:
+    """An aware datetime in epoch ms, in integer arithmetic (a float timestamp times 1000
+    can land a millisecond early)."""
+    return (moment - _EPOCH) // _MS
+
+
 def parse_since(text: str, now: datetime | None = None) -> int:
     """``--since``: a duration back from ``now`` (``7d``) or an ISO time; epoch ms (UTC).
 
-    An ISO time without a zone is taken as UTC. Integer arithmetic throughout: a float
-    timestamp times 1000 can land a millisecond early.
+    An ISO time without a zone is taken as UTC.
     """
     try:
-        return ((now or datetime.now(UTC)) - parse_duration(text) - _EPOCH) // _MS
+        return epoch_ms((now or datetime.now(UTC)) - parse_duration(text))
     except ValueError:
         pass
     try:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ from model.data import (
 from model.evaluate import naive_scale, plot_predictions, predict_windows, rmse_ratio
 from model.gru import ModelConfig
 from model.kafka_access import KafkaAccess
-from model.kafka_source import load_kafka_series, parse_duration, parse_since
+from model.kafka_source import epoch_ms, load_kafka_series, parse_duration, parse_since
 from model.train import TrainConfig, TrainResult, resolve_device
 from model.walk_forward import (
     DEFAULT_EVAL_FRACTION,
@@ -82,8 +82,6 @@ EXIT_FAILURE = 1
 # The loss the retrain job trains with unless --loss says otherwise: it beat "scaled" on the
 # development walk-forward (README.md, "Model quality").
 RETRAIN_LOSS = "relative"
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MS = timedelta(milliseconds=1)
 
 
 @dataclass(frozen=True)
@@ -194,7 +192,7 @@ def _epoch_ms(stamp: str) -> int | None:
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)  # DataRange times are written in UTC
-    return (moment - _EPOCH) // _MS
+    return epoch_ms(moment)
 
 
 def trained_through(meta: CheckpointMeta) -> dict[str, int]:
