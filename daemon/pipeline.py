@@ -67,6 +67,9 @@ class Chunk:
     commit: dict[TopicPartition, int]  # next offset to commit, per input partition
     # Window state as of the end of this chunk, written once the chunk is committed.
     snapshot: PendingSnapshot | None = None
+    # The daemon's rebalance count when it was fetched: exactly-once never commits the
+    # offsets of an earlier assignment, even of partitions assigned here again.
+    assignment: int = 0
 
 
 @dataclass

@@ -20,10 +20,14 @@ needs to do.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import aiokafka
+from aiokafka import AIOKafkaConsumer
 from aiokafka.consumer import fetcher
+from aiokafka.structs import TopicPartition
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +61,28 @@ def unreadable_record(exc: BaseException) -> tuple[Any, int, int] | None:
                 found = (records._tp, records.next_fetch_offset, batch.next_offset)
         tb = tb.tb_next
     return found
+
+
+async def read_before(
+    consumer: AIOKafkaConsumer,
+    tp: TopicPartition,
+    first: int,
+    *,
+    give_up: Callable[[], bool] = lambda: False,
+    timeout_s: float = 60.0,
+) -> list[Any] | None:
+    """The records of ``tp`` from its position up to ``first``, the unreadable record
+    :func:`unreadable_record` found, fetched one at a time: any larger fetch of that
+    record batch fails again. None once ``give_up()`` is true (the partition was taken
+    away meanwhile); RuntimeError if ``first`` is not reached within ``timeout_s``."""
+    records: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    while not give_up() and await consumer.position(tp) < first:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"cannot reach offset {first} of {tp}")
+        fetched = await consumer.getmany(tp, timeout_ms=500, max_records=1)
+        records.extend(r for r in fetched.get(tp, ()) if r.offset < first)
+    return None if give_up() else records
 
 
 def supported(version: str) -> bool:

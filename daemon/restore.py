@@ -40,7 +40,11 @@ async def _read_to_end(
     end: dict[TopicPartition, int],
     max_records: int,
 ) -> Any:
-    """Yield record lists of each partition from ``start`` (None: beginning) below ``end``."""
+    """Yield record lists of each partition from ``start`` (None: beginning) below ``end``.
+
+    Records aiokafka cannot parse (see :func:`raw_records.unreadable_record`) are passed
+    over: the daemon that met them live dead-lettered them, and they never reached a window.
+    """
     todo = {tp: stop for tp, stop in end.items() if stop > 0}
     from_beginning = [tp for tp in todo if start.get(tp) is None]
     if from_beginning:
@@ -49,20 +53,45 @@ async def _read_to_end(
         offset = start.get(tp)
         if offset is not None:
             consumer.seek(tp, offset)
+    # Where each partition's next yielded record starts: a failed fetch returns here.
+    resume_at = {tp: await consumer.position(tp) for tp in todo}
     for tp in list(todo):
-        if await consumer.position(tp) >= todo[tp]:
+        if resume_at[tp] >= todo[tp]:
             del todo[tp]
     while todo:
-        fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=max_records)
+        skip: tuple[TopicPartition, int] | None = None  # (partition, offset to go on from)
+        try:
+            fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=max_records)
+        except UnicodeDecodeError as exc:
+            found = raw_records.unreadable_record(exc)
+            if found is None or found[0] not in todo:
+                raise
+            bad_tp, first, after = found
+            for tp in todo:  # the failed fetch dropped what it had read, everywhere
+                consumer.seek(tp, resume_at[tp])
+            before = await raw_records.read_before(consumer, bad_tp, first)
+            fetched = {bad_tp: before} if before else {}
+            logger.warning(
+                "restore: %s[%d] offsets %d..%d cannot be read; passed over",
+                bad_tp.topic,
+                bad_tp.partition,
+                first,
+                after - 1,
+            )
+            skip = (bad_tp, after)
         for tp, batch in fetched.items():
             stop = todo.get(tp)
             if stop is None:
                 continue
             keep = [r for r in batch if r.offset < stop]
             if keep:
+                resume_at[tp] = keep[-1].offset + 1
                 yield tp, keep
             if len(keep) < len(batch) or (keep and keep[-1].offset >= stop - 1):
                 del todo[tp]
+        if skip is not None and skip[0] in todo:
+            consumer.seek(*skip)
+            resume_at[skip[0]] = skip[1]
         for tp in list(todo):
             # Compaction or deletion can leave no record at stop - 1: go by the position.
             if await consumer.position(tp) >= todo[tp]:
@@ -99,10 +128,10 @@ async def restore_windows(
         value_deserializer=raw_records.raw_value,  # offsets, keys and values are all it reads
         **(consumer_kwargs or {}),
     )
-    await consumer.start()
     loaded = replayed = 0
     replay_from: dict[TopicPartition, int | None] = dict.fromkeys(todo)
     try:
+        await consumer.start()  # inside: a restore cancelled while starting stops it too
         if state_topic:
             state_tps = {TopicPartition(state_topic, tp.partition): tp for tp in todo}
             consumer.assign(list(state_tps))

@@ -184,7 +184,7 @@ def load_serving_predictor(settings: Settings) -> Predictor:
     workers = inference_workers(settings, device, compiled=settings.inference == "compiled")
     torch.set_num_threads(inference_threads(settings, workers))
     try:
-        return load_predictor(
+        predictor = load_predictor(
             root / version,
             device,
             fast=settings.inference != "reference",
@@ -192,6 +192,12 @@ def load_serving_predictor(settings: Settings) -> Predictor:
         )
     except CheckpointError as exc:
         raise NoCheckpointError(f"checkpoint {version} in {root} is not loadable: {exc}") from exc
+    if predictor.version != version:  # as the hot swap checks: LATEST names what serves
+        raise NoCheckpointError(
+            f"checkpoint {version} in {root} is not loadable: its meta.json names version "
+            f"{predictor.version!r}"
+        )
+    return predictor
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -239,6 +245,7 @@ class TickcastService:
         self._last_snapshot = time.monotonic()
         # Per input partition: the offset after the last record rolled into the windows.
         self._positions: dict[TopicPartition, int] = {}
+        self._assignment = 0  # rebalances so far (Chunk.assignment)
         self._transactional = settings.delivery == "exactly_once"
 
         self._consumer: AIOKafkaConsumer | None = None
@@ -261,9 +268,10 @@ class TickcastService:
         self._resume = asyncio.Event()
         self._resume.set()
         self._low_water = 0
-        # aiokafka hands out records of a newly assigned partition while the rebalance
-        # listener is still running, so records of partitions whose windows are not yet
-        # restored are parked here and released, in order, once they are.
+        # Records of partitions whose windows are not restored yet are parked here and
+        # released, in order, once they are. on_assigned pauses new partitions at once, so
+        # this is a safeguard: aiokafka awaits between taking an assignment and calling
+        # the listener, and a fetch completing then could hand some over.
         self._ready_partitions: set[TopicPartition] = set()
         self._parked: dict[TopicPartition, list[RawRecord]] = {}
         # Partitions paused while a background task rebuilds their windows (see on_assigned).
@@ -478,10 +486,17 @@ class TickcastService:
         try:
             async with asyncio.timeout(self.settings.shutdown_timeout_s):
                 await self._drained.wait()
+                if self._state_writer is not None:
+                    # These partitions' snapshots must land before the next owner's
+                    # restore reads the state topic: one written later could leave it
+                    # an older window under a newer marker.
+                    await self._state_writer.wait_idle()
         except TimeoutError:
             logger.warning(
                 "revocation: pipeline not drained in time; some ticks will be redelivered"
             )
+            if self._state_writer is not None:
+                self._state_writer.discard_queued()
         for tp in revoked:
             self._ready_partitions.discard(tp)
             self._positions.pop(tp, None)
@@ -492,6 +507,10 @@ class TickcastService:
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(str(p))
         self.metrics.symbols_tracked.set(len(self.windows))
+        held = self._consumer.assignment() if self._consumer is not None else set()
+        self.metrics.assigned_partitions.set(len(set(held) - set(revoked)))
+        # Chunks still in flight now belong to an assignment that has ended.
+        self._assignment += 1
         logger.info("partitions revoked: %s (%d symbols dropped)", sorted(parts), dropped)
 
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -502,8 +521,8 @@ class TickcastService:
         get the member evicted: a rebalance, another restore, and so on. Instead the
         partitions stay paused until a background task has made their windows exactly
         what an uninterrupted run would have; the member heartbeats meanwhile, and the
-        partitions already ready go on being scored. Records fetched before the pause
-        took hold are parked until then (see _build_chunk).
+        partitions already ready go on being scored. Any record fetched before the
+        pause took hold is parked until then (see _build_chunk).
         """
         consumer = self._consumer
         assert consumer is not None
@@ -511,6 +530,8 @@ class TickcastService:
         if not assigned:
             return
         consumer.pause(*assigned)
+        if self._stopping:
+            return  # a rebalance during shutdown: nothing more will be scored here
         self._restoring.update(assigned)
         self.metrics.restoring_partitions.set(len(self._restoring))
         self._restore_task = asyncio.create_task(
@@ -540,8 +561,12 @@ class TickcastService:
         task, self._restore_task = self._restore_task, None
         if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the caller itself is being cancelled, not just the restore
         self._restoring.clear()
         self.metrics.restoring_partitions.set(0)
 
@@ -549,11 +574,10 @@ class TickcastService:
         consumer = self._consumer
         assert consumer is not None
         started = time.monotonic()
-        until: dict[TopicPartition, int] = {}
-        for tp in assigned:
-            committed = await consumer.committed(tp)
-            if committed:
-                until[tp] = committed
+        # Up to where fetching will start: the committed offset, or where auto_offset_reset
+        # puts a partition without one. (Asking the group for the committed offset again
+        # could see a later commit and leave a gap between the windows and the fetch.)
+        until = {tp: await consumer.position(tp) for tp in assigned}
         s = self.settings
         stats = await restore_windows(
             self.windows,
@@ -564,8 +588,7 @@ class TickcastService:
             state_topic=self._state_topic,
             consumer_kwargs=s.client_kwargs(),
         )
-        for tp in assigned:
-            self._positions[tp] = until.get(tp, 0)
+        self._positions.update(until)
         self._ready_partitions.update(assigned)
         self.metrics.restored_ticks.inc(stats.replayed)
         self.metrics.restored_snapshots.inc(stats.snapshots)
@@ -588,6 +611,7 @@ class TickcastService:
             if self._inflight_windows > max_inflight:
                 await self._pause_until_drained(consumer, max_inflight // 2)
                 continue
+            assignment = self._assignment
             try:
                 fetched = await consumer.getmany(timeout_ms=100, max_records=s.fetch_max_records)
             except KafkaError as exc:
@@ -596,6 +620,10 @@ class TickcastService:
                 continue
             except UnicodeDecodeError as exc:
                 await self._skip_unreadable(consumer, exc)
+                continue
+            if self._assignment != assignment:
+                # A rebalance ended while these were handed over: the partitions' next
+                # assignment fetches them again from the committed offset.
                 continue
             self._caught_up = sum(map(len, fetched.values())) < s.fetch_max_records
             chunk = self._build_chunk(fetched) if fetched or self._parked else None
@@ -608,6 +636,7 @@ class TickcastService:
                 await self._enqueue(chunk)
 
     async def _enqueue(self, chunk: Chunk) -> None:
+        chunk.assignment = self._assignment
         self._inflight_chunks += 1
         # Dead letters count too: a stream of bad ticks must not queue without bound.
         self._inflight_windows += len(chunk.rows) + len(chunk.bad)
@@ -641,13 +670,14 @@ class TickcastService:
                 consumer.seek(other, self._parked[other][-1].offset + 1)
             elif other in self._positions and other in self._ready_partitions:
                 consumer.seek(other, self._positions[other])
-        deadline = time.monotonic() + 60
-        while await consumer.position(tp) < first:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"cannot reach offset {first} of {tp}") from exc
-            fetched = await consumer.getmany(tp, timeout_ms=500, max_records=1)
-            if (chunk := self._build_chunk(fetched)) is not None:
-                await self._enqueue(chunk)
+        assignment = self._assignment
+        before = await raw_records.read_before(
+            consumer, tp, first, give_up=lambda: self._assignment != assignment
+        )
+        if before is None:
+            return  # a rebalance took the partition; its next owner meets the record anew
+        if (chunk := self._build_chunk({tp: before} if before else {})) is not None:
+            await self._enqueue(chunk)
         detail = f"record batch unreadable from offset {first}: {exc}"[:200]
         bad = [
             BadTick(UnreadableRecord(offset), tp.partition, "unreadable", detail)
@@ -918,21 +948,14 @@ class TickcastService:
             offsets.update(chunk.commit)
         attempt = 0
         while True:
-            moved = [tp for tp in offsets if tp not in self._ready_partitions]
-            if moved:
-                # Revoked while this batch was in flight (the drain timed out): committing
-                # their offsets now would not be fenced (aiokafka commits without the group
-                # generation) and the new owner's predictions would repeat these. Stop
-                # without committing; the new owner predicts these ticks once.
-                raise PartitionsMovedError(
-                    f"partitions {sorted(tp.partition for tp in moved)} moved while their "
-                    "batch was in flight; stopping without committing it (exactly-once)"
-                )
+            self._refuse_moved(completed)
             try:
                 async with producer.transaction():
                     deliveries = await publisher.send(self.settings.output_topic, records)
                     deliveries += await publisher.send(self.settings.dlq_topic, dead)
                     await asyncio.gather(*(d.future for d in deliveries))
+                    # A rebalance may have ended while the acks came: raising here aborts.
+                    self._refuse_moved(completed)
                     if offsets:
                         await producer.send_offsets_to_transaction(offsets, self.settings.group_id)
                 return
@@ -944,6 +967,26 @@ class TickcastService:
                 logger.warning("transaction failed (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
                 attempt += 1
+
+    def _refuse_moved(self, completed: list[Chunk]) -> None:
+        """Exactly-once: raise if these chunks' partitions were revoked since they were
+        fetched (the drain timed out), even if assigned here again since.
+
+        Committing their offsets would not be fenced (aiokafka commits without the group
+        generation) and the new owner's predictions would repeat these. The daemon stops
+        without committing; the new owner predicts these ticks once.
+        """
+        moved = {
+            tp.partition
+            for chunk in completed
+            for tp in chunk.commit
+            if chunk.assignment != self._assignment or tp not in self._ready_partitions
+        }
+        if moved:
+            raise PartitionsMovedError(
+                f"partitions {sorted(moved)} moved while their batch was in flight; "
+                "stopping without committing it (exactly-once)"
+            )
 
     def _conflate(self, rows: ScoringRows) -> ScoringRows:
         """Keep only each symbol's newest window in this batch (TICKCAST_CONFLATE)."""
@@ -1171,8 +1214,7 @@ class TickcastService:
                 self.metrics.snapshot_symbols.inc(len(pending.snapshot))
             else:
                 # Not committed: write these symbols again with the next snapshot.
-                slots = [self.windows.slot_of(sym) for sym in pending.snapshot.symbols]
-                self.windows.dirty[[slot for slot in slots if slot is not None]] = True
+                self.windows.mark_dirty(pending.snapshot.symbols)
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> bool:
         """Commit offsets of still-assigned partitions; False when that did not happen."""

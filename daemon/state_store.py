@@ -126,23 +126,41 @@ class StateWriter:
         self._topic = topic
         self._windows = windows
         self._queue: asyncio.Queue[PendingSnapshot] = asyncio.Queue()
+        self._idle = asyncio.Event()  # nothing queued, nothing being written
+        self._idle.set()
         self.written = 0
 
     def submit(self, pending: PendingSnapshot) -> None:
+        self._idle.clear()
         self._queue.put_nowait(pending)
+
+    async def wait_idle(self) -> None:
+        """Until everything submitted is written (or given up on)."""
+        await self._idle.wait()
+
+    def discard_queued(self) -> None:
+        """Drop what is not being written yet (its partitions went to another owner)."""
+        while not self._queue.empty():
+            self._queue.get_nowait()
 
     async def run(self) -> None:
         while True:
+            if self._queue.empty():
+                self._idle.set()
             pending = await self._queue.get()
             try:
                 await self._write(pending)
+            except asyncio.CancelledError:
+                # Stopped mid-write (shutdown): its symbols are marked clean but may not
+                # be on the topic, and the final snapshot's marker will cover them.
+                self._windows.mark_dirty(pending.snapshot.symbols)
+                raise
             except Exception as exc:  # keep serving; the next snapshot carries everything
                 logger.warning("writing window snapshots failed (%s); will rewrite them all", exc)
                 # Snapshots queued behind the failed one were taken before now: they lack its
                 # symbols, yet their markers would say the state is complete up to a newer
                 # offset. Dropped; the next one is taken with every window dirty.
-                while not self._queue.empty():
-                    self._queue.get_nowait()
+                self.discard_queued()
                 self._windows.dirty[:] = True
 
     async def flush(self) -> None:

@@ -119,6 +119,11 @@ class SymbolWindows:
     def slot_of(self, symbol: str) -> int | None:
         return self._slots.get(symbol)
 
+    def mark_dirty(self, symbols: list[str]) -> None:
+        """Make the next snapshot carry these symbols again (their last write failed)."""
+        slots = [slot for slot in map(self._slots.get, symbols) if slot is not None]
+        self.dirty[slots] = True
+
     def window(self, symbol: str) -> np.ndarray | None:
         """A copy of the symbol's stored prices, oldest first (fewer when not yet full)."""
         slot = self._slots.get(symbol)

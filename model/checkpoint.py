@@ -223,6 +223,8 @@ def read_meta(version_dir: Path) -> CheckpointMeta:
         raw = json.loads(meta_path.read_text())
     except FileNotFoundError as exc:
         raise CheckpointError(f"{meta_path} is missing") from exc
+    except OSError as exc:  # PermissionError, IsADirectoryError, EIO
+        raise CheckpointError(f"cannot read {meta_path}: {exc.strerror or exc}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{meta_path} is not valid JSON: {exc}") from exc
     try:
@@ -263,6 +265,8 @@ def load_checkpoint(version_dir: Path | str, device: torch.device | str = "cpu")
         weights = weights_path.read_bytes()
     except FileNotFoundError as exc:
         raise CheckpointError(f"{weights_path} is missing") from exc
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {weights_path}: {exc.strerror or exc}") from exc
     digest = hashlib.sha256(weights).hexdigest()
     if digest != meta.weights_sha256:
         raise CheckpointError(

@@ -6,6 +6,7 @@ import asyncio
 import math
 from uuid import uuid4
 
+import numpy as np
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,12 +14,15 @@ from hypothesis import strategies as st
 
 from daemon.embedded_kafka import create_topics
 from model.data import load_series
+from tests.integration.test_daemon_e2e import assert_same_model_output
 from tests.support.daemon import (
     consume,
     consume_raw,
     daemon_settings,
+    expected_windows,
     make_checkpoint,
     produce,
+    reference_predictions,
     running_daemon,
     tick_records,
 )
@@ -116,57 +120,68 @@ class NotUtf8Name(str):
         return b"\xff\xfe" + str(self).encode()
 
 
-async def test_a_record_the_client_cannot_parse_is_dead_lettered(
-    kafka_bootstrap, tmp_path, monkeypatch
-):
-    """aiokafka fails a whole fetch on a header name that is not UTF-8, and every fetch of
-    that record batch at that record: it and the rest of its batch become `unreadable`
-    dead letters (pointing at the originals), every tick before it and in the next batch
-    is predicted, and the daemon keeps running."""
+async def produce_with_unreadable_header(
+    bootstrap: str, topic: str, records: list[tuple[bytes, bytes]], bad_at: int, batch_end: int
+) -> None:
+    """``records`` as two record batches split at ``batch_end``; record ``bad_at`` carries
+    a header name that is not UTF-8."""
     from aiokafka import AIOKafkaProducer
     from aiokafka.producer import message_accumulator
     from aiokafka.producer import producer as producer_module
     from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 
+    # The pure-Python batch builder calls the name's own encode(); the C one would not.
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (message_accumulator, producer_module):
+            patch.setattr(module, "DefaultRecordBatchBuilder", _DefaultRecordBatchBuilderPy)
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=50)
+        await producer.start()
+        try:
+            for batch in (range(batch_end), range(batch_end, len(records))):
+                sent = [
+                    await producer.send(
+                        topic,
+                        records[i][1],
+                        key=records[i][0],
+                        headers=[(NotUtf8Name("trace"), b"1")] if i == bad_at else [],
+                    )
+                    for i in batch
+                ]
+                await asyncio.gather(*sent)
+        finally:
+            await producer.stop()
+
+
+async def test_a_record_the_client_cannot_parse_is_dead_lettered(kafka_bootstrap, tmp_path):
+    """aiokafka fails a whole fetch on a header name that is not UTF-8, and every fetch of
+    that record batch at that record: it and the rest of its batch become `unreadable`
+    dead letters (pointing at the originals), every tick before it and in the next batch
+    is predicted, and the daemon keeps running. A restart restores the windows past those
+    records (its restore met them too) and predicts the next ticks exactly."""
     series = load_series("dataset:nasdaq")[0]
-    n, bad_at, batch_end = 100, 65, 70
-    records = tick_records(["NDX"] * n, series.prices[-n:].tolist(), series.ts[-n:].tolist())
+    n, later, bad_at, batch_end = 100, 10, 65, 70
+    prices, ts = series.prices[-(n + later) :], series.ts[-(n + later) :]
+    records = tick_records(["NDX"] * (n + later), prices.tolist(), ts.tolist())
     topics = {k: f"{k}-{uuid4().hex[:8]}" for k in ("input", "output", "dlq")}
     await create_topics(kafka_bootstrap, list(topics.values()), partitions=1)
-    # The pure-Python batch builder calls the name's own encode(); the C one would not.
-    for module in (message_accumulator, producer_module):
-        monkeypatch.setattr(module, "DefaultRecordBatchBuilder", _DefaultRecordBatchBuilderPy)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=50)
-    await producer.start()
-    try:
-        for batch in (range(batch_end), range(batch_end, n)):  # two record batches
-            sent = [
-                await producer.send(
-                    topics["input"],
-                    records[i][1],
-                    key=records[i][0],
-                    headers=[(NotUtf8Name("trace"), b"1")] if i == bad_at else [],
-                )
-                for i in batch
-            ]
-            await asyncio.gather(*sent)
-    finally:
-        await producer.stop()
-    monkeypatch.undo()
+    await produce_with_unreadable_header(
+        kafka_bootstrap, topics["input"], records[:n], bad_at, batch_end
+    )
 
-    make_checkpoint(tmp_path)
-    config = daemon_settings(kafka_bootstrap, topics, tmp_path, f"g-{uuid4().hex[:8]}")
+    checkpoint_dir = tmp_path / "checkpoints"
+    make_checkpoint(checkpoint_dir)
+    config = daemon_settings(kafka_bootstrap, topics, checkpoint_dir, f"g-{uuid4().hex[:8]}")
     unreadable = range(bad_at, batch_end)
-    readable = [t for i, t in enumerate(series.ts[-n:].tolist()) if i not in unreadable]
+    readable = np.array([i for i in range(n + later) if i not in unreadable])
     async with running_daemon(config) as service:
         predictions = await consume(
-            kafka_bootstrap, topics["output"], len(readable) - 59, settle_s=0.5
+            kafka_bootstrap, topics["output"], n - len(unreadable) - 59, settle_s=0.5
         )
         dead = await consume_raw(kafka_bootstrap, topics["dlq"], len(unreadable))
         assert all(service.readiness().values()), "daemon must stay alive and ready"
         registry = service.metrics.registry
 
-    assert [p.ts for p in predictions] == readable[59:]
+    assert [p.ts for p in predictions] == ts[readable[readable < n]][59:].tolist()
     sources = [f"{topics['input']}/0/{offset}".encode() for offset in unreadable]
     assert [dict(d.headers)["tickcast.source"] for d in dead] == sources
     assert {dict(d.headers)["tickcast.reason"] for d in dead} == {b"unreadable"}
@@ -176,3 +191,18 @@ async def test_a_record_the_client_cannot_parse_is_dead_lettered(
     )
     assert unreadable_count == len(unreadable)
     assert registry.get_sample_value("tickcast_ticks_consumed_total") == n
+
+    # Restart in the same group (no state topic: the restore replays the partition).
+    async with running_daemon(config) as restarted:
+        replayed = restarted.metrics.registry.get_sample_value("tickcast_restored_ticks_total")
+        await produce(kafka_bootstrap, topics["input"], records[n:])
+        after = await consume(
+            kafka_bootstrap, topics["output"], len(predictions) + later, settle_s=0.5
+        )
+    assert replayed == n - len(unreadable)
+    new = after[len(predictions) :]
+    assert [p.ts for p in new] == ts[n:].tolist()
+    windows = expected_windows(prices[readable], 60)[-later:]
+    assert_same_model_output(
+        [p.predicted for p in new], reference_predictions(checkpoint_dir, windows), windows
+    )

@@ -33,10 +33,10 @@ P0, P1, P2 = (TopicPartition("ticks", p) for p in range(3))
 class GroupConsumer:
     """What the service asks of the group consumer around a rebalance."""
 
-    def __init__(self, assigned: Iterable[TopicPartition], committed: int | None = 5) -> None:
+    def __init__(self, assigned: Iterable[TopicPartition], position: int | None = 5) -> None:
         self.assigned = set(assigned)
         self.paused: set[TopicPartition] = set()
-        self._committed = committed
+        self._position = position
 
     def reassign(self, tps: Iterable[TopicPartition]) -> None:
         """A rebalance: aiokafka keeps fresh state per assignment, unpaused."""
@@ -53,10 +53,12 @@ class GroupConsumer:
     def resume(self, *tps: TopicPartition) -> None:
         self.paused.difference_update(tps)
 
-    async def committed(self, tp: TopicPartition) -> int | None:
-        if self._committed is None:
+    async def position(self, tp: TopicPartition) -> int:
+        """Where fetching starts: the committed offset (resolved while paused, too)."""
+        assert tp in self.assigned, f"{tp} is not assigned"
+        if self._position is None:
             raise KafkaConnectionError(f"no coordinator for {tp}")
-        return self._committed
+        return self._position
 
 
 class GatedRestore:
@@ -190,10 +192,40 @@ async def test_failed_restore_stops_the_daemon(
 ) -> None:
     """aiokafka would only log a listener's exception and leave the partitions paused
     unscored for good; the daemon stops instead (exit 1) and the group moves them."""
-    consumer = GroupConsumer({P0}, committed=None)  # the group coordinator is unreachable
+    consumer = GroupConsumer({P0}, position=None)  # the group coordinator is unreachable
     service._consumer = consumer
     await service.on_assigned([P0])
     await wait_until(service.should_exit.is_set, what="the daemon to stop")
     assert service.failed
     assert P0 not in service._ready_partitions
     assert "restoring partitions" in caplog.text and "no coordinator" in caplog.text
+
+
+async def test_no_restore_starts_once_the_daemon_is_stopping(
+    service: TickcastService, restore: GatedRestore
+) -> None:
+    """A rebalance while shutting down (other pods rolling) pauses the partitions and
+    restores nothing: no task would be left reading after the stop."""
+    consumer = GroupConsumer({P0})
+    service._consumer = consumer
+    service._stopping = True
+    await service.on_assigned([P0])
+    assert service._restore_task is None and not restore.calls
+    assert consumer.paused == {P0}
+
+
+async def test_cancelling_a_revocation_is_not_swallowed(
+    service: TickcastService, restore: GatedRestore
+) -> None:
+    """on_revoked cancels the restore and waits for it; if on_revoked itself is cancelled
+    meanwhile, that cancellation must propagate, not be taken for the restore's."""
+    consumer = GroupConsumer({P0})
+    service._consumer = consumer
+    await service.on_assigned([P0])
+    await wait_until(lambda: restore.calls, what="the restore to start")
+    revoking = asyncio.create_task(service._cancel_restore())
+    await asyncio.sleep(0)  # let it cancel the restore and start waiting for it
+    revoking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await revoking
+    assert revoking.cancelled()

@@ -3,7 +3,11 @@ committed is never committed. (A failed restore: tests/unit/test_background_rest
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from aiokafka.structs import TopicPartition
@@ -54,3 +58,98 @@ async def test_exactly_once_never_commits_a_batch_of_revoked_partitions(tmp_path
     finally:
         service._inference.shutdown()
     assert producer.transactions == 0
+
+
+class TransactionRecorder:
+    """A transactional producer that records what each transaction did."""
+
+    def __init__(self) -> None:
+        self.committed_offsets: list[dict[TopicPartition, int]] = []
+        self.aborted = 0
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except BaseException:
+            self.aborted += 1
+            raise
+
+    async def send_offsets_to_transaction(
+        self, offsets: dict[TopicPartition, int], group_id: str
+    ) -> None:
+        self.committed_offsets.append(offsets)
+
+
+class RebalancingPublisher:
+    """Acknowledges each send after calling ``during_acks`` (a rebalance meanwhile)."""
+
+    def __init__(self, during_acks: Callable[[], None]) -> None:
+        self.during_acks = during_acks
+
+    async def send(self, topic: str, records: list[object]) -> list[SimpleNamespace]:
+        ack = asyncio.get_running_loop().create_future()
+
+        def acknowledge() -> None:
+            self.during_acks()
+            ack.set_result(None)
+
+        asyncio.get_running_loop().call_soon(acknowledge)
+        return [SimpleNamespace(future=ack)]
+
+
+@pytest.mark.parametrize("reassigned", [False, True], ids=["revoked", "revoked-and-back"])
+async def test_exactly_once_aborts_when_a_rebalance_ends_during_the_acks(
+    tmp_path: Path, reassigned: bool
+) -> None:
+    """The check before the transaction is not enough: a revocation whose drain timed out
+    while the acks were awaited (and maybe the same partition assigned here again and
+    restored) must abort the transaction, not commit the old assignment's offsets."""
+    from daemon.pipeline import Chunk, ScoringRows
+    from daemon.service import PartitionsMovedError
+
+    make_checkpoint(tmp_path)
+    settings = Settings(
+        checkpoint_dir=tmp_path, device="cpu", delivery="exactly_once", transactional_id="t-1"
+    )
+    service = TickcastService(settings, DaemonMetrics(CollectorRegistry(), process=False))
+    tp = TopicPartition("ticks", 0)
+    service._ready_partitions = {tp}
+
+    def rebalance() -> None:
+        service._assignment += 1
+        if not reassigned:
+            service._ready_partitions.clear()
+
+    producer = TransactionRecorder()
+    service._producer = producer
+    service._publisher = RebalancingPublisher(rebalance)  # type: ignore[assignment]
+    chunk = Chunk(rows=ScoringRows.empty(60), bad=[], commit={tp: 10}, assignment=0)
+    try:
+        with pytest.raises(PartitionsMovedError, match=r"partitions \[0\] moved"):
+            await service._publish_in_transaction([], [], [chunk])
+    finally:
+        service._inference.shutdown()
+    assert producer.committed_offsets == [] and producer.aborted == 1
+
+
+async def test_exactly_once_commits_a_batch_of_the_current_assignment(tmp_path: Path) -> None:
+    from daemon.pipeline import Chunk, ScoringRows
+
+    make_checkpoint(tmp_path)
+    settings = Settings(
+        checkpoint_dir=tmp_path, device="cpu", delivery="exactly_once", transactional_id="t-1"
+    )
+    service = TickcastService(settings, DaemonMetrics(CollectorRegistry(), process=False))
+    tp = TopicPartition("ticks", 0)
+    service._ready_partitions = {tp}
+    service._assignment = 3
+    producer = TransactionRecorder()
+    service._producer = producer
+    service._publisher = RebalancingPublisher(lambda: None)  # type: ignore[assignment]
+    chunk = Chunk(rows=ScoringRows.empty(60), bad=[], commit={tp: 10}, assignment=3)
+    try:
+        await service._publish_in_transaction([], [], [chunk])
+    finally:
+        service._inference.shutdown()
+    assert producer.committed_offsets == [{tp: 10}] and producer.aborted == 0

@@ -62,3 +62,38 @@ def test_each_inference_setting_serves_its_forward(
 def test_no_checkpoint_names_the_retrain_command(tmp_path: Path) -> None:
     with pytest.raises(NoCheckpointError, match="tickcast retrain --data dataset:nasdaq"):
         load_serving_predictor(serving(tmp_path, "fast"))
+
+
+def test_latest_must_name_the_version_its_meta_records(tmp_path: Path) -> None:
+    """A directory copied under another name (a hand-made rollback): the hot swap refuses
+    it, and so does the start, rather than serve predictions labelled with another
+    version than LATEST names."""
+    import shutil
+
+    from model.checkpoint import promote
+
+    version = make_checkpoint(tmp_path, window_length=WINDOW)
+    shutil.copytree(tmp_path / version, tmp_path / "rollback")
+    promote(tmp_path, "rollback")
+    with pytest.raises(NoCheckpointError, match=f"meta.json names version '{version}'"):
+        load_serving_predictor(serving(tmp_path, "fast"))
+
+
+@pytest.mark.parametrize("unreadable", ["meta.json", "weights"])
+def test_an_unreadable_checkpoint_file_is_no_checkpoint(tmp_path: Path, unreadable: str) -> None:
+    """Not only a missing file: any error reading one (here a directory in its place;
+    permission denied or EIO alike) is a clear NoCheckpointError (exit 3), not a traceback."""
+    import json
+
+    version = make_checkpoint(tmp_path, window_length=WINDOW)
+    meta_path = tmp_path / version / "meta.json"
+    name = (
+        "meta.json"
+        if unreadable == "meta.json"
+        else json.loads(meta_path.read_text())["weights_file"]
+    )
+    target = tmp_path / version / name
+    target.unlink()
+    target.mkdir()
+    with pytest.raises(NoCheckpointError, match=f"cannot read .*{name}"):
+        load_serving_predictor(serving(tmp_path, "fast"))

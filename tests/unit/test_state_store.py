@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from daemon.state_store import (
@@ -105,13 +107,76 @@ async def test_a_failed_write_drops_the_snapshots_queued_behind_it():
     wins.apply(slots, np.array([1.0]), np.array([2_000_000_000_000]))
     writer.submit(PendingSnapshot(wins.take_snapshot({2}), {2: 131}))  # only A
     task = asyncio.create_task(writer.run())
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(writer.wait_idle(), 10)
     assert publisher.failed and publisher.sent == []  # the snapshot of A alone: dropped
     a, b = wins.slot_of("A"), wins.slot_of("B")
     assert a is not None and b is not None
     assert wins.dirty[a] and wins.dirty[b]  # to be written again
     writer.submit(PendingSnapshot(wins.take_snapshot({2}), {2: 131}))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(writer.wait_idle(), 10)
     task.cancel()
     assert sorted(publisher.sent) == sorted([(2, b"A"), (2, b"B"), (2, MARKER_KEY)])
     assert publisher.sent[-1] == (2, MARKER_KEY)  # symbols first, then the marker
+
+
+class GatedPublisher:
+    """Acknowledges sends only once ``open`` is set; records what reached it."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.open = asyncio.Event()
+        self.sending = asyncio.Event()
+        self.sent: list[tuple[int, bytes | None]] = []
+
+    async def send_to_partition(self, topic: str, partition: int, records: list) -> list:
+
+        self.sending.set()
+        await self.open.wait()
+        self.sent += [(partition, key) for key, _, _ in records]
+        return []  # acknowledged already
+
+
+async def test_wait_idle_returns_once_everything_submitted_is_written():
+    """A revocation waits for this, so the old owner's snapshots land before the new
+    owner's restore reads the state topic."""
+    import asyncio
+
+    from daemon.state_store import PendingSnapshot, StateWriter
+
+    wins = filled_windows()
+    publisher = GatedPublisher()
+    writer = StateWriter(publisher, "ticks.state", wins)  # type: ignore[arg-type]
+    await asyncio.wait_for(writer.wait_idle(), 1)  # nothing submitted: idle
+    task = asyncio.create_task(writer.run())
+    writer.submit(PendingSnapshot(wins.take_snapshot({2}), {2: 130}))
+    idle = asyncio.create_task(writer.wait_idle())
+    await asyncio.wait_for(publisher.sending.wait(), 10)
+    assert not idle.done(), "idle while a snapshot is being written"
+    publisher.open.set()
+    await asyncio.wait_for(idle, 10)
+    assert publisher.sent[-1] == (2, MARKER_KEY)
+    task.cancel()
+
+
+async def test_a_write_cut_short_at_shutdown_leaves_its_symbols_dirty():
+    """Shutdown cancels the writer; the final snapshot (whose marker covers these
+    symbols' offsets) must carry the symbols the cut-short write may not have written."""
+    import asyncio
+
+    from daemon.state_store import PendingSnapshot, StateWriter
+
+    wins = filled_windows()
+    publisher = GatedPublisher()
+    writer = StateWriter(publisher, "ticks.state", wins)  # type: ignore[arg-type]
+    task = asyncio.create_task(writer.run())
+    writer.submit(PendingSnapshot(wins.take_snapshot({2}), {2: 130}))
+    assert not wins.dirty.any()  # taken: marked clean
+    await asyncio.wait_for(publisher.sending.wait(), 10)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    a, b = wins.slot_of("A"), wins.slot_of("B")
+    assert a is not None and b is not None
+    assert wins.dirty[a] and wins.dirty[b]
+    assert sorted(wins.take_snapshot({2}).symbols) == ["A", "B"]
