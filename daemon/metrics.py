@@ -114,6 +114,13 @@ class DaemonMetrics:
         )
         for result in ("committed", "failed", "revoked"):
             self.offset_commits.labels(result=result)
+        self.send_retries = Counter(
+            "tickcast_send_retries_total",
+            "Sends to an output topic (predictions, dead letters) that failed and are being "
+            "retried, by topic: rising for long means every partition waits behind them.",
+            ["topic"],
+            registry=r,
+        )
         self.snapshot_symbols = Counter(
             "tickcast_snapshot_symbols_total",
             "Symbol windows written to the state topic.",

@@ -10,14 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from daemon.metrics import DaemonMetrics
 from daemon.predictor import Predictor, load_predictor
 from model.checkpoint import LATEST_FILE, META_FILE, WEIGHTS_FILE, CheckpointError, read_latest
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # (version, its files' (mtime_ns, size)): what was rejected, so that a bad version is not
 # reloaded (and re-logged) every poll, yet is retried once its files change.
@@ -32,6 +37,31 @@ class _Swappable(Protocol):
     metrics: DaemonMetrics
 
     def request_swap(self, predictor: Predictor) -> None: ...
+
+
+async def in_daemon_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` in a daemon thread. Unlike ``asyncio.to_thread``, a call stuck
+    on a hung volume does not hold up the exit: ``asyncio.run`` waits without a bound for
+    its executor's threads, and the interpreter joins every executor's threads at exit."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not done.done():  # the awaiting task may have been cancelled meanwhile
+            outcome()
+
+    def run() -> None:
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            outcome = partial(done.set_exception, exc)
+        else:
+            outcome = partial(done.set_result, result)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(settle, outcome)
+
+    threading.Thread(target=run, name="tickcast-load-checkpoint", daemon=True).start()
+    return await done
 
 
 def _stat_signature(path: Path) -> tuple[int, int] | None:
@@ -102,7 +132,7 @@ class ModelWatcher:
         try:
             if Path(version).name != version or version.startswith("."):
                 raise CheckpointError(f"LATEST names an invalid version {version!r}")
-            candidate = await asyncio.to_thread(
+            candidate = await in_daemon_thread(
                 load_predictor,
                 version_dir,
                 current.device,

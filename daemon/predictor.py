@@ -144,7 +144,10 @@ class Predictor:
                     self._forward_prices(bucket.device_in)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # A hot swap self-tests (and so captures) the new model in a loader thread
+            # while the inference worker keeps serving: only this thread's calls must
+            # keep off the GPU during the capture, not the whole process's.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 bucket.device_out = self._forward_prices(bucket.device_in)
             bucket.graph = graph
         except Exception as exc:  # capture is an optimisation; never fail a batch for it

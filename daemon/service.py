@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +38,17 @@ import numpy as np
 import orjson
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    ProducerFenced,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+)
 from aiokafka.structs import TopicPartition
 
 from daemon import raw_records
@@ -59,6 +69,20 @@ logger = logging.getLogger(__name__)
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RETRY_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0)
+# Send errors no retry can fix: the daemon stops (exit 1) and says why, rather than retry
+# forever with every partition blocked behind the send. Others (an outage, a missing
+# topic, a leader moving) are retried until they pass: ticks are never dropped.
+PERMANENT_SEND_ERRORS: tuple[type[KafkaError], ...] = (
+    TopicAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+    InvalidTopicError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
+# Original headers a dead letter keeps, in bytes; more are dropped and counted.
+DLQ_MAX_HEADER_BYTES = 64 * 1024
 GIL_SWITCH_INTERVAL_S = 1e-4
 
 
@@ -81,6 +105,17 @@ def _timed_predict(predictor: Predictor, windows: np.ndarray) -> tuple[np.ndarra
 
 class PartitionsMovedError(RuntimeError):
     """Exactly-once: a batch's input partitions were revoked before it was committed."""
+
+
+class SendRefusedError(RuntimeError):
+    """The broker refuses a send for a reason no retry can fix (PERMANENT_SEND_ERRORS)."""
+
+
+def _retry_or_stop(topic: str, exc: KafkaError) -> None:
+    if isinstance(exc, PERMANENT_SEND_ERRORS):
+        raise SendRefusedError(
+            f"sending to {topic} failed for good ({type(exc).__name__}: {exc}); stopping"
+        ) from exc
 
 
 class NoCheckpointError(RuntimeError):
@@ -278,6 +313,7 @@ class TickcastService:
         self._restoring: set[TopicPartition] = set()
         self._restore_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._reported: set[asyncio.Task[Any]] = set()  # failed tasks already logged
         self._http = HealthServer(self, settings.metrics_host, settings.metrics_port)
         self._watcher = ModelWatcher(self, settings.checkpoint_dir, settings.checkpoint_poll_s)
         self._set_model_metrics()
@@ -286,10 +322,9 @@ class TickcastService:
     async def serve(self) -> None:
         with self.capture_signals():
             await self.startup()
-            if self.should_exit.is_set():
-                return
             try:
-                await self.main_loop()
+                if not self.should_exit.is_set():  # SIGTERM during start-up: just stop
+                    await self.main_loop()
             finally:
                 await self.shutdown()
 
@@ -407,16 +442,33 @@ class TickcastService:
             )
         stop = asyncio.create_task(self.should_exit.wait())
         done, _ = await asyncio.wait([stop, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if task is not stop and not task.cancelled() and task.exception() is not None:
-                logger.error("pipeline task %s failed", task.get_name(), exc_info=task.exception())
-                self.failed = True
-                self.should_exit.set()
         stop.cancel()
+        self._check_failed(done)
+
+    def _check_failed(self, tasks: Iterable[asyncio.Task[Any]]) -> bool:
+        """Log each finished task's failure once and mark the daemon failed (exit 1)."""
+        failed = False
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                failed = True
+                if task not in self._reported:
+                    self._reported.add(task)
+                    logger.error(
+                        "pipeline task %s failed", task.get_name(), exc_info=task.exception()
+                    )
+        if failed:
+            self.failed = True
+            self.should_exit.set()
+        return failed
 
     async def shutdown(self) -> None:
-        """Stop fetching, drain what was fetched, commit, leave the group: bounded in time."""
+        """Stop fetching, drain what was fetched, commit, leave the group, all within
+        SHUTDOWN_TIMEOUT_S: the drain gets the budget but its last part (at most 5 s),
+        which is left for the clients to stop."""
         self._stopping = True
+        loop = asyncio.get_running_loop()
+        budget = self.settings.shutdown_timeout_s
+        deadline = loop.time() + budget
         logger.info("shutting down: draining %d in-flight chunks", self._inflight_chunks)
         self._resume.set()
         pipeline, helpers = self._tasks[:4], self._tasks[4:]
@@ -424,39 +476,50 @@ class TickcastService:
             task.cancel()
         await self._cancel_restore()
         try:
-            async with asyncio.timeout(self.settings.shutdown_timeout_s):
-                if pipeline:
-                    ingest, *downstream = pipeline
-                    await asyncio.gather(ingest, return_exceptions=True)
-                    await self._chunks.put(None)
-                    await asyncio.gather(*downstream, return_exceptions=True)
-                if self._state_writer is not None:
-                    # Everything fetched is committed now: the last snapshot is exact.
-                    if (snapshot := self._maybe_snapshot(force=True)) is not None:
-                        self._write_snapshots([snapshot], committed=True)
-                    await self._state_writer.flush()
+            async with asyncio.timeout_at(deadline - min(5.0, budget / 4)):
+                await self._drain(pipeline)
         except TimeoutError:
             logger.warning(
                 "graceful stop took over %.1fs; cancelling (uncommitted ticks are redelivered)",
-                self.settings.shutdown_timeout_s,
+                budget,
             )
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        # Bounded too: stopping the consumer waits for a rebalance callback in progress, and
-        # an idempotent producer's flush never gives up while the broker is unreachable.
+        # Together, by the deadline: stopping the consumer waits for a rebalance callback in
+        # progress, and an idempotent producer's flush never gives up while the broker is
+        # unreachable.
         clients = [self._consumer, self._producer, self._state_producer]
-        for client in (c for c in clients if c is not None):
-            try:
-                async with asyncio.timeout(self.settings.shutdown_timeout_s):
-                    await client.stop()  # the consumer leaves the group, producers flush
-            except TimeoutError:
-                logger.warning("%s did not stop in time; leaving it", type(client).__name__)
-            except Exception as exc:
-                logger.warning("stopping %s failed: %s", type(client).__name__, exc)
+        await asyncio.gather(*(self._stop_client(c, deadline) for c in clients if c is not None))
         await self._http.stop()
         self._inference.shutdown(wait=False, cancel_futures=True)
         logger.info("stopped")
+
+    async def _drain(self, pipeline: list[asyncio.Task[None]]) -> None:
+        """Let the pipeline finish what was fetched; a task failing meanwhile ends it."""
+        if pipeline:
+            ingest, *downstream = pipeline
+            await asyncio.wait([ingest])
+            self._check_failed([ingest])  # what it fetched before failing is still drained
+            await self._chunks.put(None)
+            done, _ = await asyncio.wait(downstream, return_when=asyncio.FIRST_EXCEPTION)
+            if self._check_failed(done):
+                return  # the rest would wait for what the failed task never hands on
+        if self._state_writer is not None:
+            # Everything fetched is committed now: the last snapshot is exact.
+            if (snapshot := self._maybe_snapshot(force=True)) is not None:
+                self._write_snapshots([snapshot], committed=True)
+            await self._state_writer.flush()
+
+    @staticmethod
+    async def _stop_client(client: AIOKafkaConsumer | AIOKafkaProducer, deadline: float) -> None:
+        try:
+            async with asyncio.timeout_at(deadline):
+                await client.stop()  # the consumer leaves the group, producers flush
+        except TimeoutError:
+            logger.warning("%s did not stop in time; leaving it", type(client).__name__)
+        except Exception as exc:
+            logger.warning("stopping %s failed: %s", type(client).__name__, exc)
 
     # ------------------------------------------------------------------ readiness
     def readiness(self) -> dict[str, bool]:
@@ -963,6 +1026,8 @@ class TickcastService:
                 # Another instance took over this transactional id: we are the zombie.
                 raise
             except KafkaError as exc:
+                _retry_or_stop(self.settings.output_topic, exc)
+                self.metrics.send_retries.labels(self.settings.output_topic).inc()
                 delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
                 logger.warning("transaction failed (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
@@ -1074,6 +1139,10 @@ class TickcastService:
         r = tick.record
         source = f"{self.settings.input_topic}/{tick.partition}/{r.offset}"
         headers = [*list(r.headers or ())]
+        if sum(len(k) + len(v or b"") for k, v in headers) > DLQ_MAX_HEADER_BYTES:
+            # The original's headers alone could push the dead letter over the broker's
+            # limit: it would be refused and resent forever.
+            headers = [("tickcast.headers_dropped", str(len(headers)).encode())]
         headers += [
             ("tickcast.reason", tick.reason.encode()),
             ("tickcast.detail", tick.detail.encode("utf-8", "replace")[:512]),
@@ -1095,6 +1164,8 @@ class TickcastService:
             except KafkaError as exc:
                 if self.force_exit:
                     raise
+                _retry_or_stop(topic, exc)
+                self.metrics.send_retries.labels(topic).inc()
                 delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
                 logger.warning("send to %s failed (%s); retrying in %.2fs", topic, exc, delay)
                 await asyncio.sleep(delay)
@@ -1184,6 +1255,8 @@ class TickcastService:
                 try:
                     await delivery.future
                 except KafkaError as exc:
+                    _retry_or_stop(delivery.topic, exc)
+                    self.metrics.send_retries.labels(delivery.topic).inc()
                     logger.warning(
                         "delivery to %s[%d] failed: %s", delivery.topic, delivery.partition, exc
                     )
@@ -1201,6 +1274,8 @@ class TickcastService:
                         deliveries.append(await self._publisher.resend(delivery))
                         break
                     except KafkaError as exc:
+                        _retry_or_stop(delivery.topic, exc)
+                        self.metrics.send_retries.labels(delivery.topic).inc()
                         logger.warning("resend failed (%s); retrying", exc)
                         await asyncio.sleep(delay)
 

@@ -55,6 +55,7 @@ REQUIRED_ALERTS = frozenset(
         "TickcastModelWorseThanNaive",
         "TickcastDown",
         "TickcastOffsetCommitsFailing",
+        "TickcastSendsRetrying",
     }
 )
 REQUIRED_TOPICS = frozenset({"ticks", "predictions", "ticks.dlq", "ticks.state"})
