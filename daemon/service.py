@@ -566,6 +566,8 @@ class TickcastService:
             self._parked.pop(tp, None)
         parts = {tp.partition for tp in revoked if tp.topic == self.settings.input_topic}
         dropped = self.windows.drop_partitions(parts)
+        if self._inflight_chunks == 0:
+            self.windows.recycle_retired()
         for p in parts:
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(str(p))
@@ -1139,7 +1141,7 @@ class TickcastService:
         r = tick.record
         source = f"{self.settings.input_topic}/{tick.partition}/{r.offset}"
         headers = [*list(r.headers or ())]
-        if sum(len(k) + len(v or b"") for k, v in headers) > DLQ_MAX_HEADER_BYTES:
+        if sum(len(k.encode()) + len(v or b"") for k, v in headers) > DLQ_MAX_HEADER_BYTES:
             # The original's headers alone could push the dead letter over the broker's
             # limit: it would be refused and resent forever.
             headers = [("tickcast.headers_dropped", str(len(headers)).encode())]
@@ -1148,12 +1150,15 @@ class TickcastService:
             ("tickcast.detail", tick.detail.encode("utf-8", "replace")[:512]),
             ("tickcast.source", source.encode()),
         ]
-        value = r.value or b""
+        key, value = r.key, r.value or b""
         limit = self.settings.dlq_max_value_bytes
         if len(value) > limit:
             headers.append(("tickcast.value_bytes", str(len(value)).encode()))
             value = value[:limit]
-        return (r.key, value, headers)
+        if key is not None and len(key) > limit:  # a key near the broker's limit, too
+            headers.append(("tickcast.key_bytes", str(len(key)).encode()))
+            key = key[:limit]
+        return (key, value, headers)
 
     async def _send_with_retry(self, topic: str, records: list[OutRecord]) -> list[Any]:
         assert self._publisher is not None
@@ -1229,6 +1234,7 @@ class TickcastService:
         self._inflight_chunks -= len(chunks)
         if self._inflight_chunks == 0:
             self._drained.set()
+            self.windows.recycle_retired()
 
     def _count_acknowledged(self, item: Dispatched) -> None:
         now = time.time()

@@ -91,6 +91,12 @@ class _InvalidTickError(Exception):
         self.detail = detail
 
 
+# Windows hold float32 (windows.PRICE_DTYPE): a price outside its normal range would be
+# stored as inf or 0 and poison the symbol's next 60 predictions.
+MIN_PRICE = float(np.finfo(np.float32).tiny)
+MAX_PRICE = float(np.finfo(np.float32).max)
+
+
 def _validate(obj: Any, max_symbol_length: int) -> tuple[str, float, int]:
     """(symbol, price, ts) of one decoded JSON value, or raise :class:`_InvalidTickError`."""
     if not isinstance(obj, dict):
@@ -113,6 +119,10 @@ def _validate(obj: Any, max_symbol_length: int) -> tuple[str, float, int]:
     price = float(price)
     if not math.isfinite(price) or price <= 0.0:
         raise _InvalidTickError("bad_price", f"price must be finite and positive, got {price!r}")
+    if not MIN_PRICE <= price <= MAX_PRICE:
+        raise _InvalidTickError(
+            "bad_price", f"price {price!r} is outside the float32 range windows hold"
+        )
     if isinstance(ts, float) and ts.is_integer():
         ts = int(ts)
     if isinstance(ts, bool) or not isinstance(ts, int):
@@ -136,8 +146,9 @@ def decode_ticks(
 
     A fetch of only good ticks (the usual case) is parsed against a typed schema in C
     (msgspec) and checked column by column with numpy; any doubt sends the whole fetch
-    through the record-by-record path, which names each bad tick's reason. Both give the
-    same answer.
+    through the record-by-record path, which names each bad tick's reason. Both accept
+    exactly the same records (that path tries the same schema first), so whether a tick
+    is scored never depends on the other records of its fetch.
     """
     clean = _decode_clean(records, partitions, max_tick_bytes, max_symbol_length)
     if clean is not None:
@@ -178,6 +189,8 @@ def _decode_clean(
         if n == 0 or sizes.min() == 0 or sizes.max() > max_tick_bytes:
             return None
         ticks = list(map(_parse_clean_tick, values))
+        # msgspec skips unknown fields without checking their UTF-8; one C pass does.
+        b"".join(values).decode("utf-8")
         symbols = list(map(_SYMBOL, ticks))
         lengths = np.fromiter(map(len, symbols), np.int64, n)
         if lengths.min() == 0 or lengths.max() > max_symbol_length:
@@ -186,9 +199,9 @@ def _decode_clean(
             return None
         prices = np.fromiter(map(_PRICE, ticks), np.float64, n)
         ts = np.fromiter(map(_TS, ticks), np.int64, n)  # OverflowError beyond int64
-    except Exception:  # DecodeError, TypeError, OverflowError; RecursionError (msgspec
-        return None  # on a deeply nested extra field): the per-record path names each one
-    if not (np.isfinite(prices).all() and (prices > 0).all()):
+    except Exception:  # DecodeError, UnicodeDecodeError, TypeError, OverflowError;
+        return None  # RecursionError (a deeply nested extra field): the per-record path
+    if not ((prices >= MIN_PRICE).all() and (prices <= MAX_PRICE).all()):  # NaN fails too
         return None
     if not ((ts > 0).all() and (ts < MAX_TS_MS).all()):
         return None
@@ -199,6 +212,21 @@ def _decode_clean(
         partitions=np.asarray(partitions, dtype=np.int32),
         offsets=np.fromiter(map(_OFFSET, records), np.int64, n),
     )
+
+
+def _clean_tick_of(value: bytes, max_symbol_length: int) -> tuple[str, float, int] | None:
+    """One record through the fast path's rules (see :func:`_decode_clean`), or None."""
+    try:
+        tick = _parse_clean_tick(value)
+        value.decode("utf-8")
+    except Exception:
+        return None
+    symbol, price, ts = tick.symbol, tick.price, tick.ts
+    if not 0 < len(symbol) <= max_symbol_length or not symbol.isprintable():
+        return None
+    if not (MIN_PRICE <= price <= MAX_PRICE and 0 < ts < MAX_TS_MS):
+        return None
+    return symbol, price, ts
 
 
 def decode_one_by_one(
@@ -225,6 +253,17 @@ def decode_one_by_one(
             detail = f"value is {len(value)} bytes, limit {max_tick_bytes}"
             bad.append(BadTick(record, partition, "oversized", detail))
             continue
+        clean = _clean_tick_of(value, max_symbol_length)
+        if clean is not None:
+            symbol, price, ts = clean
+            symbols.append(symbol)
+            prices.append(price)
+            times.append(ts)
+            good_partitions.append(partition)
+            offsets.append(record.offset)
+            continue
+        # Not a tick the fast path would take: orjson parses it to name the reason (or to
+        # accept what that schema refuses, such as a ts of 1.0).
         try:
             obj = loads(value)
         except (orjson.JSONDecodeError, RecursionError) as exc:

@@ -56,6 +56,9 @@ class SymbolWindows:
         self._slots: dict[str, int] = {}
         self._symbol_of: list[str | None] = []  # slot -> symbol, for snapshots
         self._free: list[int] = []  # released slots (drop_partitions), reused first
+        # Released while rows of batches still in flight may name them: reused only once
+        # recycle_retired() says none is left, so no such row reaches another symbol.
+        self._retired: list[int] = []
         self._used = 0  # slots [0, _used) have been handed out at least once
         self._capacity = 0
         self.prices = np.empty((0, window_length), PRICE_DTYPE)
@@ -163,8 +166,16 @@ class SymbolWindows:
             slot = self._slots.pop(symbol)
             self._symbol_of[slot] = None
             self._reset(slot)
-            self._free.append(slot)
+            self._retired.append(slot)
         return len(doomed)
+
+    def recycle_retired(self) -> None:
+        """Make the slots drop_partitions released reusable; call only when no row of a
+        batch fetched before then is still in flight (it would write to them)."""
+        for slot in self._retired:
+            self._reset(slot)
+        self._free.extend(self._retired)
+        self._retired.clear()
 
     def _reset(self, slot: int | np.ndarray) -> None:
         self.prices[slot] = np.nan

@@ -188,3 +188,13 @@ def test_a_hung_checkpoint_load_does_not_hold_up_the_exit(tmp_path: Path) -> Non
     )
     assert done.returncode == 0, done.stderr
     assert "gave up on the load" in done.stdout
+
+
+def test_a_dead_letter_caps_a_huge_key_as_it_caps_the_value(service: TickcastService) -> None:
+    """With the key kept whole, a bad record near the broker's limit made a dead letter
+    over it: refused for good, the daemon stopped on every restart."""
+    limit = service.settings.dlq_max_value_bytes
+    record = UnreadableRecord(offset=9, key=b"k" * (limit + 10), value=b"{")
+    key, value, headers = service._dead_letter_record(BadTick(record, 0, "not_json", "bad"))
+    assert key == b"k" * limit and value == b"{"
+    assert dict(headers)["tickcast.key_bytes"] == str(limit + 10).encode()

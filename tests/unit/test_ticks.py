@@ -53,6 +53,10 @@ BAD_VALUES = [
     (b'{"symbol": "A", "price": "1.0", "ts": 5}', "bad_price"),
     (b'{"symbol": "A", "price": -1.0, "ts": 5}', "bad_price"),
     (b'{"symbol": "A", "price": 0, "ts": 5}', "bad_price"),
+    # Finite doubles the float32 windows cannot hold (stored as inf, or as 0).
+    (b'{"symbol": "A", "price": 3.5e38, "ts": 5}', "bad_price"),
+    (b'{"symbol": "A", "price": 1e308, "ts": 5}', "bad_price"),
+    (b'{"symbol": "A", "price": 1e-50, "ts": 5}', "bad_price"),
     (b'{"symbol": "A", "price": 1.0, "ts": 1.5}', "bad_ts"),
     (b'{"symbol": "A", "price": 1.0, "ts": false}', "bad_ts"),
     (b'{"symbol": "A", "price": 1.0, "ts": 0}', "bad_ts"),
@@ -167,3 +171,32 @@ def test_encode_ticks_writes_encode_tick_bytes(ticks: list[tuple[str, float, int
     prices = np.array([t[1] for t in ticks], dtype=np.float64)
     values = encode_ticks([tick_prefix(s) for s in symbols], prices, [t[2] for t in ticks])
     assert values == [encode_tick(*t) for t in ticks]
+
+
+# Unknown fields whose content one parser checks and the other skips: invalid UTF-8
+# (msgspec does not decode skipped strings) and numbers beyond a double (orjson refuses).
+odd_extras = st.one_of(
+    st.binary(min_size=1, max_size=6).map(
+        lambda b: b'"' + b.replace(b'"', b"").replace(b"\\", b"") + b'"'
+    ),
+    st.integers(300, 400).map(lambda e: b"1e%d" % e),
+    st.integers(300, 400).map(lambda e: b"-9e%d" % e),
+    st.just(b"9" * 400),
+    st.just(b'"ok"'),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(odd_extras)
+def test_a_ticks_verdict_does_not_depend_on_the_rest_of_its_fetch(extra: bytes) -> None:
+    """Alone with good ticks (the fast path) or beside a bad one (the record-by-record
+    path), the same record is kept or dead-lettered alike: otherwise a restore, which
+    fetches ten times more records at once, could rebuild another window than the live
+    path built."""
+    tick = b'{"symbol":"B","price":2.0,"ts":2000,"x":%b}' % extra
+    beside_good = [record(0, good("A", 1.0, 1)), record(1, tick)]
+    beside_bad = [record(0, b"not json"), record(1, tick)]
+    kept_fast, bad_fast = decode_ticks(beside_good, partitions_of(beside_good), **LIMITS)
+    kept_slow, bad_slow = decode_ticks(beside_bad, partitions_of(beside_bad), **LIMITS)
+    assert (1 in kept_fast.offsets.tolist()) == (1 in kept_slow.offsets.tolist())
+    assert [b.reason for b in bad_fast] == [b.reason for b in bad_slow if b.record.offset == 1]

@@ -96,12 +96,32 @@ def test_grows_past_capacity_and_drops_partitions():
     removed = wins.drop_partitions({1})
     assert removed == sum(1 for p in parts if p == 1)
     assert "S1" not in wins and "S0" in wins
+    wins.recycle_retired()  # nothing in flight names them any more
     # Freed slots are reused and start empty.
     new = wins.slots_for(["NEW"], np.array([1], np.int32))
     fresh = wins.window("NEW")
     assert fresh is not None
     assert len(fresh) == 0
     assert int(new[0]) < wins.capacity
+
+
+def test_a_released_slot_waits_for_recycling_before_another_symbol_gets_it():
+    """A batch in flight when its partition was revoked still writes its prediction to
+    the old symbol's slot; a symbol that took that slot at once would then be scored
+    against the other symbol's prediction."""
+    wins = SymbolWindows(2)
+    [old] = wins.slots_for(["OLD"], np.array([0], np.int32)).tolist()
+    wins.drop_partitions({0})
+    [new] = wins.slots_for(["NEW"], np.array([1], np.int32)).tolist()
+    assert new != old, "reused while rows naming it may be in flight"
+    wins.last_prediction[old] = 300.0  # the in-flight batch publishes
+    wins.last_prediction_ts[old] = 7
+    wins.recycle_retired()  # the pipeline drained
+    [later] = wins.slots_for(["LATER"], np.array([1], np.int32)).tolist()
+    assert later == old
+    fresh = wins.window("LATER")
+    assert fresh is not None and len(fresh) == 0
+    assert np.isnan(wins.last_prediction[later])
 
 
 def test_spare_capacity_never_leaks_into_snapshots():
