@@ -64,6 +64,7 @@ from daemon.state_store import PendingSnapshot, StateWriter
 from daemon.ticks import BadTick, RawRecord, UnreadableRecord, decode_ticks, json_numbers
 from daemon.windows import SymbolWindows, group_starts
 from model.checkpoint import CheckpointError, read_latest
+from model.train import available_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def inference_workers(settings: Settings, device: torch.device, *, compiled: boo
         return 1
     if settings.inference_workers:
         return settings.inference_workers
-    return max(1, min(8, os.cpu_count() or 1))
+    return min(8, available_cpus())
 
 
 def inference_threads(settings: Settings, workers: int) -> int:
@@ -189,7 +190,7 @@ def inference_threads(settings: Settings, workers: int) -> int:
         return settings.torch_threads
     if workers > 1:
         return 1
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+    return max(1, min(8, available_cpus() // 2))
 
 
 def lower_thread_priority(nice: int) -> None:
@@ -317,6 +318,8 @@ class TickcastService:
         self._http = HealthServer(self, settings.metrics_host, settings.metrics_port)
         self._watcher = ModelWatcher(self, settings.checkpoint_dir, settings.checkpoint_poll_s)
         self._set_model_metrics()
+        for topic in (settings.output_topic, settings.dlq_topic):
+            self.metrics.send_retries.labels(topic)  # at 0, so the first retry shows in rate()
 
     # ------------------------------------------------------------------ lifecycle
     async def serve(self) -> None:

@@ -214,6 +214,9 @@ async def read_topic_values(
 ) -> list[bytes | None]:
     """Every record value of ``topic`` from the beginning (or ``since_ms``, by record
     timestamp) up to the end offsets at the start, partition by partition in offset order.
+
+    ``timeout_s`` bounds each wait without progress, not the whole read: a long topic
+    takes as long as it takes to read.
     """
     from aiokafka import AIOKafkaConsumer
     from aiokafka.structs import TopicPartition
@@ -265,10 +268,12 @@ async def read_topic_values(
         while todo:
             if time.monotonic() > deadline:
                 raise DataError(
-                    f"reading {topic} timed out after {timeout_s:.0f}s with partitions "
+                    f"reading {topic}: nothing new for {timeout_s:.0f}s with partitions "
                     f"{sorted(tp.partition for tp in todo)} unfinished"
                 )
             fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=50_000)
+            if fetched:
+                deadline = time.monotonic() + timeout_s
             for tp, batch in fetched.items():
                 end = todo.get(tp)
                 if end is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from pydantic import ValidationError
 
 from daemon.service import inference_threads, inference_workers, lower_thread_priority
 from daemon.settings import Settings
+from model.train import available_cpus, cgroup_cpu_quota
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
@@ -20,7 +22,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 def test_cpu_default_is_one_single_threaded_worker_per_core(
     monkeypatch: pytest.MonkeyPatch, cores: int
 ) -> None:
-    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    monkeypatch.setattr("daemon.service.available_cpus", lambda: cores)
     settings = Settings()
     workers = inference_workers(settings, CPU, compiled=False)
     assert workers == min(cores, 8)
@@ -29,13 +31,39 @@ def test_cpu_default_is_one_single_threaded_worker_per_core(
 
 
 def test_cuda_and_compiled_score_one_batch_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("daemon.service.available_cpus", lambda: 16)
     settings = Settings(inference_workers=4)
     assert inference_workers(settings, CUDA, compiled=False) == 1
     assert inference_workers(settings, CPU, compiled=True) == 1
     assert inference_workers(settings, CPU, compiled=False) == 4
     # One worker: the forward gets half the cores as intra-op threads.
     assert inference_threads(Settings(), 1) == 8
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "200000 100000\n"}, 2.0),  # cgroup v2, a 2-CPU limit
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "max 100000\n"}, None),  # v2, unlimited
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3.0),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),  # no cgroup files at all
+    ],
+)
+def test_cgroup_cpu_quota(tmp_path: Path, files: dict[str, str], expected: float | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_quota(tmp_path) == expected
+
+
+def test_a_container_cpu_limit_caps_the_cpus(tmp_path: Path) -> None:
+    """A pod limited to 1.5 CPUs on a bigger node: 2 CPUs' worth of threads, not one per
+    core of the node (os.cpu_count() and the affinity both see the whole node)."""
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert available_cpus(tmp_path) == min(2, len(os.sched_getaffinity(0)))
+    assert available_cpus(tmp_path / "missing") == len(os.sched_getaffinity(0))
 
 
 def test_explicit_threads_win() -> None:
