@@ -186,6 +186,8 @@ def _load_file(path: Path) -> list[PriceSeries]:
             frame = pd.read_csv(path)
         elif suffix in {".parquet", ".pq"}:
             frame = pd.read_parquet(path)
+            if isinstance(frame.index, pd.DatetimeIndex):  # as df.to_parquet() leaves one
+                frame = frame.rename_axis(str(frame.index.name or "Date")).reset_index()
         else:
             raise DataError(f"{path}: expected a .csv or .parquet file")
     except DataError:
@@ -219,7 +221,9 @@ def _date_close_series(
 ) -> PriceSeries:
     dates = _column(frame, ("date", "datetime", "timestamp", "time"), source, "Date")
     prices = _column(frame, close, source, "Close")
-    if pd.api.types.is_integer_dtype(dates):
+    if pd.api.types.is_integer_dtype(dates) or (
+        pd.api.types.is_float_dtype(dates) and (dates.dropna() % 1 == 0).all()
+    ):  # 20240131, or 20240131.0 once a missing value made the column float
         dates = _yyyymmdd(dates, source)
     ts = _to_epoch_ms(dates, source)
     return _series_sorted(symbol, source, ts, _to_prices(prices, source))
@@ -228,7 +232,8 @@ def _date_close_series(
 def _yyyymmdd(dates: pd.Series, source: str) -> pd.Series:
     """A Date column of integers must be YYYYMMDD (20240131): read as epoch ms, it would put
     every row in January 1970. Epoch times belong in a long table's ``ts`` column."""
-    parsed = pd.to_datetime(dates.astype(str), format="%Y%m%d", errors="coerce", utc=True)
+    digits = dates.astype("Int64").astype(str)  # 20240131.0 -> "20240131"; missing -> "<NA>"
+    parsed = pd.to_datetime(digits, format="%Y%m%d", errors="coerce", utc=True)
     if parsed.isna().any():
         first = int(np.argmax(parsed.isna().to_numpy()))
         raise DataError(
@@ -252,6 +257,12 @@ def _long_table_series(frame: pd.DataFrame, source: str) -> list[PriceSeries]:
     return series
 
 
+# Event times are epoch milliseconds after 1970 and before 2286 (a tick's ts too: a ts in
+# micro- or nanoseconds is a producer bug). Below 1e11 (1973) a whole column would rather
+# be epoch seconds.
+MAX_TS_MS = 10**13
+_SECONDS_LIKELY_BELOW = 10**11
+
 # Dates pandas can hold at nanosecond resolution (1677-09-21 .. 2262-04-11), in epoch ms.
 _MIN_DATE_MS = pd.Timestamp.min.value // 1_000_000 + 1
 _MAX_DATE_MS = pd.Timestamp.max.value // 1_000_000
@@ -261,7 +272,19 @@ def _to_epoch_ms(values: pd.Series, source: str) -> np.ndarray:
     if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
         if values.isna().any():
             raise DataError(f"{source}: {int(values.isna().sum())} timestamp(s) are missing")
-        return values.to_numpy(dtype=np.int64)
+        numbers = values.to_numpy(dtype=np.float64)
+        if (numbers <= 0).any() or (numbers >= MAX_TS_MS).any():
+            raise DataError(
+                f"{source}: ts must be epoch milliseconds after 1970 and before 2286; found "
+                f"{numbers.min():.0f} .. {numbers.max():.0f} (microseconds or nanoseconds? "
+                "divide them)"
+            )
+        if numbers.max() < _SECONDS_LIKELY_BELOW:
+            raise DataError(
+                f"{source}: every ts is before 1973 as epoch milliseconds (largest "
+                f"{numbers.max():.0f}): epoch seconds? multiply them by 1000"
+            )
+        return numbers.astype(np.int64)
     try:
         parsed = pd.to_datetime(values, utc=True)
     except (ValueError, TypeError) as exc:

@@ -8,7 +8,9 @@ Figures, each for the GRU and for the naive forecast, over the same windows:
   ``sign(actual - last)``. Windows where the actual price did not move have no direction
   and are left out (their count is ``flat_windows``). A forecast of *no move* when the
   price did move counts as a miss, so the naive forecast scores 0 by construction: it never
-  calls a direction. ``None`` when every window is flat.
+  calls a direction. A forecast within :data:`DIRECTION_TOLERANCE` of the last price calls
+  no move: float32 arithmetic alone moves a "no change" forecast by ~1e-8 of the price,
+  and those would otherwise count as coin-flip calls. ``None`` when every window is flat.
 
 The headline is ``rmse_ratio`` = RMSE(GRU) / RMSE(naive): below 1 beats the naive
 forecast, which on liquid prices is very hard to beat.
@@ -31,6 +33,10 @@ from torch import nn
 from model.gru import predict_prices
 
 PREDICT_BATCH_SIZE = 8192
+# Relative to the last price: below it a forecast calls no direction (see the module doc).
+DIRECTION_TOLERANCE = 1e-6
+# Windows a series needs to enter a pooled, per-series-scaled figure (naive_scale).
+MIN_SCALED_WINDOWS = 10
 
 
 def predict_windows(
@@ -51,7 +57,8 @@ def forecast_errors(actual: np.ndarray, predicted: np.ndarray, last: np.ndarray)
     """RMSE, MAE, MAPE (%) and directional accuracy of one forecast; see the module doc."""
     error = predicted - actual
     moved = np.sign(actual - last)
-    called = np.sign(predicted - last)
+    change = predicted - last
+    called = np.where(np.abs(change) > DIRECTION_TOLERANCE * np.abs(last), np.sign(change), 0.0)
     directional = moved != 0
     hits = int(np.sum(called[directional] == moved[directional]))
     n_directional = int(directional.sum())
@@ -142,6 +149,7 @@ def plot_predictions(
     os.close(fd)
     try:
         figure.savefig(tmp, format="png")
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; checkpoint files are world-readable
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -258,15 +266,18 @@ def naive_scale(
     """Per window, what its errors are divided by before pooling: its series' naive RMSE
     over these windows.
 
-    With one series (``several`` false) or a series whose price never moved over these
-    windows (naive RMSE 0), 1: price units, so a one-series result is what it always was.
+    With one series (``several`` false), 1: price units, so a one-series result is what it
+    always was. With several, NaN for a series with fewer than
+    :data:`MIN_SCALED_WINDOWS` of these windows or whose price never moved over them: a
+    few errors divided by a tiny naive RMSE would outweigh every other series, so pooled
+    figures leave those windows out (NaN-aware). If no series qualifies, price units.
     """
-    scale = np.ones(len(targets))
     if not several:
-        return scale
+        return np.ones(len(targets))
+    scale = np.full(len(targets), np.nan)
     for index in np.unique(series_index):
         rows = series_index == index
         naive_rmse = float(np.sqrt(np.mean((last[rows] - targets[rows]) ** 2)))
-        if naive_rmse > 0:
+        if rows.sum() >= MIN_SCALED_WINDOWS and naive_rmse > 0:
             scale[rows] = naive_rmse
-    return scale
+    return scale if np.isfinite(scale).any() else np.ones(len(targets))

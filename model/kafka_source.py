@@ -26,14 +26,13 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from model.data import DataError, PriceSeries
+from model.data import MAX_TS_MS, DataError, PriceSeries
 from model.kafka_access import KafkaAccess
 
 logger = logging.getLogger(__name__)
 
-# The same bounds as the daemon's decoder: ts after 1970 and in milliseconds (a ts in
-# micro- or nanoseconds is a producer bug), symbols short and printable, small values.
-MAX_TS_MS = 10**13
+# The same bounds as the daemon's decoder: ts in epoch ms (model.data.MAX_TS_MS), symbols
+# short and printable, small values.
 MAX_SYMBOL_LENGTH = 64
 MAX_TICK_BYTES = 4096
 

@@ -64,6 +64,7 @@ from model.train import TrainConfig, TrainResult, resolve_device
 from model.walk_forward import (
     DEFAULT_EVAL_FRACTION,
     WalkForwardResult,
+    fold_bounds,
     format_walk_forward,
     run_walk_forward,
     train_and_score,
@@ -165,7 +166,8 @@ def fit_and_evaluate(
 
 
 def scaled_rmse(predicted: np.ndarray, targets: np.ndarray, scale: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(((predicted - targets) / scale) ** 2)))
+    """RMSE of errors divided by ``scale``; windows whose scale is NaN are left out."""
+    return float(np.sqrt(np.nanmean(((predicted - targets) / scale) ** 2)))
 
 
 def held_out_rmse_ratio(split: ChronologicalSplit, predicted: np.ndarray) -> float:
@@ -338,6 +340,10 @@ def _compare_with(
         comparison += f" of {len(test)} ({left_out})"
     if len(split.cuts) > 1:
         comparison += "; errors scaled by each series' naive RMSE"
+        if unscaled := int(np.isnan(scale).sum()):
+            comparison += (
+                f" ({unscaled} windows of series with too few windows to scale, or flat, left out)"
+            )
     if incumbent.meta.window_length != split.window_length:
         comparison += (
             f"; each model on its own window length ({split.window_length} vs "
@@ -580,7 +586,30 @@ def kafka_training_data(args: argparse.Namespace, window_length: int) -> list[Pr
     # chronological_split needs a window, a next price, and one row each for val and test.
     ticks = load_kafka_series(access, min_ticks=window_length + 3, since_ms=since_ms)
     logger.info("training data from %s: %s", access.input_topic, json.dumps(ticks.summary()))
-    return ticks.series
+    folds = getattr(args, "walk_forward", None)
+    if folds is None:
+        return ticks.series
+    # A symbol that just appeared on the topic must not fail the whole walk-forward run.
+    usable = []
+    for one in ticks.series:
+        try:
+            fold_bounds(
+                max(len(one) - window_length, 0),
+                folds,
+                eval_fraction=args.walk_forward_span,
+                val_fraction=args.val_fraction,
+                scheme=args.walk_forward_scheme,
+            )
+        except ValueError:
+            logger.info(
+                "skipping %s: %d ticks, too few for %d walk-forward folds",
+                one.symbol,
+                len(one),
+                folds,
+            )
+            continue
+        usable.append(one)
+    return usable
 
 
 class _StopBetweenRuns:
@@ -611,11 +640,17 @@ def run_retrain(args: argparse.Namespace) -> int:
     every = getattr(args, "every", None)
     if every is None:
         return retrain_once(args)
+    # Flags no run can use would fail every run, quietly, for as long as it is scheduled.
+    if (problem := _usage_problem(args)) is not None:
+        return _fail(problem)
     runs = failed = 0
     with _StopBetweenRuns() as stop:
         while not stop.requested.is_set():
             runs += 1
-            if _scheduled_run(args, runs) != 0:
+            code = _scheduled_run(args, runs)
+            if code == EXIT_USAGE and runs == 1 and not args.from_kafka:
+                return code  # a data file or set that cannot be used will not become usable
+            if code != 0:
                 failed += 1
             logger.info("retrain run %d done; next in %s", runs, every)
             stop.requested.wait(every.total_seconds())
@@ -639,6 +674,22 @@ def _scheduled_run(args: argparse.Namespace, run: int) -> int:
     if code != 0:
         logger.warning("retrain run %d failed with exit code %d", run, code)
     return code
+
+
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """What makes these flags unusable for any run (settings, device, split flags)."""
+    try:
+        _, train_config = _configs(args)
+        resolve_device(train_config.device)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+            for e in exc.errors()
+        )
+        return f"invalid setting: {problems}"
+    except ValueError as exc:
+        return str(exc)
+    return _invalid_flags(args)
 
 
 def _invalid_flags(args: argparse.Namespace) -> str | None:
@@ -744,20 +795,11 @@ def retrain_once(args: argparse.Namespace) -> int:
     checkpoint_dir = Path(
         args.checkpoint_dir or os.environ.get(CHECKPOINT_DIR_ENV) or DEFAULT_CHECKPOINT_DIR
     )
-    try:
-        model_config, train_config = _configs(args)
-        device = resolve_device(train_config.device)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
-            for e in exc.errors()
-        )
-        return _fail(f"invalid setting: {problems}")
-    except ValueError as exc:
-        return _fail(str(exc))
-    problem = _invalid_flags(args)
+    problem = _usage_problem(args)
     if problem is not None:
         return _fail(problem)
+    model_config, train_config = _configs(args)
+    device = resolve_device(train_config.device)
     try:
         read_latest(checkpoint_dir)  # an unreadable LATEST fails now, not after training
     except (CheckpointError, OSError) as exc:

@@ -240,7 +240,12 @@ def summarize(folds: Sequence[FoldResult], series: Sequence[PriceSeries]) -> dic
     }
     # One series: its own price units, as in the folds.
     scale = naive_scale(last, actual, which, several=len(series) > 1)
-    overall = significance(actual / scale, predicted / scale, last / scale)
+    pooled = np.isfinite(scale)  # thin or flat series stay out of the pooled figure
+    overall = significance(
+        actual[pooled] / scale[pooled],
+        predicted[pooled] / scale[pooled],
+        last[pooled] / scale[pooled],
+    )
     return {
         "folds": [
             {

@@ -232,3 +232,45 @@ def test_split_has_no_look_ahead(
         all_targets = np.concatenate([train, val, test])
         np.testing.assert_array_equal(all_targets, series[k].prices[window:])
         assert cut.fit_rows == len(series[k]) - len(test)
+
+
+@pytest.mark.parametrize(
+    ("scale", "message"),
+    [
+        (1_000_000, "microseconds or nanoseconds"),  # ns
+        (1_000, "microseconds or nanoseconds"),  # us
+        (1 / 1000, "epoch seconds"),  # s
+    ],
+)
+def test_a_long_tables_ts_in_another_unit_is_a_clear_error(
+    tmp_path: Path, scale: float, message: str
+) -> None:
+    """Nanoseconds trained a whole run, then failed writing the checkpoint's date range;
+    seconds were read as milliseconds in 1970."""
+    goog = load_series("dataset:goog")[0]
+    ts = (goog.ts[:100] * scale).astype(np.int64)
+    pd.DataFrame({"symbol": "GOOG", "ts": ts, "price": goog.prices[:100]}).to_csv(
+        tmp_path / "ticks.csv", index=False
+    )
+    with pytest.raises(DataError, match=message):
+        load_series(str(tmp_path / "ticks.csv"))
+
+
+def test_yyyymmdd_dates_in_a_float_column_are_dates(tmp_path: Path) -> None:
+    """A missing value makes pandas read the Date column as floats (20240131.0): still
+    dates, not epoch milliseconds in 1970."""
+    frame = seed_layout_csv(tmp_path / "a.csv")
+    frame["Date"] = frame["Date"].str.replace("-", "").astype(float)
+    frame.to_csv(tmp_path / "qqq.csv", index=False)
+    (series,) = load_series(str(tmp_path / "qqq.csv"))
+    assert series.iso_range()[0] == "1999-01-04T00:00:00+00:00"
+
+
+def test_a_parquet_file_with_a_datetime_index_loads(tmp_path: Path) -> None:
+    """What ``df.to_parquet()`` writes for a frame indexed by date (yfinance's layout)."""
+    frame = seed_layout_csv(tmp_path / "a.csv")
+    indexed = frame.assign(Date=pd.to_datetime(frame["Date"])).set_index("Date")
+    indexed.to_parquet(tmp_path / "qqq.parquet")
+    (series,) = load_series(str(tmp_path / "qqq.parquet"))
+    assert series.iso_range()[0] == "1999-01-04T00:00:00+00:00"
+    np.testing.assert_array_equal(series.prices, frame["Close"].to_numpy())

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from model.data import chronological_split, load_series
-from model.evaluate import evaluate_forecasts, evaluate_model, plot_predictions
+from model.evaluate import (
+    MIN_SCALED_WINDOWS,
+    evaluate_forecasts,
+    evaluate_model,
+    forecast_errors,
+    naive_scale,
+    plot_predictions,
+)
 from model.gru import ModelConfig, PriceGRU
 
 
@@ -92,3 +99,30 @@ def test_plot_predictions_writes_a_png(
     assert path == tmp_path / "out" / "predictions.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in path.parent.iterdir()] == ["predictions.png"]
+    assert path.stat().st_mode & 0o777 == 0o644  # readable like the checkpoint's other files
+
+
+def test_float32_noise_around_the_last_price_is_no_direction_call() -> None:
+    """A residual model with a zero correction is the naive forecast, but float32
+    arithmetic moves it by ~1e-8 of the price: that must not count as calling a move."""
+    last = np.array([100.0, 100.0, 100.0, 100.0])
+    actual = np.array([101.0, 99.0, 101.0, 99.0])
+    noise = last * np.array([1e-9, -1e-9, -5e-9, 5e-9])
+    assert forecast_errors(actual, last + noise, last)["directional_accuracy"] == 0.0
+    real_calls = last * np.array([1e-3, -1e-3, -1e-3, 1e-3])
+    assert forecast_errors(actual, last + real_calls, last)["directional_accuracy"] == 0.5
+
+
+def test_naive_scale_leaves_thin_and_flat_series_out_of_pooled_figures() -> None:
+    """One test window of a quiet symbol (a tiny naive RMSE) would outweigh thousands of
+    windows of the others; a flat one would mix price units in."""
+    rng = np.random.default_rng(0)
+    index = np.repeat([0, 1, 2], [MIN_SCALED_WINDOWS, 1, MIN_SCALED_WINDOWS])
+    last = np.where(index == 2, 50.0, 100.0 + rng.normal(size=len(index)))
+    targets = np.where(index == 2, 50.0, last + rng.normal(size=len(index)))
+    scale = naive_scale(last, targets, index, several=True)
+    assert np.isfinite(scale[index == 0]).all()
+    assert np.isnan(scale[index != 0]).all()  # one window; never moved
+    assert (naive_scale(last, targets, index, several=False) == 1.0).all()
+    only_thin = naive_scale(last[index == 1], targets[index == 1], index[index == 1], several=True)
+    assert (only_thin == 1.0).all()  # nothing to scale by: price units

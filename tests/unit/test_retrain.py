@@ -251,3 +251,25 @@ def test_python_dash_m_model_missing_file(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"price file {tmp_path / 'QQQ.csv'} does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_from_kafka_walk_forward_skips_symbols_too_short_for_the_folds(
+    monkeypatch: pytest.MonkeyPatch, goog: Any
+) -> None:
+    """A symbol that just appeared on the topic has enough ticks for one split but not for
+    K folds: it is left out (logged), instead of failing the run for every symbol."""
+    import model.retrain as retrain_module
+    from model.data import PriceSeries
+    from model.kafka_source import KafkaTicks
+
+    newcomer = PriceSeries("NEW", "kafka:ticks", goog.ts[: WINDOW + 3], goog.prices[: WINDOW + 3])
+    full = PriceSeries("GOOG", "kafka:ticks", goog.ts, goog.prices)
+
+    def fake_load(*_args: Any, **_kwargs: Any) -> KafkaTicks:
+        return KafkaTicks(topic="ticks", series=[full, newcomer])
+
+    monkeypatch.setattr(retrain_module, "load_kafka_series", fake_load)
+    args = parse("--from-kafka", "--walk-forward", "3", *FAST)
+    assert [s.symbol for s in retrain_module.kafka_training_data(args, WINDOW)] == ["GOOG"]
+    single = parse("--from-kafka", *FAST)  # one split: both are long enough
+    assert len(retrain_module.kafka_training_data(single, WINDOW)) == 2

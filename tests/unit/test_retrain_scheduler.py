@@ -17,10 +17,11 @@ import model.retrain as retrain_module
 from model.retrain import EXIT_USAGE, add_retrain_arguments, run_retrain
 
 
-def scheduled() -> argparse.Namespace:
+def scheduled(*extra: str, from_kafka: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_retrain_arguments(parser)
-    return parser.parse_args(["--data", "dataset:goog", "--every", "1ms"])
+    source = ["--from-kafka"] if from_kafka else ["--data", "dataset:goog"]
+    return parser.parse_args([*source, "--every", "1ms", *extra])
 
 
 def test_a_run_raising_does_not_stop_the_scheduler(
@@ -63,9 +64,36 @@ def test_a_failed_exit_code_counts_as_a_failed_run(
         return code
 
     monkeypatch.setattr(retrain_module, "retrain_once", fake_retrain_once)
-    assert run_retrain(scheduled()) == 0
+    assert run_retrain(scheduled(from_kafka=True)) == 0  # a topic still filling: retried
     assert "retrain run 1 failed with exit code 2" in caplog.text
     assert "retrain scheduler stopped after 2 runs (1 failed)" in caplog.text
+
+
+def test_a_first_run_refusing_its_data_files_stops_the_scheduler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A missing or unusable --data file will not become usable by waiting: exit 2 at
+    once, instead of a scheduler that stays up and never trains."""
+    runs: list[int] = []
+
+    def fake_retrain_once(_args: argparse.Namespace) -> int:
+        runs.append(1)
+        return EXIT_USAGE
+
+    monkeypatch.setattr(retrain_module, "retrain_once", fake_retrain_once)
+    assert run_retrain(scheduled()) == EXIT_USAGE
+    assert runs == [1]
+
+
+def test_flags_no_run_can_use_stop_the_scheduler_before_it_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def never(_args: argparse.Namespace) -> int:
+        raise AssertionError("no run may start")
+
+    monkeypatch.setattr(retrain_module, "retrain_once", never)
+    assert run_retrain(scheduled("--val-fraction", "0.7")) == EXIT_USAGE
+    assert "--val-fraction must lie strictly between 0 and 0.5" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
