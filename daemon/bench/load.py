@@ -72,14 +72,16 @@ class TickWriter:
         self.last_step_ts = 0
         self.pending: list[Any] = []
 
-    def _records(self, n: int) -> list[Any]:
+    def _records(self, n: int, due_ms: int | None = None) -> list[Any]:
         s = self.source
         k = np.arange(self.next_tick, self.next_tick + n)
         sym, step = k % s.n_symbols, k // s.n_symbols
         if step[-1] >= s.prices.shape[1]:
             raise RuntimeError("the tick source ran out of prices; build it larger")
-        # A symbol's ts must grow: one ms per round robin at least, else the wall clock.
-        first = max(int(time.time() * 1000), self.last_step_ts + 1)
+        # A symbol's ts must grow: one ms per round robin at least, else the time the ticks
+        # were due (the wall clock for a backlog).
+        stamp = due_ms if due_ms is not None else int(time.time() * 1000)
+        first = max(stamp, self.last_step_ts + 1)
         ts = first + (step - step[0])
         self.last_step_ts = int(ts[-1])
         self.next_tick += n
@@ -89,8 +91,8 @@ class TickWriter:
         values = encode_ticks([prefixes[i] for i in symbols], s.prices[sym, step], ts.tolist())
         return [(keys[i], value, []) for i, value in zip(symbols, values, strict=True)]
 
-    async def write(self, n: int) -> None:
-        self.pending.extend(await self.publisher.send(self.topic, self._records(n)))
+    async def write(self, n: int, due_ms: int | None = None) -> None:
+        self.pending.extend(await self.publisher.send(self.topic, self._records(n, due_ms)))
         if len(self.pending) > 64:
             await self.flush()
 
@@ -104,9 +106,14 @@ class TickWriter:
         await self.flush()
 
     async def write_at_rate(self, rate: float, seconds: float) -> tuple[int, float]:
-        """Offered load: ``rate`` ticks/s for ``seconds``; returns (ticks, real seconds)."""
+        """Offered load: ``rate`` ticks/s for ``seconds``; returns (ticks, real seconds).
+
+        Each tick's ts is when the schedule had it due, not when it left: a generator
+        running late (it shares the cores) then shows in the latency, instead of being
+        left out of it (coordinated omission)."""
         step = max(1, min(2000, int(rate / 200)))
         started = time.monotonic()
+        started_ms = time.time() * 1000.0
         sent = 0
         while True:
             elapsed = time.monotonic() - started
@@ -116,7 +123,7 @@ class TickWriter:
             if sent >= due:
                 await asyncio.sleep(step / rate)
                 continue
-            await self.write(due - sent)
+            await self.write(due - sent, due_ms=int(started_ms + 1000.0 * sent / rate))
             sent = due
         await self.flush()
         return sent, time.monotonic() - started

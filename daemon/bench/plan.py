@@ -115,6 +115,11 @@ class Context:
         }
         await create_topics(self.bootstrap, [topics["input"], topics["output"]], partitions)
         await create_topics(self.bootstrap, [topics["dlq"]], 1)
+        if self.idempotent:  # Apache Kafka: daemons snapshot their windows, as deployed
+            topics["state"] = f"bench-{name}-state-{suffix}"
+            await create_topics(
+                self.bootstrap, [topics["state"]], partitions, {"cleanup.policy": "compact"}
+            )
         return topics
 
     def child_config(self, topics: dict[str, str], **settings: Any) -> dict[str, Any]:
@@ -123,6 +128,8 @@ class Context:
             "input_topic": topics["input"],
             "output_topic": topics["output"],
             "dlq_topic": topics["dlq"],
+            # Without one the daemon runs with window snapshots off (it logs so).
+            **({"state_topic": topics["state"]} if "state" in topics else {}),
             "group_id": f"bench-{uuid.uuid4().hex[:8]}",
             "checkpoint_dir": str(self.checkpoint_dir),
             "device": self.device,

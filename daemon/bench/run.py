@@ -20,7 +20,7 @@ from typing import Any
 from daemon.bench.ceiling import phase_ceiling
 from daemon.bench.phases import ensure_checkpoint, run_phases
 from daemon.bench.plan import Context, Plan
-from daemon.bench.report import draw_plots, machine_info, render_table, summarise
+from daemon.bench.report import code_version, draw_plots, machine_info, render_table, summarise
 
 
 def _at_least_one(text: str) -> int:
@@ -158,6 +158,7 @@ def run_bench(args: argparse.Namespace) -> int:
         checkpoint_dir, checkpoint_note = ensure_checkpoint(args.checkpoint_dir, work_dir)
         report: dict[str, Any] = {
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "code": code_version(),
             "machine": machine_info(),
             "plan": asdict(plan),
             "checkpoint": checkpoint_note,

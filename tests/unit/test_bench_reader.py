@@ -76,3 +76,25 @@ def test_c_drains_must_be_at_least_one(capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(SystemExit):
         parser.parse_args(["--c-drains", "0"])
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_live_ticks_are_stamped_when_they_were_due_not_when_they_left() -> None:
+    """A load generator running late (it shares the cores) must show in the latency, not
+    vanish from it (coordinated omission): ts is the schedule's time for the tick."""
+    prices = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    writer = TickWriter.__new__(TickWriter)
+    writer.source = TickSource.of(["A.0", "B.0"], prices, note="")
+    writer.next_tick, writer.last_step_ts = 0, 0
+    due = 1_700_000_000_000  # long before now: the ticks left late
+    first = [orjson.loads(v)["ts"] for _, v, _ in writer._records(2, due_ms=due)]
+    assert first == [due, due]
+    later = [orjson.loads(v)["ts"] for _, v, _ in writer._records(2, due_ms=due)]
+    assert later == [due + 1, due + 1]  # still growing per symbol
+
+
+def test_a_report_names_the_commit_it_measured() -> None:
+    from daemon.bench.report import code_version
+
+    version = code_version()
+    assert version["commit"] is None or len(version["commit"]) == 40
+    assert isinstance(version["dirty"], bool)
