@@ -552,10 +552,11 @@ class TickcastService:
         try:
             async with asyncio.timeout(self.settings.shutdown_timeout_s):
                 await self._drained.wait()
-                if self._state_writer is not None:
+                if self._state_writer is not None and not self._stopping:
                     # These partitions' snapshots must land before the next owner's
                     # restore reads the state topic: one written later could leave it
-                    # an older window under a newer marker.
+                    # an older window under a newer marker. (When stopping, the writer no
+                    # longer runs: shutdown flushes what is queued itself.)
                     await self._state_writer.wait_idle()
         except TimeoutError:
             logger.warning(

@@ -229,3 +229,25 @@ async def test_cancelling_a_revocation_is_not_swallowed(
     with pytest.raises(asyncio.CancelledError):
         await revoking
     assert revoking.cancelled()
+
+
+async def test_a_revocation_while_stopping_does_not_wait_for_the_stopped_state_writer(
+    service: TickcastService,
+) -> None:
+    """Shutdown cancels the state writer first; a rebalance then (other pods rolling) must
+    not wait the whole SHUTDOWN_TIMEOUT_S for it to become idle."""
+
+    class Stopped:
+        async def wait_idle(self) -> None:
+            await asyncio.Event().wait()  # nothing will ever write
+
+        def discard_queued(self) -> None:
+            raise AssertionError("nothing to discard: the wait must not time out")
+
+    consumer = GroupConsumer({P0})
+    service._consumer = consumer
+    service._state_writer = Stopped()  # type: ignore[assignment]
+    service._stopping = True
+    service.settings = service.settings.model_copy(update={"shutdown_timeout_s": 600})
+    await asyncio.wait_for(service.on_revoked([P0]), timeout=30)
+    assert gauge(service, "tickcast_assigned_partitions") == 0
