@@ -353,3 +353,13 @@ class WindowSnapshot:
 
     def __len__(self) -> int:
         return len(self.symbols)
+
+    def rows(self, start: int, stop: int) -> WindowSnapshot:
+        """Symbols ``start:stop`` of this snapshot (views, no copy)."""
+        return WindowSnapshot(
+            symbols=self.symbols[start:stop],
+            partitions=self.partitions[start:stop],
+            prices=self.prices[start:stop],
+            count=self.count[start:stop],
+            last_ts=self.last_ts[start:stop],
+        )

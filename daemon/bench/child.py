@@ -134,11 +134,11 @@ def _memory_probe(settings: Any, predictor: Any, n_symbols: int) -> dict[str, An
     gc.collect()
     rss = _rss_bytes()
     # With the state topic, the first snapshot after start copies every window (all are
-    # changed) and encodes a record per symbol before the state writer sends them.
-    from daemon.state_store import encode_snapshot
+    # changed); the state writer then encodes and sends them a chunk at a time.
+    from daemon.state_store import WRITE_CHUNK_SYMBOLS, encode_snapshot
 
     snapshot = windows.take_snapshot({0})
-    records = encode_snapshot(snapshot, {0: 1})
+    records = encode_snapshot(snapshot.rows(0, WRITE_CHUNK_SYMBOLS), {0: 1})
     with_snapshot = _rss_bytes()
     del snapshot, records
     return {
@@ -150,8 +150,9 @@ def _memory_probe(settings: Any, predictor: Any, n_symbols: int) -> dict[str, An
         "rss_with_full_snapshot_bytes": with_snapshot,
         "method": "service built (not started: no Kafka clients or batches in flight); "
         "windows filled directly, then one real apply() per symbol and one scored batch; "
-        "RSS = the child's real RSS; then one snapshot of every window taken and encoded "
-        "(what a daemon with the state topic holds while writing its first snapshot)",
+        "RSS = the child's real RSS; then one snapshot of every window taken and its first "
+        "write chunk encoded (what a daemon with the state topic holds while writing its "
+        "first snapshot)",
     }
 
 

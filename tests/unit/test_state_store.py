@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
+import pytest
 
 from daemon.state_store import (
     MARKER_KEY,
@@ -180,3 +181,55 @@ async def test_a_write_cut_short_at_shutdown_leaves_its_symbols_dirty():
     assert a is not None and b is not None
     assert wins.dirty[a] and wins.dirty[b]
     assert sorted(wins.take_snapshot({2}).symbols) == ["A", "B"]
+
+
+async def test_a_large_snapshot_is_written_a_chunk_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Encoded all at once, a snapshot of a million changed symbols held ~700 MB of
+    records beside the windows; each chunk is now acknowledged before the next is encoded,
+    and the marker goes last."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import daemon.state_store as state_store
+    from daemon.state_store import PendingSnapshot, StateWriter
+
+    monkeypatch.setattr(state_store, "WRITE_CHUNK_SYMBOLS", 7)
+    series = load_series("dataset:nasdaq")[0]
+    wins = SymbolWindows(60)
+    names = [f"S{i}" for i in range(20)]
+    slots = wins.slots_for(names, np.array([i % 2 for i in range(20)], np.int32))
+    wins.apply(slots, series.prices[:20], np.arange(1, 21, dtype=np.int64))
+
+    class Acknowledging:
+        def __init__(self) -> None:
+            self.unacknowledged: list[bytes | None] = []
+            self.most_unacknowledged = 0
+            self.sent: list[bytes | None] = []
+
+        async def send_to_partition(self, topic: str, partition: int, records: list) -> list:
+            keys = [key for key, _, _ in records]
+            self.unacknowledged += keys
+            self.most_unacknowledged = max(self.most_unacknowledged, len(self.unacknowledged))
+            self.sent += keys
+            done = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(self._acknowledge, done, keys)
+            return [SimpleNamespace(future=done)]
+
+        def _acknowledge(self, done: asyncio.Future[None], keys: list[bytes | None]) -> None:
+            for key in keys:
+                self.unacknowledged.remove(key)
+            done.set_result(None)
+
+    publisher = Acknowledging()
+    writer = StateWriter(publisher, "ticks.state", wins)  # type: ignore[arg-type]
+    task = asyncio.create_task(writer.run())
+    writer.submit(PendingSnapshot(wins.take_snapshot({0, 1}), {0: 10, 1: 10}))
+    await asyncio.wait_for(writer.wait_idle(), 10)
+    task.cancel()
+    symbols = [k for k in publisher.sent if k is not None and k != MARKER_KEY]
+    assert sorted(symbols) == sorted(n.encode() for n in names)
+    assert publisher.sent[-2:] == [MARKER_KEY, MARKER_KEY]  # one per partition, last
+    assert publisher.most_unacknowledged <= 7
+    assert writer.written == 20
