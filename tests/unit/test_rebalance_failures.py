@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +19,18 @@ from daemon.settings import Settings
 from tests.support.daemon import make_checkpoint
 
 
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[TickcastService]:
+    """An exactly-once daemon, built but not started."""
+    make_checkpoint(tmp_path)
+    settings = Settings(
+        checkpoint_dir=tmp_path, device="cpu", delivery="exactly_once", transactional_id="t-1"
+    )
+    built = TickcastService(settings, DaemonMetrics(CollectorRegistry(), process=False))
+    yield built
+    built._inference.shutdown()
+
+
 class RecordingProducer:
     """Counts the transactions opened; the test fails if one is."""
 
@@ -30,18 +42,15 @@ class RecordingProducer:
         raise AssertionError("no transaction may start for a batch of moved partitions")
 
 
-async def test_exactly_once_never_commits_a_batch_of_revoked_partitions(tmp_path: Path) -> None:
+async def test_exactly_once_never_commits_a_batch_of_revoked_partitions(
+    service: TickcastService,
+) -> None:
     """A batch still in flight when its partitions were revoked (the drain timed out)
     is not committed: the offset commit would not be fenced, and the new owner's
     predictions of the same ticks would be duplicates."""
     from daemon.pipeline import Chunk, ScoringRows
     from daemon.service import PartitionsMovedError
 
-    make_checkpoint(tmp_path)
-    settings = Settings(
-        checkpoint_dir=tmp_path, device="cpu", delivery="exactly_once", transactional_id="t-1"
-    )
-    service = TickcastService(settings, DaemonMetrics(CollectorRegistry(), process=False))
     producer = RecordingProducer()
     service._producer = producer
     service._publisher = object()  # type: ignore[assignment]
@@ -52,11 +61,8 @@ async def test_exactly_once_never_commits_a_batch_of_revoked_partitions(tmp_path
         Chunk(rows=rows, bad=[], commit={kept: 10}),
         Chunk(rows=rows, bad=[], commit={moved: 7}),
     ]
-    try:
-        with pytest.raises(PartitionsMovedError, match=r"partitions \[1\] moved"):
-            await service._publish_in_transaction([], [], chunks)
-    finally:
-        service._inference.shutdown()
+    with pytest.raises(PartitionsMovedError, match=r"partitions \[1\] moved"):
+        await service._publish_in_transaction([], [], chunks)
     assert producer.transactions == 0
 
 
@@ -100,7 +106,7 @@ class RebalancingPublisher:
 
 @pytest.mark.parametrize("reassigned", [False, True], ids=["revoked", "revoked-and-back"])
 async def test_exactly_once_aborts_when_a_rebalance_ends_during_the_acks(
-    tmp_path: Path, reassigned: bool
+    service: TickcastService, reassigned: bool
 ) -> None:
     """The check before the transaction is not enough: a revocation whose drain timed out
     while the acks were awaited (and maybe the same partition assigned here again and
@@ -108,11 +114,6 @@ async def test_exactly_once_aborts_when_a_rebalance_ends_during_the_acks(
     from daemon.pipeline import Chunk, ScoringRows
     from daemon.service import PartitionsMovedError
 
-    make_checkpoint(tmp_path)
-    settings = Settings(
-        checkpoint_dir=tmp_path, device="cpu", delivery="exactly_once", transactional_id="t-1"
-    )
-    service = TickcastService(settings, DaemonMetrics(CollectorRegistry(), process=False))
     tp = TopicPartition("ticks", 0)
     service._ready_partitions = {tp}
 
@@ -125,22 +126,16 @@ async def test_exactly_once_aborts_when_a_rebalance_ends_during_the_acks(
     service._producer = producer
     service._publisher = RebalancingPublisher(rebalance)  # type: ignore[assignment]
     chunk = Chunk(rows=ScoringRows.empty(60), bad=[], commit={tp: 10}, assignment=0)
-    try:
-        with pytest.raises(PartitionsMovedError, match=r"partitions \[0\] moved"):
-            await service._publish_in_transaction([], [], [chunk])
-    finally:
-        service._inference.shutdown()
+    with pytest.raises(PartitionsMovedError, match=r"partitions \[0\] moved"):
+        await service._publish_in_transaction([], [], [chunk])
     assert producer.committed_offsets == [] and producer.aborted == 1
 
 
-async def test_exactly_once_commits_a_batch_of_the_current_assignment(tmp_path: Path) -> None:
+async def test_exactly_once_commits_a_batch_of_the_current_assignment(
+    service: TickcastService,
+) -> None:
     from daemon.pipeline import Chunk, ScoringRows
 
-    make_checkpoint(tmp_path)
-    settings = Settings(
-        checkpoint_dir=tmp_path, device="cpu", delivery="exactly_once", transactional_id="t-1"
-    )
-    service = TickcastService(settings, DaemonMetrics(CollectorRegistry(), process=False))
     tp = TopicPartition("ticks", 0)
     service._ready_partitions = {tp}
     service._assignment = 3
@@ -148,8 +143,5 @@ async def test_exactly_once_commits_a_batch_of_the_current_assignment(tmp_path: 
     service._producer = producer
     service._publisher = RebalancingPublisher(lambda: None)  # type: ignore[assignment]
     chunk = Chunk(rows=ScoringRows.empty(60), bad=[], commit={tp: 10}, assignment=3)
-    try:
-        await service._publish_in_transaction([], [], [chunk])
-    finally:
-        service._inference.shutdown()
+    await service._publish_in_transaction([], [], [chunk])
     assert producer.committed_offsets == [{tp: 10}] and producer.aborted == 0
