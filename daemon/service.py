@@ -112,13 +112,6 @@ class SendRefusedError(RuntimeError):
     """The broker refuses a send for a reason no retry can fix (PERMANENT_SEND_ERRORS)."""
 
 
-def _retry_or_stop(topic: str, exc: KafkaError) -> None:
-    if isinstance(exc, PERMANENT_SEND_ERRORS):
-        raise SendRefusedError(
-            f"sending to {topic} failed for good ({type(exc).__name__}: {exc}); stopping"
-        ) from exc
-
-
 class NoCheckpointError(RuntimeError):
     """The daemon cannot start: there is no loadable checkpoint."""
 
@@ -1032,12 +1025,20 @@ class TickcastService:
                 # Another instance took over this transactional id: we are the zombie.
                 raise
             except KafkaError as exc:
-                _retry_or_stop(self.settings.output_topic, exc)
-                self.metrics.send_retries.labels(self.settings.output_topic).inc()
+                self._retry_or_stop(self.settings.output_topic, exc)
                 delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
                 logger.warning("transaction failed (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
                 attempt += 1
+
+    def _retry_or_stop(self, topic: str, exc: KafkaError) -> None:
+        """Count a failed send to be retried, or raise SendRefusedError when no retry can
+        fix it (PERMANENT_SEND_ERRORS)."""
+        if isinstance(exc, PERMANENT_SEND_ERRORS):
+            raise SendRefusedError(
+                f"sending to {topic} failed for good ({type(exc).__name__}: {exc}); stopping"
+            ) from exc
+        self.metrics.send_retries.labels(topic).inc()
 
     def _refuse_moved(self, completed: list[Chunk]) -> None:
         """Exactly-once: raise if these chunks' partitions were revoked since they were
@@ -1173,8 +1174,7 @@ class TickcastService:
             except KafkaError as exc:
                 if self.force_exit:
                     raise
-                _retry_or_stop(topic, exc)
-                self.metrics.send_retries.labels(topic).inc()
+                self._retry_or_stop(topic, exc)
                 delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
                 logger.warning("send to %s failed (%s); retrying in %.2fs", topic, exc, delay)
                 await asyncio.sleep(delay)
@@ -1265,8 +1265,7 @@ class TickcastService:
                 try:
                     await delivery.future
                 except KafkaError as exc:
-                    _retry_or_stop(delivery.topic, exc)
-                    self.metrics.send_retries.labels(delivery.topic).inc()
+                    self._retry_or_stop(delivery.topic, exc)
                     logger.warning(
                         "delivery to %s[%d] failed: %s", delivery.topic, delivery.partition, exc
                     )
@@ -1284,8 +1283,7 @@ class TickcastService:
                         deliveries.append(await self._publisher.resend(delivery))
                         break
                     except KafkaError as exc:
-                        _retry_or_stop(delivery.topic, exc)
-                        self.metrics.send_retries.labels(delivery.topic).inc()
+                        self._retry_or_stop(delivery.topic, exc)
                         logger.warning("resend failed (%s); retrying", exc)
                         await asyncio.sleep(delay)
 
