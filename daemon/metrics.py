@@ -126,6 +126,12 @@ class DaemonMetrics:
             "Symbol windows written to the state topic.",
             registry=r,
         )
+        self.snapshot_unsaved_symbols = Gauge(
+            "tickcast_snapshot_unsaved_symbols",
+            "Changed symbols the last snapshot round left for later ones "
+            "(rounds save at most TICKCAST_SNAPSHOT_MAX_SYMBOLS).",
+            registry=r,
+        )
         self.restored_snapshots = Counter(
             "tickcast_restored_snapshots_total",
             "Symbol windows loaded from the state topic after a partition assignment.",

@@ -143,7 +143,11 @@ async def restore_windows(
                 input_tp = state_tps[stp]
                 state = decode_partition_state(values, input_tp.partition, windows.window_length)
                 end = todo[input_tp]
-                if state.marker is None or state.marker > end or (state.offsets > end).any():
+                if (
+                    state.marker is None
+                    or state.marker > end
+                    or (state.snapshot.offsets > end).any()
+                ):
                     # No marker, or state ahead of the committed offset (offsets were reset
                     # by hand): the snapshots cannot be trusted; replay from the beginning.
                     continue
@@ -158,7 +162,7 @@ async def restore_windows(
                 max_tick_bytes=max_tick_bytes,
                 max_symbol_length=max_symbol_length,
             )
-            slots = windows.slots_for(decoded.symbols, decoded.partitions)
+            slots = windows.slots_for(decoded.symbols, decoded.partitions, decoded.offsets)
             windows.apply(slots, decoded.prices, decoded.ts)
             replayed += len(records)
     finally:

@@ -272,6 +272,7 @@ class TickcastService:
         self._state_producer: AIOKafkaProducer | None = None
         self._state_writer: StateWriter | None = None
         self._last_snapshot = time.monotonic()
+        self._last_round: PendingSnapshot | None = None
         # Per input partition: the offset after the last record rolled into the windows.
         self._positions: dict[TopicPartition, int] = {}
         self._assignment = 0  # rebalances so far (Chunk.assignment)
@@ -502,10 +503,18 @@ class TickcastService:
             if self._check_failed(done):
                 return  # the rest would wait for what the failed task never hands on
         if self._state_writer is not None:
-            # Everything fetched is committed now: the last snapshot is exact.
-            if (snapshot := self._maybe_snapshot(force=True)) is not None:
-                self._write_snapshots([snapshot], committed=True)
-            await self._state_writer.flush()
+            try:
+                await self._write_final_snapshots(self._state_writer)
+            except KafkaError as exc:
+                logger.warning("final window snapshots not written (%s)", exc)
+
+    async def _write_final_snapshots(self, writer: StateWriter) -> None:
+        """Everything fetched is committed now: the last rounds are exact. Written one
+        after another, so each round's copy stays bounded."""
+        await writer.flush()
+        while (snapshot := self._maybe_snapshot(force=True)) is not None:
+            self._write_snapshots([snapshot], committed=True)
+            await writer.flush()
 
     @staticmethod
     async def _stop_client(client: AIOKafkaConsumer | AIOKafkaProducer, deadline: float) -> None:
@@ -797,7 +806,7 @@ class TickcastService:
         )
         for tick in bad:
             self.metrics.bad_ticks.labels(tick.reason).inc()
-        slots = self.windows.slots_for(decoded.symbols, decoded.partitions)
+        slots = self.windows.slots_for(decoded.symbols, decoded.partitions, decoded.offsets)
         applied = self.windows.apply(slots, decoded.prices, decoded.ts)
         if applied.dropped:
             self.metrics.ticks_dropped.labels("not_newer").inc(applied.dropped)
@@ -822,13 +831,16 @@ class TickcastService:
         return Chunk(rows=rows, bad=bad, commit=commit, snapshot=self._maybe_snapshot())
 
     def _maybe_snapshot(self, force: bool = False) -> PendingSnapshot | None:
-        """Every SNAPSHOT_INTERVAL_S, copy the changed windows as of this fetch."""
-        if self._state_writer is None:
+        """Every SNAPSHOT_INTERVAL_S, a round copying changed windows as of this fetch;
+        while the last round left symbols unsaved, the next one as soon as it is written."""
+        writer = self._state_writer
+        if writer is None:
             return None
         now = time.monotonic()
-        if not force and now - self._last_snapshot < self.settings.snapshot_interval_s:
-            return None
-        if not self.windows.dirty.any():
+        last = self._last_round
+        backlog = last is not None and last.written and last.round.unsaved > 0
+        due = backlog or now - self._last_snapshot >= self.settings.snapshot_interval_s
+        if not (force or due):
             return None
         self._last_snapshot = now
         offsets = {
@@ -836,7 +848,10 @@ class TickcastService:
             for tp, position in self._positions.items()
             if tp in self._ready_partitions
         }
-        return PendingSnapshot(self.windows.take_snapshot(set(offsets)), offsets)
+        pending = writer.take(offsets, self.settings.snapshot_max_symbols)
+        self._last_round = pending or self._last_round
+        self.metrics.snapshot_unsaved_symbols.set(pending.round.unsaved if pending else 0)
+        return pending
 
     # ------------------------------------------------------------------ score
     async def _score_loop(self) -> None:
@@ -1296,8 +1311,8 @@ class TickcastService:
                 self._state_writer.submit(pending)
                 self.metrics.snapshot_symbols.inc(len(pending.snapshot))
             else:
-                # Not committed: write these symbols again with the next snapshot.
-                self.windows.mark_dirty(pending.snapshot.symbols)
+                # Not committed: these symbols go into a later round.
+                self._state_writer.give_up(pending)
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> bool:
         """Commit offsets of still-assigned partitions; False when that did not happen."""

@@ -31,6 +31,10 @@ class Settings(KafkaAccess):
     # Compacted, co-partitioned with the input topic; snapshots are off when it is missing.
     state_topic: str = "ticks.state"
     snapshot_interval_s: float = Field(default=10.0, ge=0)  # 0 turns snapshots off
+    # Symbols one snapshot round copies at most (~280 B each: with 1,000,000 symbols the
+    # daemon stays within 1 GiB while it writes them); more changed ones wait for the next
+    # round, taken as soon as this one is written.
+    snapshot_max_symbols: int = Field(default=25_000, ge=1)
     group_id: str = "tickcast"
     client_id: str = "tickcast"
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"

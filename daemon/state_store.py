@@ -11,6 +11,14 @@ below the fetch positions) but written only after those positions are committed,
 marker never runs ahead of the group's committed offset. Symbol snapshots are acknowledged
 before their marker is written. Replaying a tick that a snapshot already holds is harmless:
 its ts is not newer, so the window drops it.
+
+A round saves at most TICKCAST_SNAPSHOT_MAX_SYMBOLS symbols, the longest unsaved first, so
+its copy of the windows stays small with a million symbols; its markers are then held back
+to the oldest offset a still-unsaved symbol needs replayed from. Rounds are written in the
+order they were taken, and each round's markers count on every earlier round being on the
+topic. A round that is given up (its write failed, was cut short, or its offsets were not
+committed) makes its symbols unsaved again; rounds taken while it was pending still write
+their symbols, which stay valid, but not their markers.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from daemon.publisher import BatchPublisher, OutRecord
-from daemon.windows import SymbolWindows, WindowSnapshot
+from daemon.windows import SnapshotRound, SymbolWindows, WindowSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +54,13 @@ def snapshot_dtype(window_length: int) -> np.dtype:
     )
 
 
-def encode_snapshot(snapshot: WindowSnapshot, offsets: dict[int, int]) -> list[OutRecord]:
-    """One record per symbol; ``offsets[partition]`` is what the state reflects."""
+def encode_snapshot(snapshot: WindowSnapshot) -> list[OutRecord]:
+    """One record per symbol."""
     n, w = snapshot.prices.shape
     dtype = snapshot_dtype(w)
     rows = np.zeros(n, dtype)
     rows["magic"] = MAGIC
-    rows["offset"] = [offsets[int(p)] for p in snapshot.partitions.tolist()]
+    rows["offset"] = snapshot.offsets
     rows["count"] = snapshot.count
     rows["last_ts"] = snapshot.last_ts
     rows["window"] = w
@@ -80,7 +88,6 @@ class PartitionState:
     """What the state topic holds for one input partition."""
 
     snapshot: WindowSnapshot
-    offsets: np.ndarray  # int64, the input offset each symbol's snapshot reflects
     marker: int | None  # replay the input from here
 
 
@@ -108,24 +115,33 @@ def decode_partition_state(
         prices=np.ascontiguousarray(rows["prices"], np.float64).reshape(len(rows), window_length),
         count=rows["count"].astype(np.int64),
         last_ts=rows["last_ts"].astype(np.int64),
+        offsets=rows["offset"].astype(np.int64),
     )
-    return PartitionState(snapshot, rows["offset"].astype(np.int64), marker)
+    return PartitionState(snapshot, marker)
 
 
 @dataclass
 class PendingSnapshot:
-    snapshot: WindowSnapshot
-    offsets: dict[int, int]  # input partition -> offset the snapshot reflects
+    """A round on its way to the state topic."""
+
+    round: SnapshotRound
+    generation: int  # the writer's when taken; a later one: a round before it was given up
+    settled: bool = False  # written, or given up on
+    written: bool = False
+
+    @property
+    def snapshot(self) -> WindowSnapshot:
+        return self.round.snapshot
 
 
-# Symbols encoded and sent at a time. Encoded all at once, the first snapshot of a million
-# changed symbols held ~700 MB of records beside the windows (bench v19: RSS 984 -> 1,935
-# MiB); in chunks only the snapshot's own copy of the windows stays (~265 B a symbol).
-WRITE_CHUNK_SYMBOLS = 10_000
+# Symbols of a round encoded and sent at a time (each record ~600 B while encoded). Encoded
+# all at once, the first snapshot of a million changed symbols held ~700 MB of records
+# beside the windows (bench v19: RSS 984 -> 1,935 MiB).
+WRITE_CHUNK_SYMBOLS = 5_000
 
 
 class StateWriter:
-    """Writes snapshots in order, in the background: symbols first, then the markers."""
+    """Writes snapshot rounds in order, in the background: symbols first, then markers."""
 
     def __init__(self, publisher: BatchPublisher, topic: str, windows: SymbolWindows) -> None:
         self._publisher = publisher
@@ -134,20 +150,39 @@ class StateWriter:
         self._queue: asyncio.Queue[PendingSnapshot] = asyncio.Queue()
         self._idle = asyncio.Event()  # nothing queued, nothing being written
         self._idle.set()
+        # Bumped whenever a round is given up: the rounds taken before then are void.
+        self._generation = 0
         self.written = 0
+
+    def take(
+        self, positions: dict[int, int], max_symbols: int | None = None
+    ) -> PendingSnapshot | None:
+        """The next round (None when no symbol of these partitions changed)."""
+        taken = self._windows.take_snapshot(positions, max_symbols)
+        if not len(taken.snapshot):
+            return None
+        return PendingSnapshot(taken, self._generation)
 
     def submit(self, pending: PendingSnapshot) -> None:
         self._idle.clear()
         self._queue.put_nowait(pending)
+
+    def give_up(self, pending: PendingSnapshot) -> None:
+        """This round will not be written: its symbols are unsaved again, and no round
+        taken before now may write its markers (they counted on this one)."""
+        if not pending.settled:
+            pending.settled = True
+            self._windows.mark_unsaved(pending.snapshot, pending.round.previous)
+        self._generation += 1
 
     async def wait_idle(self) -> None:
         """Until everything submitted is written (or given up on)."""
         await self._idle.wait()
 
     def discard_queued(self) -> None:
-        """Drop what is not being written yet (its partitions went to another owner)."""
+        """Give up what is not being written yet (its partitions went to another owner)."""
         while not self._queue.empty():
-            self._queue.get_nowait()
+            self.give_up(self._queue.get_nowait())
 
     async def run(self) -> None:
         while True:
@@ -157,17 +192,14 @@ class StateWriter:
             try:
                 await self._write(pending)
             except asyncio.CancelledError:
-                # Stopped mid-write (shutdown): its symbols are marked clean but may not
-                # be on the topic, and the final snapshot's marker will cover them.
-                self._windows.mark_dirty(pending.snapshot.symbols)
+                # Stopped mid-write (shutdown): its symbols may not be on the topic; the
+                # final rounds carry them.
+                self.give_up(pending)
                 raise
-            except Exception as exc:  # keep serving; the next snapshot carries everything
-                logger.warning("writing window snapshots failed (%s); will rewrite them all", exc)
-                # Snapshots queued behind the failed one were taken before now: they lack its
-                # symbols, yet their markers would say the state is complete up to a newer
-                # offset. Dropped; the next one is taken with every window dirty.
+            except Exception as exc:  # keep serving; later rounds carry its symbols
+                logger.warning("writing window snapshots failed (%s); will rewrite them", exc)
+                self.give_up(pending)
                 self.discard_queued()
-                self._windows.dirty[:] = True
 
     async def flush(self) -> None:
         """Write what is queued (at shutdown)."""
@@ -180,7 +212,7 @@ class StateWriter:
             # Each chunk acknowledged before the next is encoded: memory stays bounded.
             part = snapshot.rows(start, start + WRITE_CHUNK_SYMBOLS)
             by_partition: dict[int, list[OutRecord]] = {}
-            records = encode_snapshot(part, pending.offsets)
+            records = encode_snapshot(part)
             for record, partition in zip(records, part.partitions.tolist(), strict=True):
                 by_partition.setdefault(int(partition), []).append(record)
             deliveries = []
@@ -189,8 +221,12 @@ class StateWriter:
             await asyncio.gather(*(d.future for d in deliveries))
             self.written += len(records)
         markers = []
-        for partition, offset in pending.offsets.items():
+        # A round given up after this one was taken: these markers would count on it. The
+        # next round taken since then writes correct ones.
+        counted_on_lost = pending.generation != self._generation
+        for partition, offset in ({} if counted_on_lost else pending.round.markers).items():
             markers += await self._publisher.send_to_partition(
                 self._topic, partition, [encode_marker(offset)]
             )
         await asyncio.gather(*(d.future for d in markers))
+        pending.settled = pending.written = True

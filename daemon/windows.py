@@ -71,6 +71,10 @@ class SymbolWindows:
         self.last_prediction_ts = np.empty(0, np.int64)
         # Slots changed since the last snapshot was taken (see take_snapshot).
         self.dirty = np.empty(0, bool)
+        # Per slot, the input offset from which replaying its partition over the symbol's
+        # last snapshot (or over nothing, if it has none) rebuilds its window: a
+        # snapshot's marker may not pass it while the symbol is dirty.
+        self.replay_from = np.empty(0, np.int64)
         self._grow(max(initial_capacity, 1))
 
     def __len__(self) -> int:
@@ -108,6 +112,7 @@ class SymbolWindows:
         self.last_prediction = grown(self.last_prediction)
         self.last_prediction_ts = grown(self.last_prediction_ts)
         self.dirty = grown(self.dirty, False)
+        self.replay_from = grown(self.replay_from)
         self._symbol_of.extend([None] * (new_capacity - self._capacity))
         self._capacity = new_capacity
 
@@ -122,10 +127,18 @@ class SymbolWindows:
     def slot_of(self, symbol: str) -> int | None:
         return self._slots.get(symbol)
 
-    def mark_dirty(self, symbols: list[str]) -> None:
-        """Make the next snapshot carry these symbols again (their last write failed)."""
-        slots = [slot for slot in map(self._slots.get, symbols) if slot is not None]
-        self.dirty[slots] = True
+    def mark_unsaved(self, snapshot: WindowSnapshot, replay_from: np.ndarray) -> None:
+        """This snapshot was never written: its symbols are dirty again and replay, as
+        before it was taken, from ``replay_from`` (their values then)."""
+        found = [
+            (i, slot)
+            for i, slot in enumerate(map(self._slots.get, snapshot.symbols))
+            if slot is not None and self.partition[slot] == snapshot.partitions[i]
+        ]
+        if found:
+            rows, slots = (np.asarray(x, np.int64) for x in zip(*found, strict=True))
+            self.dirty[slots] = True
+            self.replay_from[slots] = np.minimum(self.replay_from[slots], replay_from[rows])
 
     def window(self, symbol: str) -> np.ndarray | None:
         """A copy of the symbol's stored prices, oldest first (fewer when not yet full)."""
@@ -135,8 +148,12 @@ class SymbolWindows:
         n = min(int(self.count[slot]), self.window_length)
         return self.prices[slot, self.window_length - n :].copy()
 
-    def slots_for(self, symbols: list[str], partitions: np.ndarray) -> np.ndarray:
-        """Slot per symbol, allocating new ones (recording the input partition)."""
+    def slots_for(
+        self, symbols: list[str], partitions: np.ndarray, offsets: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Slot per symbol, allocating new ones (recording the input partition, and the
+        input offset of the symbol's first tick: where a replay must start to see it;
+        without ``offsets``, 0)."""
         slots = np.empty(len(symbols), np.int64)
         lookup = self._slots
         # Marks symbols seen for the first time (a bytearray, not a list of ints: a million
@@ -155,6 +172,7 @@ class SymbolWindows:
             new_slots = slots[new]
             self._reset(new_slots)
             self.partition[new_slots] = partitions[new]
+            self.replay_from[new_slots] = 0 if offsets is None else offsets[new]
         return slots
 
     def drop_partitions(self, partitions: set[int]) -> int:
@@ -300,17 +318,52 @@ class SymbolWindows:
         accepted: np.ndarray = keys[tick_pos] > running[tick_pos - 1]
         return accepted
 
-    def take_snapshot(self, partitions: set[int]) -> WindowSnapshot:
-        """Copy the state of every changed symbol of ``partitions`` and mark it clean."""
-        slots = np.flatnonzero(self.dirty & np.isin(self.partition, list(partitions)))
+    def take_snapshot(
+        self, positions: dict[int, int], max_symbols: int | None = None
+    ) -> SnapshotRound:
+        """Copy the state of changed symbols of ``positions``' partitions (whose windows
+        reflect the input below ``positions[partition]``) and mark them clean.
+
+        At most ``max_symbols`` at a time, the longest unsaved first: a round's copy stays
+        bounded however many symbols changed, and its markers advance round by round.
+        """
+        # Full-length temporaries here are bool masks: with a million changed symbols, a
+        # few int64 index arrays over all of them would outweigh the round's own copy.
+        unsaved = self.dirty & np.isin(self.partition, list(positions))
+        n_unsaved = int(np.count_nonzero(unsaved))
+        if max_symbols is None or n_unsaved <= max_symbols:
+            slots = np.flatnonzero(unsaved)
+        else:
+            # The max_symbols-th smallest replay_from: those below it go, then ties.
+            values = self.replay_from[unsaved]
+            values.partition(max_symbols - 1)
+            cut = values[max_symbols - 1]
+            del values
+            below = np.flatnonzero(unsaved & (self.replay_from < cut))
+            ties = np.flatnonzero(unsaved & (self.replay_from == cut))
+            slots = np.sort(np.r_[below, ties[: max_symbols - len(below)]])
+        unsaved[slots] = False  # now: the changed symbols left for later rounds
+        # The oldest offset a still-unsaved symbol needs replayed from bounds each marker.
+        markers = {}
+        for p, position in positions.items():
+            in_p = unsaved & (self.partition == p)
+            markers[p] = int(np.min(self.replay_from, where=in_p, initial=position))
+        previous = self.replay_from[slots].copy()
+        partitions = self.partition[slots].copy()
+        offsets = np.zeros(len(slots), np.int64)
+        for p, position in positions.items():
+            offsets[partitions == p] = position
+        self.replay_from[slots] = offsets
         self.dirty[slots] = False
-        return WindowSnapshot(
+        snapshot = WindowSnapshot(
             symbols=[s for s in (self._symbol_of[i] for i in slots.tolist()) if s is not None],
-            partitions=self.partition[slots].copy(),
+            partitions=partitions,
             prices=self.prices[slots].copy(),
             count=self.count[slots].astype(np.int64),
             last_ts=self.last_ts[slots].copy(),
+            offsets=offsets,
         )
+        return SnapshotRound(snapshot, markers, previous, unsaved=n_unsaved - len(slots))
 
     def load(self, snapshot: WindowSnapshot) -> None:
         """Install symbols' saved state (restore); they count as clean."""
@@ -324,6 +377,7 @@ class SymbolWindows:
         self.count[slots] = np.minimum(snapshot.count, self.window_length)
         self.last_ts[slots] = snapshot.last_ts
         self.dirty[slots] = False
+        self.replay_from[slots] = snapshot.offsets
 
 
 def group_starts(sorted_keys: np.ndarray) -> np.ndarray:
@@ -350,6 +404,7 @@ class WindowSnapshot:
     prices: np.ndarray  # [n, window_length] float32 (as stored)
     count: np.ndarray  # int64
     last_ts: np.ndarray  # int64
+    offsets: np.ndarray  # int64, input offset each symbol's state reflects (all below it)
 
     def __len__(self) -> int:
         return len(self.symbols)
@@ -362,4 +417,17 @@ class WindowSnapshot:
             prices=self.prices[start:stop],
             count=self.count[start:stop],
             last_ts=self.last_ts[start:stop],
+            offsets=self.offsets[start:stop],
         )
+
+
+@dataclass(frozen=True)
+class SnapshotRound:
+    """One :meth:`SymbolWindows.take_snapshot`: the symbols it saves and, per partition,
+    the marker to write once they (and every earlier round) are on the state topic."""
+
+    snapshot: WindowSnapshot
+    # Replaying partition p from markers[p] over the saved snapshots rebuilds every window.
+    markers: dict[int, int]
+    previous: np.ndarray  # the symbols' replay_from before: restored if never written
+    unsaved: int  # changed symbols left for later rounds

@@ -133,26 +133,26 @@ def _memory_probe(settings: Any, predictor: Any, n_symbols: int) -> dict[str, An
     del slots, part, applied, walk
     gc.collect()
     rss = _rss_bytes()
-    # With the state topic, the first snapshot after start copies every window (all are
-    # changed); the state writer then encodes and sends them a chunk at a time.
+    # With the state topic, the first snapshot after start finds every window changed: it
+    # saves them in rounds of SNAPSHOT_MAX_SYMBOLS, each encoded and sent a chunk at a time.
     from daemon.state_store import WRITE_CHUNK_SYMBOLS, encode_snapshot
 
-    snapshot = windows.take_snapshot({0})
-    records = encode_snapshot(snapshot.rows(0, WRITE_CHUNK_SYMBOLS), {0: 1})
+    first_round = windows.take_snapshot({0: 1}, service.settings.snapshot_max_symbols).snapshot
+    records = encode_snapshot(first_round.rows(0, WRITE_CHUNK_SYMBOLS))
     with_snapshot = _rss_bytes()
-    del snapshot, records
+    del first_round, records
     return {
         "symbols": len(windows),
         "rss_bytes": rss,
         "rss_empty_service_bytes": empty_rss,
         "windows_array_bytes": int(windows.nbytes),
         "bytes_per_symbol": round((rss - empty_rss) / max(n_symbols, 1), 1),
-        "rss_with_full_snapshot_bytes": with_snapshot,
+        "rss_while_snapshotting_bytes": with_snapshot,
         "method": "service built (not started: no Kafka clients or batches in flight); "
         "windows filled directly, then one real apply() per symbol and one scored batch; "
-        "RSS = the child's real RSS; then one snapshot of every window taken and its first "
-        "write chunk encoded (what a daemon with the state topic holds while writing its "
-        "first snapshot)",
+        "RSS = the child's real RSS; then the first snapshot round taken (every window "
+        "changed: TICKCAST_SNAPSHOT_MAX_SYMBOLS of them) and its first write chunk encoded "
+        "(what a daemon with the state topic holds while writing its first snapshot)",
     }
 
 

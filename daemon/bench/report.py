@@ -12,6 +12,7 @@ TARGETS = {
     "c_over_a": 0.6,
     "p99_ms_at_half_load": 50.0,
     "rss_1m_symbols_bytes": 1 << 30,
+    "rss_1m_symbols_snapshotting_bytes": 1 << 30,  # while their first snapshot round is written
     "serving_ceiling_windows_per_s": 60_000.0,
     "restore_seconds": 5.0,
 }
@@ -65,6 +66,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     c = float(results["c_tickcast"]["predictions_per_s"]) if "c_tickcast" in results else None
     half = next((x for x in results.get("latency", []) if x["load_fraction"] == 0.5), None)
     rss_1m = results.get("memory", {}).get("rss_bytes")
+    rss_1m_snapshotting = results.get("memory", {}).get("rss_while_snapshotting_bytes")
     restore = results.get("restore")
     figures = {
         "a_windows_per_s": a,
@@ -76,6 +78,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         "c_over_a_sweep_max": round(c / sweep_max, 3) if c and sweep_max else None,
         "p99_ms_at_half_load": half["p99_ms"] if half else None,
         "rss_1m_symbols_bytes": rss_1m,
+        "rss_1m_symbols_snapshotting_bytes": rss_1m_snapshotting,
         "serving_ceiling_windows_per_s": a,
         "restore_seconds": restore["subscribe_to_ready_seconds"] if restore else None,
     }
@@ -86,6 +89,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         and half.get("complete", True)  # runs before v18 have no such field
         and half["p99_ms"] <= targets["p99_ms_at_half_load"],
         "rss_1m_symbols_bytes": rss_1m is not None and rss_1m <= targets["rss_1m_symbols_bytes"],
+        "rss_1m_symbols_snapshotting_bytes": rss_1m_snapshotting is not None
+        and rss_1m_snapshotting <= targets["rss_1m_symbols_snapshotting_bytes"],
         "serving_ceiling_windows_per_s": a >= targets["serving_ceiling_windows_per_s"],
         # The 5 s target is for 10,000 symbols x 1,000 ticks; smaller runs are not judged.
         "restore_seconds": restore is not None
@@ -192,11 +197,12 @@ def render_table(report: dict[str, Any]) -> str:
                 verdict("rss_1m_symbols_bytes", "<= 1,024"),
             )
         )
-        if "rss_with_full_snapshot_bytes" in m:
+        if "rss_while_snapshotting_bytes" in m:
             lines.append(
                 row(
-                    "  ... while writing a snapshot of them all, MiB",
-                    f"{m['rss_with_full_snapshot_bytes'] / mib:,.0f}",
+                    "  ... while writing their first snapshot round",
+                    f"{m['rss_while_snapshotting_bytes'] / mib:,.0f}",
+                    verdict("rss_1m_symbols_snapshotting_bytes", "<= 1,024"),
                 )
             )
     if "restore" in r:

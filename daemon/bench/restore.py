@@ -128,7 +128,7 @@ async def measure_restore(
         # partition share, exactly where those ticks end in each partition.
         per_partition = np.bincount(partition_of, minlength=partitions)
         marker = {p: int(per_partition[p]) * snapshot_at for p in range(partitions)}
-        snapshot = windows.take_snapshot(set(range(partitions)))
+        snapshot = windows.take_snapshot(marker).snapshot
         for p in range(partitions):
             mask = snapshot.partitions == p
             records = encode_snapshot(
@@ -138,8 +138,8 @@ async def measure_restore(
                     prices=snapshot.prices[mask],
                     count=snapshot.count[mask],
                     last_ts=snapshot.last_ts[mask],
-                ),
-                marker,
+                    offsets=snapshot.offsets[mask],
+                )
             )
             deliveries = await publisher.send_to_partition(topics["state"], p, records)
             deliveries += await publisher.send_to_partition(

@@ -97,6 +97,7 @@ def test_quick_bench_reports_every_figure(kafka_bootstrap: str, tmp_path: Path) 
     assert r["conflation"]["ingest_ticks_per_s"] > 0
     assert r["memory"]["symbols"] == 20000
     assert r["memory"]["rss_bytes"] > r["memory"]["windows_array_bytes"]
+    assert r["memory"]["rss_while_snapshotting_bytes"] > r["memory"]["windows_array_bytes"]
     restore = r["restore"]
     assert restore["symbols"] == 200
     assert restore["snapshots_loaded"] == 200

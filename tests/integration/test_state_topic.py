@@ -40,7 +40,11 @@ async def state_topics(topic_factory) -> dict[str, str]:
     }
 
 
-def settings_for(kafka_bootstrap, topics, checkpoint_dir, group):
+# Rounds of 2 of the 5 symbols: markers held back by the symbols left for later rounds.
+ROUND_SIZES = pytest.mark.parametrize("round_size", [25_000, 2], ids=["one-round", "rounds-of-2"])
+
+
+def settings_for(kafka_bootstrap, topics, checkpoint_dir, group, round_size=25_000):
     return daemon_settings(
         kafka_bootstrap,
         topics,
@@ -48,6 +52,7 @@ def settings_for(kafka_bootstrap, topics, checkpoint_dir, group):
         group,
         state_topic=topics["state"],
         snapshot_interval_s=0.1,
+        snapshot_max_symbols=round_size,
     )
 
 
@@ -103,12 +108,13 @@ def scrape(port: int, name: str) -> float | None:
     return None
 
 
+@ROUND_SIZES
 async def test_restart_loads_snapshots_and_replays_only_the_tail(
-    kafka_bootstrap, state_topics, checkpoint_dir, unique_group
+    kafka_bootstrap, state_topics, checkpoint_dir, unique_group, round_size
 ):
     stream = long_real_stream()
     first, second = split_stream(stream, int(len(stream) * 0.8))
-    settings = settings_for(kafka_bootstrap, state_topics, checkpoint_dir, unique_group)
+    settings = settings_for(kafka_bootstrap, state_topics, checkpoint_dir, unique_group, round_size)
     async with running_daemon(settings) as one:
         await produce_stream(kafka_bootstrap, state_topics["input"], first)
         await consume(kafka_bootstrap, state_topics["output"], expected_count(first))
@@ -136,14 +142,16 @@ async def test_restart_loads_snapshots_and_replays_only_the_tail(
     check_complete(predictions, stream, checkpoint_dir, allow_duplicates=False)
 
 
+@ROUND_SIZES
 async def test_sigkill_with_snapshots_loses_nothing(
-    kafka_bootstrap, state_topics, checkpoint_dir, unique_group, tmp_path
+    kafka_bootstrap, state_topics, checkpoint_dir, unique_group, tmp_path, round_size
 ):
     stream = long_real_stream()
-    settings = settings_for(kafka_bootstrap, state_topics, checkpoint_dir, unique_group)
+    settings = settings_for(kafka_bootstrap, state_topics, checkpoint_dir, unique_group, round_size)
     env_extra = {
         "TICKCAST_STATE_TOPIC": state_topics["state"],
         "TICKCAST_SNAPSHOT_INTERVAL_S": "0.1",
+        "TICKCAST_SNAPSHOT_MAX_SYMBOLS": str(round_size),
     }
     daemon = DaemonProcess(settings, tmp_path / "a.log")
     daemon.env.update(env_extra)

@@ -110,7 +110,7 @@ def windows_on(partitions: dict[str, int], window_length: int = 20) -> SymbolWin
 
 def test_each_symbol_records_its_own_partitions_offset() -> None:
     wins = windows_on({"GOOG": 2, "QQQ": 5, "SPY": 2})
-    records = encode_snapshot(wins.take_snapshot({2, 5}), {2: 130, 5: 77})
+    records = encode_snapshot(wins.take_snapshot({2: 130, 5: 77}).snapshot)
     dtype = snapshot_dtype(20)
     offsets = {
         key.decode(): int(np.frombuffer(value, dtype)["offset"][0])
@@ -123,14 +123,14 @@ def test_each_symbol_records_its_own_partitions_offset() -> None:
 
 def test_partitions_decode_separately() -> None:
     wins = windows_on({"GOOG": 2, "QQQ": 5, "SPY": 2})
-    records = encode_snapshot(wins.take_snapshot({2, 5}), {2: 130, 5: 77})
+    records = encode_snapshot(wins.take_snapshot({2: 130, 5: 77}).snapshot)
     by_key = {key: value for key, value, _ in records if key is not None}
     part2 = {k: v for k, v in by_key.items() if k in (b"GOOG", b"SPY")}
     part2[MARKER_KEY] = encode_marker(130)[1]
     state = decode_partition_state(part2, partition=2, window_length=20)
     assert sorted(state.snapshot.symbols) == ["GOOG", "SPY"]
     assert (state.snapshot.partitions == 2).all()
-    assert state.offsets.tolist() == [130, 130]
+    assert state.snapshot.offsets.tolist() == [130, 130]
     assert state.marker == 130
     for i, symbol in enumerate(state.snapshot.symbols):
         np.testing.assert_array_equal(state.snapshot.prices[i], wins.window(symbol))
@@ -141,7 +141,7 @@ def test_partitions_decode_separately() -> None:
 def test_non_ascii_symbols_survive_the_round_trip() -> None:
     symbol = "BRK.B-é€"
     wins = windows_on({symbol: 0})
-    records = encode_snapshot(wins.take_snapshot({0}), {0: 9})
+    records = encode_snapshot(wins.take_snapshot({0: 9}).snapshot)
     latest = {key: value for key, value, _ in records if key is not None}
     assert list(latest) == [symbol.encode()]
     state = decode_partition_state(latest, partition=0, window_length=20)
@@ -154,7 +154,7 @@ def test_empty_state() -> None:
     assert state.marker is None
     assert state.snapshot.symbols == []
     assert state.snapshot.prices.shape == (0, 20)
-    assert len(state.offsets) == 0
+    assert len(state.snapshot.offsets) == 0
 
 
 def test_marker_only_state() -> None:
@@ -171,7 +171,7 @@ def test_a_marker_under_a_symbol_key_is_no_snapshot() -> None:
 
 def test_a_snapshot_under_the_marker_key_is_no_marker() -> None:
     wins = windows_on({"GOOG": 0})
-    ((_, value, _),) = encode_snapshot(wins.take_snapshot({0}), {0: 9})
+    ((_, value, _),) = encode_snapshot(wins.take_snapshot({0: 9}).snapshot)
     state = decode_partition_state({MARKER_KEY: value}, partition=0, window_length=20)
     assert state.marker is None
     assert state.snapshot.symbols == []

@@ -133,9 +133,9 @@ def test_spare_capacity_never_leaks_into_snapshots():
     assert wins.capacity > 5000  # some rows were never handed out
     # Filler prices: only which rows a snapshot reads is under test, not their values.
     wins.apply(slots, np.linspace(1.0, 2.0, 5000), np.full(5000, 7, np.int64))
-    wins.take_snapshot({0, 1})  # clean
-    wins.dirty[:] = True  # as the state writer does after a failed write
-    snapshot = wins.take_snapshot({0, 1})
+    wins.take_snapshot({0: 1, 1: 1})  # clean
+    wins.dirty[:] = True  # every window changed
+    snapshot = wins.take_snapshot({0: 2, 1: 2}).snapshot
     assert sorted(snapshot.symbols) == sorted(symbols)
     assert len(snapshot.prices) == len(snapshot.symbols) == 5000
     assert (snapshot.count == 1).all() and (snapshot.last_ts == 7).all()
@@ -158,3 +158,41 @@ def test_prices_are_held_as_float32_and_counts_saturate():
     # Round to nearest: off by at most half a float32 step (2**-24 of the price).
     assert (np.abs(applied.windows[-1] - prices[-4:]) <= prices[-4:] * 2**-24).all()
     assert int(wins.count[slots[0]]) == 4  # saturates at the window length
+
+
+def ticked(symbols: list[str], first_offsets: list[int], partition: int = 0) -> SymbolWindows:
+    """One real GOOG price per symbol, each first seen at its given input offset."""
+    prices = load_series("dataset:goog")[0].prices[: len(symbols)]
+    wins = SymbolWindows(4)
+    offsets = np.asarray(first_offsets, np.int64)
+    slots = wins.slots_for(symbols, np.full(len(symbols), partition, np.int32), offsets)
+    wins.apply(slots, prices, np.full(len(symbols), 1, np.int64))
+    return wins
+
+
+def test_a_new_symbol_replays_from_its_first_ticks_offset():
+    wins = ticked(["A", "B", "A"], [3, 4, 5])  # A's second tick is not its first
+    assert [wins.replay_from[wins.slot_of(s)] for s in ("A", "B")] == [3, 4]
+
+
+def test_a_bounded_round_saves_the_longest_unsaved_and_holds_its_marker_back():
+    wins = ticked(["A", "B", "C", "D"], [7, 2, 9, 5], partition=1)
+    first = wins.take_snapshot({1: 10}, max_symbols=2)
+    assert sorted(first.snapshot.symbols) == ["B", "D"]  # unsaved since offsets 2 and 5
+    assert first.snapshot.offsets.tolist() == [10, 10]
+    assert first.markers == {1: 7}  # A still needs the input from its first tick, 7
+    assert first.unsaved == 2
+    second = wins.take_snapshot({1: 12}, max_symbols=2)
+    assert sorted(second.snapshot.symbols) == ["A", "C"]
+    assert second.markers == {1: 12} and second.unsaved == 0
+    assert wins.take_snapshot({1: 13}, max_symbols=2).snapshot.symbols == []
+
+
+def test_a_round_never_written_leaves_its_symbols_replaying_from_before_it():
+    wins = ticked(["A", "B"], [3, 5])
+    lost = wins.take_snapshot({0: 10}, max_symbols=2)  # both saved ... then given up
+    wins.mark_unsaved(lost.snapshot, lost.previous)
+    assert all(wins.dirty[wins.slots_for(["A", "B"], np.zeros(2, np.int32))])
+    again = wins.take_snapshot({0: 12}, max_symbols=1)
+    assert again.snapshot.symbols == ["A"]
+    assert again.markers == {0: 5}  # B's snapshot never landed: replay from its first tick
