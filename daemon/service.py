@@ -272,7 +272,8 @@ class TickcastService:
         self._state_producer: AIOKafkaProducer | None = None
         self._state_writer: StateWriter | None = None
         self._last_snapshot = time.monotonic()
-        self._last_round: PendingSnapshot | None = None
+        self._last_round: PendingSnapshot | None = None  # until it is settled
+        self._snapshot_backlog = False  # the last round was written and left symbols behind
         # Per input partition: the offset after the last record rolled into the windows.
         self._positions: dict[TopicPartition, int] = {}
         self._assignment = 0  # rebalances so far (Chunk.assignment)
@@ -513,7 +514,7 @@ class TickcastService:
         after another, so each round's copy stays bounded."""
         await writer.flush()
         while (snapshot := self._maybe_snapshot(force=True)) is not None:
-            self._write_snapshots([snapshot], committed=True)
+            self._write_snapshot(snapshot, committed=True)
             await writer.flush()
 
     @staticmethod
@@ -831,25 +832,37 @@ class TickcastService:
         return Chunk(rows=rows, bad=bad, commit=commit, snapshot=self._maybe_snapshot())
 
     def _maybe_snapshot(self, force: bool = False) -> PendingSnapshot | None:
-        """Every SNAPSHOT_INTERVAL_S, a round copying changed windows as of this fetch;
-        while the last round left symbols unsaved, the next one as soon as it is written."""
+        """A round copying changed windows as of this fetch: every SNAPSHOT_INTERVAL_S, and
+        as soon as the last round is written if it left changed symbols behind. One round
+        at a time, so copies never pile up behind a slow state topic."""
         writer = self._state_writer
         if writer is None:
             return None
-        now = time.monotonic()
         last = self._last_round
-        backlog = last is not None and last.written and last.round.unsaved > 0
-        due = backlog or now - self._last_snapshot >= self.settings.snapshot_interval_s
+        if last is not None:
+            if not last.settled:
+                if not force:
+                    return None
+                # Forced (the last rounds at shutdown): a round not settled by now was cut
+                # off with its chunk and will never be written.
+                writer.give_up(last)
+            self._snapshot_backlog = last.written and last.round.unsaved > 0
+            self._last_round = None  # its copy of the windows can go
+        now = time.monotonic()
+        due = (
+            self._snapshot_backlog or now - self._last_snapshot >= self.settings.snapshot_interval_s
+        )
         if not (force or due):
             return None
         self._last_snapshot = now
+        self._snapshot_backlog = False
         offsets = {
             tp.partition: position
             for tp, position in self._positions.items()
             if tp in self._ready_partitions
         }
         pending = writer.take(offsets, self.settings.snapshot_max_symbols)
-        self._last_round = pending or self._last_round
+        self._last_round = pending
         self.metrics.snapshot_unsaved_symbols.set(pending.round.unsaved if pending else 0)
         return pending
 
@@ -1249,7 +1262,12 @@ class TickcastService:
             for chunk in chunks:
                 offsets.update(chunk.commit)  # later chunks hold later offsets
             committed = await self._commit(consumer, offsets)
-        self._write_snapshots([c.snapshot for c in chunks if c.snapshot is not None], committed)
+        for chunk in chunks:
+            if chunk.snapshot is not None:
+                # A round from an ended assignment (its revocation's drain timed out) could
+                # land after the partitions' next owner wrote newer snapshots.
+                current = chunk.assignment == self._assignment
+                self._write_snapshot(chunk.snapshot, committed and current)
         self._inflight_chunks -= len(chunks)
         if self._inflight_chunks == 0:
             self._drained.set()
@@ -1302,17 +1320,15 @@ class TickcastService:
                         logger.warning("resend failed (%s); retrying", exc)
                         await asyncio.sleep(delay)
 
-    def _write_snapshots(self, snapshots: list[PendingSnapshot], committed: bool) -> None:
-        """Snapshots go out only once their offsets are committed: never ahead of them."""
+    def _write_snapshot(self, pending: PendingSnapshot, committed: bool) -> None:
+        """A round goes out only once its offsets are committed: never ahead of them."""
         if self._state_writer is None:
             return
-        for pending in snapshots:
-            if committed:
-                self._state_writer.submit(pending)
-                self.metrics.snapshot_symbols.inc(len(pending.snapshot))
-            else:
-                # Not committed: these symbols go into a later round.
-                self._state_writer.give_up(pending)
+        if committed:
+            self._state_writer.submit(pending)
+            self.metrics.snapshot_symbols.inc(len(pending.snapshot))
+        else:
+            self._state_writer.give_up(pending)  # its symbols go into a later round
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> bool:
         """Commit offsets of still-assigned partitions; False when that did not happen."""

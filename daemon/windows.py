@@ -324,8 +324,9 @@ class SymbolWindows:
         """Copy the state of changed symbols of ``positions``' partitions (whose windows
         reflect the input below ``positions[partition]``) and mark them clean.
 
-        At most ``max_symbols`` at a time, the longest unsaved first: a round's copy stays
-        bounded however many symbols changed, and its markers advance round by round.
+        At most ``max_symbols`` at a time, those furthest behind their partition's position
+        first: a round's copy stays bounded however many symbols changed, and every
+        partition's marker advances round by round.
         """
         # Full-length temporaries here are bool masks: with a million changed symbols, a
         # few int64 index arrays over all of them would outweigh the round's own copy.
@@ -334,20 +335,16 @@ class SymbolWindows:
         if max_symbols is None or n_unsaved <= max_symbols:
             slots = np.flatnonzero(unsaved)
         else:
-            # The max_symbols-th smallest replay_from: those below it go, then ties.
-            values = self.replay_from[unsaved]
-            values.partition(max_symbols - 1)
-            cut = values[max_symbols - 1]
-            del values
-            below = np.flatnonzero(unsaved & (self.replay_from < cut))
-            ties = np.flatnonzero(unsaved & (self.replay_from == cut))
-            slots = np.sort(np.r_[below, ties[: max_symbols - len(below)]])
+            slots = self._furthest_behind(unsaved, positions, max_symbols)
         unsaved[slots] = False  # now: the changed symbols left for later rounds
         # The oldest offset a still-unsaved symbol needs replayed from bounds each marker.
         markers = {}
         for p, position in positions.items():
-            in_p = unsaved & (self.partition == p)
-            markers[p] = int(np.min(self.replay_from, where=in_p, initial=position))
+            if n_unsaved == len(slots):
+                markers[p] = position
+            else:
+                in_p = unsaved & (self.partition == p)
+                markers[p] = int(np.min(self.replay_from, where=in_p, initial=position))
         previous = self.replay_from[slots].copy()
         partitions = self.partition[slots].copy()
         offsets = np.zeros(len(slots), np.int64)
@@ -364,6 +361,28 @@ class SymbolWindows:
             offsets=offsets,
         )
         return SnapshotRound(snapshot, markers, previous, unsaved=n_unsaved - len(slots))
+
+    def _furthest_behind(
+        self, unsaved: np.ndarray, positions: dict[int, int], n: int
+    ) -> np.ndarray:
+        """The ``n`` unsaved slots whose replay_from is furthest behind their partition's
+        position (offsets of different partitions do not compare), in slot order."""
+        behind = self.replay_from[unsaved]  # made "minus the position" per partition below
+        partition = self.partition[unsaved]
+        for p, position in positions.items():
+            behind[partition == p] -= position
+        del partition
+        behind.partition(n - 1)
+        cut = behind[n - 1]  # the n-th most negative: those below it go, then ties
+        del behind
+        below = np.zeros(len(unsaved), bool)
+        tie = np.zeros(len(unsaved), bool)
+        for p, position in positions.items():
+            in_p = unsaved & (self.partition == p)
+            below |= in_p & (self.replay_from < cut + position)
+            tie |= in_p & (self.replay_from == cut + position)
+        first = np.flatnonzero(below)
+        return np.sort(np.r_[first, np.flatnonzero(tie)[: n - len(first)]])
 
     def load(self, snapshot: WindowSnapshot) -> None:
         """Install symbols' saved state (restore); they count as clean."""

@@ -86,18 +86,20 @@ async def test_rounds_follow_each_other_while_changed_symbols_are_left(
         assert first is not None and len(first.snapshot) == 3
         assert first.round.markers == {0: 3}  # S3 (first tick at offset 3) is unsaved
         assert unsaved(service) == 4
-        # Not written yet: the next round waits (its copy would pile up behind this one).
+        # Not written yet: no next round, even once the interval has passed (copies would
+        # pile up behind a slow state topic).
+        service._last_snapshot = 0.0
         assert service._maybe_snapshot() is None
-        service._write_snapshots([first], committed=True)
+        service._write_snapshot(first, committed=True)
         await asyncio.wait_for(writer.wait_idle(), 10)
         second = service._maybe_snapshot()  # written: the next follows at once
         assert second is not None and len(second.snapshot) == 3
-        service._write_snapshots([second], committed=True)
+        service._write_snapshot(second, committed=True)
         await asyncio.wait_for(writer.wait_idle(), 10)
         third = service._maybe_snapshot()
         assert third is not None and len(third.snapshot) == 1
         assert third.round.markers == {0: 7} and unsaved(service) == 0
-        service._write_snapshots([third], committed=True)
+        service._write_snapshot(third, committed=True)
         await asyncio.wait_for(writer.wait_idle(), 10)
         assert service._maybe_snapshot() is None  # nothing left until the next interval
     finally:
@@ -106,17 +108,66 @@ async def test_rounds_follow_each_other_while_changed_symbols_are_left(
     assert publisher.markers() == [3, 6, 7]
 
 
-async def test_a_round_not_committed_does_not_start_the_next_at_once(
+async def test_a_round_not_committed_is_taken_again_at_the_next_interval(
     service: TickcastService,
 ) -> None:
-    _, publisher = attach_writer(service)
+    attach_writer(service)
     service._last_snapshot = 0.0
     first = service._maybe_snapshot()
     assert first is not None
-    service._write_snapshots([first], committed=False)  # its commit failed
-    assert service._maybe_snapshot() is None  # back to the interval
+    service._write_snapshot(first, committed=False)  # its commit failed
+    assert service._maybe_snapshot() is None  # no backlog round: back to the interval
     assert service.windows.dirty.sum() == 7  # its symbols wait for a later round
+    service._last_snapshot = 0.0
+    again = service._maybe_snapshot()
+    assert again is not None
+    assert sorted(again.snapshot.symbols) == sorted(first.snapshot.symbols)
+    assert again.round.markers == first.round.markers == {0: 3}
+
+
+async def test_a_round_of_an_ended_assignment_is_not_written(
+    service: TickcastService,
+) -> None:
+    """A revocation whose drain timed out leaves chunks in flight; a round riding one of
+    them would land after the partitions' next owner wrote newer snapshots."""
+    from daemon.pipeline import Chunk, ScoringRows
+
+    writer, publisher = attach_writer(service)
+    service._commit = fake_commit  # type: ignore[method-assign]
+    service._last_snapshot = 0.0
+    taken = service._maybe_snapshot()
+    assert taken is not None
+    chunk = Chunk(rows=ScoringRows.empty(60), bad=[], commit={}, snapshot=taken)
+    chunk.assignment = service._assignment
+    service._assignment += 1  # the revocation ended meanwhile
+    service._inflight_chunks = 1
+    await service._commit_acknowledged(None, [chunk])
+    task = asyncio.create_task(writer.run())
+    try:
+        await asyncio.wait_for(writer.wait_idle(), 10)
+    finally:
+        task.cancel()
     assert publisher.sent == []
+    assert taken.settled and not taken.written
+    assert service.windows.dirty.sum() == 7
+
+
+async def fake_commit(consumer: object, offsets: dict[TopicPartition, int]) -> bool:
+    return True
+
+
+async def test_the_forced_round_at_shutdown_gives_up_one_cut_off_with_its_chunk(
+    service: TickcastService,
+) -> None:
+    """The drain timed out with a round still in a chunk: its symbols were marked clean
+    but will never be written, so the final rounds must carry them and hold the marker."""
+    _, publisher = attach_writer(service)
+    service._last_snapshot = 0.0
+    cut_off = service._maybe_snapshot()  # S0..S2, never committed
+    assert cut_off is not None
+    await asyncio.wait_for(service._write_final_snapshots(service._state_writer), 10)  # type: ignore[arg-type]
+    assert sorted(publisher.symbols()) == sorted(s.encode() for s in SYMBOLS)
+    assert publisher.markers() == [3, 6, 7]
 
 
 async def test_shutdown_writes_every_changed_symbol_a_round_at_a_time(
@@ -136,6 +187,7 @@ async def test_shutdown_writes_every_changed_symbol_a_round_at_a_time(
     monkeypatch.setattr(writer, "take", recorded_take)
     await asyncio.wait_for(service._write_final_snapshots(writer), 10)
     assert sorted(publisher.symbols()) == sorted(s.encode() for s in SYMBOLS)
-    assert publisher.markers()[-1] == 7  # the last marker: nothing left to replay
+    # Each marker waits for the symbols left behind (first ticks at offsets 3, then 6).
+    assert publisher.markers() == [3, 6, 7]
     assert max(largest) == 3
     assert not service.windows.dirty.any()

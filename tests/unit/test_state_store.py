@@ -260,14 +260,19 @@ class TopicPublisher:
 
 
 def restored_from(
-    topic: dict[bytes, bytes], partition: int, log: list[tuple[str, float, int]], end: int
+    topic: dict[bytes, bytes],
+    partition: int,
+    log: list[tuple[str, float, int]],
+    base: int,
+    end: int,
 ) -> SymbolWindows:
-    """What a new owner rebuilds: the snapshots, then the input from the marker to end."""
+    """What a new owner rebuilds: the snapshots, then the input from the marker to end
+    (``log[i]`` is the record at offset ``base + i``)."""
     state = decode_partition_state(topic, partition, window_length=20)
-    assert state.marker is not None and state.marker <= end
+    assert state.marker is not None and base <= state.marker <= end
     fresh = SymbolWindows(20)
     fresh.load(state.snapshot)
-    tail = log[state.marker : end]
+    tail = log[state.marker - base : end - base]
     if tail:
         symbols, prices, ts = (list(x) for x in zip(*tail, strict=True))
         offsets = np.arange(state.marker, end, dtype=np.int64)
@@ -278,14 +283,18 @@ def restored_from(
 
 async def test_bounded_rounds_restore_every_window_exactly_whatever_is_given_up():
     """Rounds of at most 7 of 40 changing symbols, with writes failing, rounds not
-    committed (given up) and rounds taken before an earlier one was given up: after every
-    written round, snapshots + replay from the marker rebuild every window exactly."""
+    committed (given up), two rounds queued at once and rounds taken before an earlier one
+    was given up: after every write, snapshots + replay from the marker rebuild every
+    window exactly. Partition 1's offsets start a billion higher and partition 0 changes
+    more symbols per fetch than a round takes: both markers must still advance."""
     import asyncio
 
     rng = np.random.default_rng(7)
     prices = load_series("dataset:nasdaq")[0].prices
     symbols = [f"S{i:02d}" for i in range(40)]
     partition_of = {s: i % 2 for i, s in enumerate(symbols)}
+    base = {0: 0, 1: 1_000_000_000}
+    fetch_size = {0: 16, 1: 4}
     # Each symbol's real price path (offset per symbol), ticking in a random interleaving.
     order = rng.permutation(np.repeat(np.arange(40), 45))
     logs: dict[int, list[tuple[str, float, int]]] = {0: [], 1: []}
@@ -299,21 +308,22 @@ async def test_bounded_rounds_restore_every_window_exactly_whatever_is_given_up(
     publisher = TopicPublisher(fail_every=5)
     writer = StateWriter(publisher, "ticks.state", live)  # type: ignore[arg-type]
     task = asyncio.create_task(writer.run())
-    positions = {0: 0, 1: 0}
+    positions = dict(base)
     held: list[PendingSnapshot] = []  # taken, not yet submitted (awaiting a "commit")
-    checked = marker_moves = 0
+    checked = 0
+    marker_moves = {0: 0, 1: 0}
     last_markers: dict[int, int | None] = {0: None, 1: None}
 
     def check_restores() -> int:
-        nonlocal marker_moves
         compared = 0
         for p in (0, 1):
             marker = decode_marker(publisher.topic.get(p, {}).get(MARKER_KEY, b""))
             if marker is None:
                 continue
-            marker_moves += marker != last_markers[p]
+            if positions[0] < base[0] + len(logs[0]):  # while partition 0 still floods
+                marker_moves[p] += marker != last_markers[p]
             last_markers[p] = marker
-            fresh = restored_from(publisher.topic[p], p, logs[p], positions[p])
+            fresh = restored_from(publisher.topic[p], p, logs[p], base[p], positions[p])
             for symbol in (s for s in symbols if partition_of[s] == p and s in live):
                 got, want = fresh.window(symbol), live.window(symbol)
                 assert got is not None and want is not None, symbol
@@ -321,14 +331,14 @@ async def test_bounded_rounds_restore_every_window_exactly_whatever_is_given_up(
                 compared += 1
         return compared
 
+    def fed() -> bool:
+        return all(positions[p] == base[p] + len(logs[p]) for p in (0, 1))
+
     try:
-
-        def fed() -> bool:
-            return all(positions[p] == len(logs[p]) for p in (0, 1))
-
         while not fed() or held:
-            for p in (0, 1):  # one fetch of up to 5 records per partition
-                fetch = logs[p][positions[p] : positions[p] + 5]
+            for p in (0, 1):  # one fetch per partition
+                at = positions[p] - base[p]
+                fetch = logs[p][at : at + fetch_size[p]]
                 if fetch:
                     syms, px, ts = (list(x) for x in zip(*fetch, strict=True))
                     offsets = np.arange(positions[p], positions[p] + len(fetch), dtype=np.int64)
@@ -337,8 +347,13 @@ async def test_bounded_rounds_restore_every_window_exactly_whatever_is_given_up(
                     positions[p] += len(fetch)
             if not fed() and (pending := writer.take(dict(positions), max_symbols=7)):
                 held.append(pending)
-            # Sometimes two rounds are taken before the first is committed or given up.
-            if len(held) == 2 or (held and rng.random() < 0.6) or fed():
+            # Sometimes two rounds are taken before the first is committed or given up,
+            # and sometimes both are queued before the writer gets to them.
+            if len(held) == 2 and rng.random() < 0.5:
+                writer.submit(held.pop(0))
+                writer.submit(held.pop(0))
+                await asyncio.wait_for(writer.wait_idle(), 10)
+            elif held and (len(held) == 2 or rng.random() < 0.6 or fed()):
                 first = held.pop(0)
                 if rng.random() < 0.2:
                     writer.give_up(first)  # its commit failed
@@ -347,7 +362,7 @@ async def test_bounded_rounds_restore_every_window_exactly_whatever_is_given_up(
                 await asyncio.wait_for(writer.wait_idle(), 10)
             checked += check_restores()
         # No new ticks: rounds catch up and the markers reach the ends of the input.
-        for _ in range(20):
+        for _ in range(200):
             if (pending := writer.take(dict(positions), max_symbols=7)) is not None:
                 writer.submit(pending)
                 await asyncio.wait_for(writer.wait_idle(), 10)
@@ -355,7 +370,8 @@ async def test_bounded_rounds_restore_every_window_exactly_whatever_is_given_up(
     finally:
         task.cancel()
     assert publisher.sends >= 50 and checked > 1000
-    assert marker_moves > 8, "markers must advance while symbols keep changing"
+    assert min(marker_moves.values()) > 5, f"markers must advance: {marker_moves}"
     assert not live.dirty.any()
     for p in (0, 1):
-        assert decode_partition_state(publisher.topic[p], p, 20).marker == len(logs[p])
+        state = decode_partition_state(publisher.topic[p], p, 20)
+        assert state.marker == base[p] + len(logs[p])
