@@ -12,8 +12,9 @@ marker never runs ahead of the group's committed offset. Symbol snapshots are ac
 before their marker is written. Replaying a tick that a snapshot already holds is harmless:
 its ts is not newer, so the window drops it.
 
-A round saves at most TICKCAST_SNAPSHOT_MAX_SYMBOLS symbols, the longest unsaved first, so
-its copy of the windows stays small with a million symbols; its markers are then held back
+A round saves at most TICKCAST_SNAPSHOT_MAX_SYMBOLS symbols, those furthest behind their
+partition's position first, so its copy of the windows stays small with a million symbols;
+its markers are then held back
 to the oldest offset a still-unsaved symbol needs replayed from. Rounds are written in the
 order they were taken, and each round's markers count on every earlier round being on the
 topic. A round that is given up (its write failed, was cut short, or its offsets were not
@@ -150,7 +151,7 @@ class StateWriter:
         self._queue: asyncio.Queue[PendingSnapshot] = asyncio.Queue()
         self._idle = asyncio.Event()  # nothing queued, nothing being written
         self._idle.set()
-        # Bumped whenever a round is given up: the rounds taken before then are void.
+        # Bumped whenever a round is given up: rounds taken before then write no markers.
         self._generation = 0
         self.written = 0
 
