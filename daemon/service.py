@@ -274,6 +274,7 @@ class TickcastService:
         self._last_snapshot = time.monotonic()
         self._last_round: PendingSnapshot | None = None  # until it is settled
         self._snapshot_backlog = False  # the last round was written and left symbols behind
+        self._last_commit_ok = True  # commits are cumulative: the latest one decides
         # Per input partition: the offset after the last record rolled into the windows.
         self._positions: dict[TopicPartition, int] = {}
         self._assignment = 0  # rebalances so far (Chunk.assignment)
@@ -513,6 +514,12 @@ class TickcastService:
         """Everything fetched is committed now: the last rounds are exact. Written one
         after another, so each round's copy stays bounded."""
         await writer.flush()
+        if not self._last_commit_ok:
+            # Their markers would lie above the committed offset, and the next owner would
+            # distrust the state topic and replay whole partitions; the markers already
+            # written stay valid.
+            logger.warning("last offset commit failed: no final window snapshots")
+            return
         while (snapshot := self._maybe_snapshot(force=True)) is not None:
             self._write_snapshot(snapshot, committed=True)
             await writer.flush()
@@ -1262,6 +1269,7 @@ class TickcastService:
             for chunk in chunks:
                 offsets.update(chunk.commit)  # later chunks hold later offsets
             committed = await self._commit(consumer, offsets)
+            self._last_commit_ok = committed
         for chunk in chunks:
             if chunk.snapshot is not None:
                 # A round from an ended assignment (its revocation's drain timed out) could

@@ -191,3 +191,33 @@ async def test_shutdown_writes_every_changed_symbol_a_round_at_a_time(
     assert publisher.markers() == [3, 6, 7]
     assert max(largest) == 3
     assert not service.windows.dirty.any()
+
+
+async def test_no_final_rounds_after_a_failed_commit(service: TickcastService) -> None:
+    """Their markers would lie above the committed offset: the next owner would distrust
+    the whole state topic and replay each partition from its start."""
+    _, publisher = attach_writer(service)
+    service._last_commit_ok = False
+    await asyncio.wait_for(service._write_final_snapshots(service._state_writer), 10)  # type: ignore[arg-type]
+    assert publisher.sent == []
+    assert service.windows.dirty.sum() == 7
+
+
+async def test_the_latest_commit_decides_whether_final_rounds_are_written(
+    service: TickcastService,
+) -> None:
+    from daemon.pipeline import Chunk, ScoringRows
+
+    attach_writer(service)
+    results = iter([False, True])
+
+    async def commit(consumer: object, offsets: dict[TopicPartition, int]) -> bool:
+        return next(results)
+
+    service._commit = commit  # type: ignore[method-assign]
+    for expected in (False, True):
+        chunk = Chunk(rows=ScoringRows.empty(60), bad=[], commit={P0: 7})
+        chunk.assignment = service._assignment
+        service._inflight_chunks = 1
+        await service._commit_acknowledged(None, [chunk])
+        assert service._last_commit_ok is expected
