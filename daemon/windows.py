@@ -338,11 +338,9 @@ class SymbolWindows:
             slots = self._furthest_behind(unsaved, positions, max_symbols)
         unsaved[slots] = False  # now: the changed symbols left for later rounds
         # The oldest offset a still-unsaved symbol needs replayed from bounds each marker.
-        markers = {}
-        for p, position in positions.items():
-            if n_unsaved == len(slots):
-                markers[p] = position
-            else:
+        markers = dict(positions)
+        if n_unsaved > len(slots):
+            for p, position in positions.items():
                 in_p = unsaved & (self.partition == p)
                 markers[p] = int(np.min(self.replay_from, where=in_p, initial=position))
         previous = self.replay_from[slots].copy()
