@@ -164,6 +164,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# Every child started and not yet stopped: a SIGTERM landing between a child's start and
+# the try block of the phase that owns it would otherwise leave it running, orphaned.
+_running: set[ChildDaemon] = set()
+
+
+def stop_children() -> None:
+    """Stop every child daemon still running (the bench's last finally block)."""
+    for child in list(_running):
+        child.stop()
+
+
 class ChildDaemon:
     """A daemon in a child process, its readiness, and its CPU/RSS (from /proc)."""
 
@@ -178,6 +189,7 @@ class ChildDaemon:
             stdout=subprocess.PIPE,
             stderr=self._log,
         )
+        _running.add(self)
         self.compile_s: float | None = None
 
     def read_json_line(self) -> dict[str, Any]:
@@ -215,6 +227,7 @@ class ChildDaemon:
         return proc_rss_bytes(self.process.pid)
 
     def stop(self) -> None:
+        _running.discard(self)
         if self.process.poll() is None:
             self.process.terminate()
             try:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.bench.ceiling import phase_ceiling
+from daemon.bench.child import stop_children
 from daemon.bench.phases import ensure_checkpoint, run_phases
 from daemon.bench.plan import Context, Plan
 from daemon.bench.report import code_version, draw_plots, machine_info, render_table, summarise
@@ -192,6 +193,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 report["results"] = asyncio.run(run_phases(ctx, args))
             report["wall_seconds"] = round(time.perf_counter() - started, 1)
         finally:
+            stop_children()
             if broker is not None:
                 broker.stop()
         report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
