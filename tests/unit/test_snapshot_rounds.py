@@ -23,6 +23,10 @@ from tests.support.daemon import make_checkpoint
 
 P0 = TopicPartition("ticks", 0)
 SYMBOLS = [f"S{i}" for i in range(7)]
+# The last round "was taken" this long ago: any interval has passed. (Not 0.0: the
+# monotonic clock counts from boot, so on a machine up for less than the interval
+# 0.0 would not be long enough ago.)
+INTERVAL_PASSED = float("-inf")
 
 
 class Recording:
@@ -81,14 +85,14 @@ async def test_rounds_follow_each_other_while_changed_symbols_are_left(
     task = asyncio.create_task(writer.run())
     try:
         assert service._maybe_snapshot() is None  # the interval has not passed
-        service._last_snapshot = 0.0
+        service._last_snapshot = INTERVAL_PASSED
         first = service._maybe_snapshot()
         assert first is not None and len(first.snapshot) == 3
         assert first.round.markers == {0: 3}  # S3 (first tick at offset 3) is unsaved
         assert unsaved(service) == 4
         # Not written yet: no next round, even once the interval has passed (copies would
         # pile up behind a slow state topic).
-        service._last_snapshot = 0.0
+        service._last_snapshot = INTERVAL_PASSED
         assert service._maybe_snapshot() is None
         service._write_snapshot(first, committed=True)
         await asyncio.wait_for(writer.wait_idle(), 10)
@@ -112,13 +116,13 @@ async def test_a_round_not_committed_is_taken_again_at_the_next_interval(
     service: TickcastService,
 ) -> None:
     attach_writer(service)
-    service._last_snapshot = 0.0
+    service._last_snapshot = INTERVAL_PASSED
     first = service._maybe_snapshot()
     assert first is not None
     service._write_snapshot(first, committed=False)  # its commit failed
     assert service._maybe_snapshot() is None  # no backlog round: back to the interval
     assert service.windows.dirty.sum() == 7  # its symbols wait for a later round
-    service._last_snapshot = 0.0
+    service._last_snapshot = INTERVAL_PASSED
     again = service._maybe_snapshot()
     assert again is not None
     assert sorted(again.snapshot.symbols) == sorted(first.snapshot.symbols)
@@ -134,7 +138,7 @@ async def test_a_round_of_an_ended_assignment_is_not_written(
 
     writer, publisher = attach_writer(service)
     service._commit = fake_commit  # type: ignore[method-assign]
-    service._last_snapshot = 0.0
+    service._last_snapshot = INTERVAL_PASSED
     taken = service._maybe_snapshot()
     assert taken is not None
     chunk = Chunk(rows=ScoringRows.empty(60), bad=[], commit={}, snapshot=taken)
@@ -162,7 +166,7 @@ async def test_the_forced_round_at_shutdown_gives_up_one_cut_off_with_its_chunk(
     """The drain timed out with a round still in a chunk: its symbols were marked clean
     but will never be written, so the final rounds must carry them and hold the marker."""
     _, publisher = attach_writer(service)
-    service._last_snapshot = 0.0
+    service._last_snapshot = INTERVAL_PASSED
     cut_off = service._maybe_snapshot()  # S0..S2, never committed
     assert cut_off is not None
     await asyncio.wait_for(service._write_final_snapshots(service._state_writer), 10)  # type: ignore[arg-type]
