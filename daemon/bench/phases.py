@@ -21,7 +21,15 @@ from daemon.bench.load import (
     latency_summary,
     producer_for,
 )
-from daemon.bench.plan import COMMIT_POLL_COARSE_S, COMMIT_POLL_FINE_S, PARTITIONS, WINDOW, Context
+from daemon.bench.plan import (
+    COMMIT_POLL_COARSE_S,
+    COMMIT_POLL_FINE_S,
+    HALF_LOAD,
+    PARTITIONS,
+    WINDOW,
+    Context,
+    latency_schedule,
+)
 from daemon.bench.sampling import Sampler
 
 
@@ -174,13 +182,16 @@ async def live_loads(
     ctx: Context,
     kept: Any,
     rate_c: float,
-    loads: Sequence[float],
+    schedule: Sequence[float],
     seconds: float,
     warmup_s: float,
-) -> list[dict[str, Any]]:
-    """Offered load at fractions of (c); latency = received - ts (wall clock in ticks)."""
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Offered load at fractions of (c), in ``schedule`` order; latency = received - ts
+    (wall clock in ticks). Returns every window, and the HALF_LOAD windows pooled: the
+    latency of all their ticks together (None when the schedule has none)."""
     _, sampler, reader, topics, source = kept
     out = []
+    half_latencies: list[np.ndarray] = []
     freeze_garbage_collector()
     async with producer_for(ctx.bootstrap, ctx.idempotent) as producer:
         writer = TickWriter(source, producer, topics["input"])
@@ -189,9 +200,9 @@ async def live_loads(
         # Steady state, not start-up: the JVM broker compiles its hot paths over its first
         # minute of load (measured: its CPU at a fixed rate fell from 0.8 to 0.25 cores).
         warm_from = reader.count
-        sent, _ = await writer.write_at_rate(0.5 * rate_c, warmup_s)
+        sent, _ = await writer.write_at_rate(HALF_LOAD * rate_c, warmup_s)
         await reader.wait_for(warm_from + sent, timeout_s=120)
-        for fraction in loads:
+        for fraction in schedule:
             rate = fraction * rate_c
             before = reader.count
             started = time.time()
@@ -217,9 +228,31 @@ async def live_loads(
                     **sampler.window(started, ended),
                 }
             )
+            if fraction == HALF_LOAD:
+                half_latencies.append(latency)
             print(f"  live {fraction:.2f} x (c): {out[-1]}", flush=True)
             await asyncio.sleep(0.5)
-    return out
+    return out, pool_windows(out, half_latencies, HALF_LOAD)
+
+
+def pool_windows(
+    windows: Sequence[dict[str, Any]], latencies: Sequence[np.ndarray], fraction: float
+) -> dict[str, Any] | None:
+    """The windows offered at ``fraction`` as one: latency over all their ticks (given in
+    ``latencies``, one array per such window, in order), complete only if each was."""
+    mine = [w for w in windows if w["load_fraction"] == fraction]
+    if not mine:
+        return None
+    return {
+        "load_fraction": fraction,
+        "windows": len(mine),
+        "ticks": sum(w["ticks"] for w in mine),
+        "predicted": sum(w["predicted"] for w in mine),
+        "complete": all(w["complete"] for w in mine),
+        "achieved_ticks_per_s": round(float(np.mean([w["achieved_ticks_per_s"] for w in mine]))),
+        **latency_summary(np.concatenate(latencies)),
+        "p99_ms_per_window": [w["p99_ms"] for w in mine],
+    }
 
 
 async def soak(ctx: Context, kept: Any, rate: float, seconds: float) -> dict[str, Any]:
@@ -359,8 +392,9 @@ async def run_phases(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     try:
         rate_c = float(r["c_tickcast"]["predictions_per_s"])
         print(f"latency under offered load (after {plan.warmup_seconds:.0f} s at half load) ...")
-        r["latency"] = await live_loads(
-            ctx, kept, rate_c, plan.loads, plan.live_seconds, plan.warmup_seconds
+        schedule = latency_schedule(plan.loads, plan.half_load_windows)
+        r["latency"], r["half_load"] = await live_loads(
+            ctx, kept, rate_c, schedule, plan.live_seconds, plan.warmup_seconds
         )
         if plan.soak_seconds:
             print(f"soak {plan.soak_seconds:.0f}s at half load ...", flush=True)

@@ -79,6 +79,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--live-seconds", type=float, default=None, help="seconds per offered load")
     parser.add_argument(
+        "--half-load-windows",
+        type=_at_least_one,
+        default=None,
+        help="times the judged half load is offered; its latency pools them (default 3)",
+    )
+    parser.add_argument(
         "--max-batch-size", type=int, default=1024, help="the (c) daemon's max batch"
     )
     parser.add_argument(
