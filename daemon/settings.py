@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from model.kafka_access import KafkaAccess
+from model.tick_rules import MAX_SYMBOL_LENGTH, MAX_TICK_BYTES
 
 
 class Settings(KafkaAccess):
@@ -83,8 +84,8 @@ class Settings(KafkaAccess):
     conflate: bool = False
 
     # Input validation
-    max_tick_bytes: int = Field(default=4096, ge=64)
-    max_symbol_length: int = Field(default=64, ge=1)
+    max_tick_bytes: int = Field(default=MAX_TICK_BYTES, ge=64)
+    max_symbol_length: int = Field(default=MAX_SYMBOL_LENGTH, ge=1)
     # A dead letter carries at most this much of the original value (the rest stays in the
     # input topic at tickcast.source): an oversized original plus headers could exceed the
     # broker's message limit, and a rejected dead letter would be resent forever.

@@ -8,19 +8,16 @@ the dead-letter topic: a bad tick never raises and never blocks its partition.
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import msgspec
 import numpy as np
 import orjson
 
-# Event times must fit a float64 exactly and be after 1970; the upper bound (year ~2286)
-# rejects values in micro- or nanoseconds, a common producer mistake.
-MAX_TS_MS = 10**13
+from model.tick_rules import MAX_PRICE, MAX_TS_MS, MIN_PRICE, InvalidTickError, validate_tick
 
 
 class RawRecord(Protocol):
@@ -82,56 +79,6 @@ BAD_TICK_REASONS = (
     "bad_price",
     "bad_ts",
 )
-
-
-class _InvalidTickError(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
-# Windows hold float32 (windows.PRICE_DTYPE): a price outside its normal range would be
-# stored as inf or 0 and poison the symbol's next 60 predictions.
-MIN_PRICE = float(np.finfo(np.float32).tiny)
-MAX_PRICE = float(np.finfo(np.float32).max)
-
-
-def _validate(obj: Any, max_symbol_length: int) -> tuple[str, float, int]:
-    """(symbol, price, ts) of one decoded JSON value, or raise :class:`_InvalidTickError`."""
-    if not isinstance(obj, dict):
-        raise _InvalidTickError(
-            "not_object", f"value is a JSON {type(obj).__name__}, not an object"
-        )
-    try:
-        symbol, price, ts = obj["symbol"], obj["price"], obj["ts"]
-    except KeyError as exc:
-        raise _InvalidTickError("missing_field", f"missing field {exc.args[0]!r}") from None
-    if not isinstance(symbol, str) or not symbol or len(symbol) > max_symbol_length:
-        raise _InvalidTickError(
-            "bad_symbol", f"symbol must be a non-empty string of at most {max_symbol_length} chars"
-        )
-    if not symbol.isprintable():
-        raise _InvalidTickError("bad_symbol", "symbol has non-printable characters")
-    # bool is an int subclass in Python: true/false are neither prices nor times.
-    if isinstance(price, bool) or not isinstance(price, int | float):
-        raise _InvalidTickError("bad_price", f"price must be a number, got {type(price).__name__}")
-    price = float(price)
-    if not math.isfinite(price) or price <= 0.0:
-        raise _InvalidTickError("bad_price", f"price must be finite and positive, got {price!r}")
-    if not MIN_PRICE <= price <= MAX_PRICE:
-        raise _InvalidTickError(
-            "bad_price", f"price {price!r} is outside the float32 range windows hold"
-        )
-    if isinstance(ts, float) and ts.is_integer():
-        ts = int(ts)
-    if isinstance(ts, bool) or not isinstance(ts, int):
-        raise _InvalidTickError(
-            "bad_ts", f"ts must be integer epoch milliseconds, got {type(ts).__name__}"
-        )
-    if not 0 < ts < MAX_TS_MS:
-        raise _InvalidTickError("bad_ts", f"ts {ts} is not epoch milliseconds")
-    return symbol, price, ts
 
 
 def decode_ticks(
@@ -276,8 +223,8 @@ def decode_one_by_one(
                 bad.append(BadTick(record, partition, "not_json", detail))
             continue
         try:
-            symbol, price, ts = _validate(obj, max_symbol_length)
-        except _InvalidTickError as invalid:
+            symbol, price, ts = validate_tick(obj, max_symbol_length)
+        except InvalidTickError as invalid:
             bad.append(BadTick(record, partition, invalid.reason, invalid.detail))
             continue
         symbols.append(symbol)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from model.tick_rules import MAX_TS_MS
+
 logger = logging.getLogger(__name__)
 
 DATASET_PREFIX = "dataset:"
@@ -257,10 +259,9 @@ def _long_table_series(frame: pd.DataFrame, source: str) -> list[PriceSeries]:
     return series
 
 
-# Event times are epoch milliseconds after 1970 and before 2286 (a tick's ts too: a ts in
-# micro- or nanoseconds is a producer bug). Below 1e11 (1973) a whole column would rather
-# be epoch seconds.
-MAX_TS_MS = 10**13
+# Event times are epoch milliseconds after 1970 and before 2286 (MAX_TS_MS, a tick's
+# bound too: a ts in micro- or nanoseconds is a producer bug). Below 1e11 (1973) a whole
+# column would rather be epoch seconds.
 _SECONDS_LIKELY_BELOW = 10**11
 
 # Dates pandas can hold at nanosecond resolution (1677-09-21 .. 2262-04-11), in epoch ms.

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
 import time
 from collections import Counter
@@ -26,15 +25,11 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from model.data import MAX_TS_MS, DataError, PriceSeries
+from model.data import DataError, PriceSeries
 from model.kafka_access import KafkaAccess
+from model.tick_rules import MAX_TICK_BYTES, InvalidTickError, validate_tick
 
 logger = logging.getLogger(__name__)
-
-# The same bounds as the daemon's decoder: ts in epoch ms (model.data.MAX_TS_MS), symbols
-# short and printable, small values.
-MAX_SYMBOL_LENGTH = 64
-MAX_TICK_BYTES = 4096
 
 
 @dataclass
@@ -120,7 +115,8 @@ def parse_since(text: str, now: datetime | None = None) -> int:
 
 
 def decode_tick(value: bytes | None) -> tuple[str, float, int] | str:
-    """(symbol, price, ts) of one record value, or the reason it cannot be used."""
+    """(symbol, price, ts) of one record value, or the reason it cannot be used: the
+    daemon's rules (:mod:`model.tick_rules`) at their default limits."""
     if not value:
         return "empty"
     if len(value) > MAX_TICK_BYTES:
@@ -129,28 +125,10 @@ def decode_tick(value: bytes | None) -> tuple[str, float, int] | str:
         obj = orjson.loads(value)
     except orjson.JSONDecodeError:
         return "not_json"
-    if not isinstance(obj, dict):
-        return "not_object"
-    symbol, price, ts = obj.get("symbol"), obj.get("price"), obj.get("ts")
-    if symbol is None or price is None or ts is None:
-        return "missing_field"
-    if (
-        not isinstance(symbol, str)
-        or not symbol
-        or len(symbol) > MAX_SYMBOL_LENGTH
-        or not symbol.isprintable()
-    ):
-        return "bad_symbol"
-    # bool is an int subclass: true/false are neither prices nor times.
-    if isinstance(price, bool) or not isinstance(price, int | float):
-        return "bad_price"
-    if not math.isfinite(price) or price <= 0:
-        return "bad_price"
-    if isinstance(ts, float) and ts.is_integer():
-        ts = int(ts)
-    if isinstance(ts, bool) or not isinstance(ts, int) or not 0 < ts < MAX_TS_MS:
-        return "bad_ts"
-    return symbol, float(price), ts
+    try:
+        return validate_tick(obj)
+    except InvalidTickError as invalid:
+        return invalid.reason
 
 
 def build_series(

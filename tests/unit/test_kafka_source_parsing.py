@@ -16,15 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model.data import PriceSeries, load_series
-from model.kafka_source import (
-    MAX_SYMBOL_LENGTH,
-    MAX_TICK_BYTES,
-    MAX_TS_MS,
-    build_series,
-    decode_tick,
-    parse_duration,
-    parse_since,
-)
+from model.kafka_source import build_series, decode_tick, parse_duration, parse_since
+from model.tick_rules import MAX_SYMBOL_LENGTH, MAX_TICK_BYTES, MAX_TS_MS
 
 NOW = datetime(2024, 5, 8, 12, 0, tzinfo=UTC)
 NOW_MS = 1_715_169_600_000
@@ -235,8 +228,13 @@ INVALID = [
     (b'{"symbol": "A", "price": 1.0}', "missing_field"),
     (b'{"symbol": "A", "ts": 5}', "missing_field"),
     (b'{"price": 1.0, "ts": 5}', "missing_field"),
-    (b'{"symbol": null, "price": 1.0, "ts": 5}', "missing_field"),
-    (b'{"symbol": "A", "price": null, "ts": 5}', "missing_field"),
+    # The daemon's rules (model.tick_rules): a field that is there but null has a bad value.
+    (b'{"symbol": null, "price": 1.0, "ts": 5}', "bad_symbol"),
+    (b'{"symbol": "A", "price": null, "ts": 5}', "bad_price"),
+    (b'{"symbol": "A", "price": 1.0, "ts": null}', "bad_ts"),
+    # Beyond float32, which windows and model inputs hold: the daemon dead-letters it.
+    (b'{"symbol": "A", "price": 1e39, "ts": 5}', "bad_price"),
+    (b'{"symbol": "A", "price": 1e-39, "ts": 5}', "bad_price"),
     (b'{"symbol": "", "price": 1.0, "ts": 5}', "bad_symbol"),
     (b'{"symbol": 7, "price": 1.0, "ts": 5}', "bad_symbol"),
     (b'{"symbol": ["A"], "price": 1.0, "ts": 5}', "bad_symbol"),
