@@ -12,8 +12,8 @@ import numpy as np
 # Event times must fit a float64 exactly and be after 1970; the upper bound (year ~2286)
 # rejects values in micro- or nanoseconds, a common producer mistake.
 MAX_TS_MS = 10**13
-# Windows and model inputs hold float32: a price outside its normal range would be stored
-# as inf or 0 and poison the symbol's next 60 predictions.
+# The daemon's windows hold float32 prices: one outside float32's normal range would be
+# stored as inf or 0 and poison the symbol's next 60 predictions.
 MIN_PRICE = float(np.finfo(np.float32).tiny)
 MAX_PRICE = float(np.finfo(np.float32).max)
 # Defaults of TICKCAST_MAX_SYMBOL_LENGTH and TICKCAST_MAX_TICK_BYTES.
