@@ -51,6 +51,13 @@ class TickStream:
             order = order[:limit]
         return TickStream(symbols[order], prices[order], ts[order])
 
+    def split(self, at: int) -> tuple[TickStream, TickStream]:
+        """The first ``at`` ticks, and the rest."""
+        return (
+            TickStream(self.symbols[:at], self.prices[:at], self.ts[:at]),
+            TickStream(self.symbols[at:], self.prices[at:], self.ts[at:]),
+        )
+
     def records(self, start: int, stop: int, ts: np.ndarray | None = None) -> list[OutRecord]:
         """Tick records for rows [start, stop); ``ts`` replaces their event times."""
         if ts is None:

@@ -35,14 +35,6 @@ PER_SYMBOL = 160
 BEFORE_STOP = 30  # predictions the first instance publishes before it is stopped
 
 
-def split_stream(stream, at: int):
-    from daemon.replay import TickStream
-
-    first = TickStream(stream.symbols[:at], stream.prices[:at], stream.ts[:at])
-    second = TickStream(stream.symbols[at:], stream.prices[at:], stream.ts[at:])
-    return first, second
-
-
 def expected_count(stream) -> int:
     return sum(
         max(0, int((stream.symbols == s).sum()) - WINDOW + 1) for s in set(stream.symbols.tolist())
@@ -85,7 +77,7 @@ async def test_sigkill_mid_stream_then_restart_loses_nothing(
     daemon = DaemonProcess(settings, tmp_path / "daemon.log")
     daemon.start()
     await daemon.wait_ready()
-    first, second = split_stream(stream, len(stream) // 2)
+    first, second = stream.split(len(stream) // 2)
     await produce_stream(kafka_bootstrap, daemon_topics["input"], first)
     # Kill while it is working through the first half (some predictions are out).
     await consume(kafka_bootstrap, daemon_topics["output"], 1, timeout_s=60)
@@ -112,15 +104,17 @@ async def test_graceful_stop_mid_stream_and_restart_has_no_gaps_and_no_duplicate
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     await producer.start()
     try:
+        # Ticks keep arriving at a steady rate while the daemon stops and starts again; the
+        # tail is sent only once the first instance has stopped, so the stop is mid-stream
+        # however long it takes (the head holds BEFORE_STOP predictions many times over).
+        head, tail = stream.split(len(stream) // 2)
         async with running_daemon(settings) as first:
-            # Ticks keep arriving at a steady rate while the daemon stops and starts again.
-            feeding = asyncio.create_task(
-                replay(producer, daemon_topics["input"], stream, rate=150)
-            )
+            feeding = asyncio.create_task(replay(producer, daemon_topics["input"], head, rate=150))
             await wait_until(
                 lambda: published(first) >= BEFORE_STOP, "predictions of the first instance"
             )
-        assert not feeding.done(), "the stop must happen mid-stream"
+        await feeding
+        feeding = asyncio.create_task(replay(producer, daemon_topics["input"], tail, rate=150))
         async with running_daemon(settings) as second:
             await feeding
             total = expected_count(stream)
@@ -139,7 +133,7 @@ async def test_broker_restart_mid_stream_daemon_recovers_by_itself(
     kafka_broker, kafka_bootstrap, daemon_topics, checkpoint_dir, unique_group
 ):
     stream = real_stream(PER_SYMBOL)
-    first, second = split_stream(stream, len(stream) // 2)
+    first, second = stream.split(len(stream) // 2)
     settings = daemon_settings(kafka_bootstrap, daemon_topics, checkpoint_dir, unique_group)
     async with running_daemon(settings) as service:
         await produce_stream(kafka_bootstrap, daemon_topics["input"], first)

@@ -236,14 +236,6 @@ async def test_swap_under_steady_load(
     assert longest_around < limit, summary
 
 
-def _head(stream: TickStream, n: int) -> TickStream:
-    return TickStream(stream.symbols[:n], stream.prices[:n], stream.ts[:n])
-
-
-def _tail(stream: TickStream, n: int) -> TickStream:
-    return TickStream(stream.symbols[n:], stream.prices[n:], stream.ts[n:])
-
-
 @pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
 async def test_a_bad_checkpoint_is_rejected_and_the_old_model_keeps_serving(
     case: str,
@@ -259,17 +251,17 @@ async def test_a_bad_checkpoint_is_rejected_and_the_old_model_keeps_serving(
     old = str(read_latest(checkpoint_dir))
     stream = interleaved_stream(per_symbol=100)
     expected = 3 * (100 - WINDOW + 1)
-    half = len(stream) // 2
+    head, tail = stream.split(len(stream) // 2)
     settings = daemon_settings(kafka_bootstrap, daemon_topics, checkpoint_dir, unique_group)
     async with running_daemon(settings) as service:
-        await produce_stream(kafka_bootstrap, daemon_topics["input"], _head(stream, half))
+        await produce_stream(kafka_bootstrap, daemon_topics["input"], head)
         version = bad.write(checkpoint_dir, tmp_path)
         deadline = time.monotonic() + 60
         while sample(service, "tickcast_model_reloads_total", {"result": "rejected"}) < 1:
             assert time.monotonic() < deadline, "the bad checkpoint was never looked at"
             await asyncio.sleep(0.05)
         # Serving goes on after the rejection, with the old model.
-        await produce_stream(kafka_bootstrap, daemon_topics["input"], _tail(stream, half))
+        await produce_stream(kafka_bootstrap, daemon_topics["input"], tail)
         predictions = await read_predictions(kafka_bootstrap, daemon_topics["output"], expected)
         await asyncio.sleep(0.5)  # a few more polls: the rejection is not repeated
         rejected = sample(service, "tickcast_model_reloads_total", {"result": "rejected"})
