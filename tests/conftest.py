@@ -14,10 +14,16 @@ from typing import Protocol
 from uuid import uuid4
 
 import pytest
+from hypothesis import settings
 
 from daemon.embedded_kafka import BrokerError, KafkaBroker, create_topics
 
 BOOTSTRAP_ENV_VAR = "TICKCAST_TEST_BOOTSTRAP"
+
+# No per-example deadline (Hypothesis' default is 200 ms): on a loaded 2-core CI machine
+# one stalled example would fail a property test that has nothing to do with speed.
+settings.register_profile("tickcast", deadline=None)
+settings.load_profile("tickcast")
 
 
 class TopicFactory(Protocol):

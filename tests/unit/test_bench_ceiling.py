@@ -26,4 +26,5 @@ def test_parallel_rate_leaves_the_warm_up_out() -> None:
 
     rate = measure_parallel_rate(predict, windows, seconds=0.2, workers=2)
     ideal = 2 * len(windows) / 0.005
-    assert 0.5 * ideal < rate <= 1.01 * ideal, (rate, ideal)
+    # Above a sixth with room to spare: a 5 ms sleep can take twice that on a loaded VM.
+    assert 0.3 * ideal < rate <= 1.01 * ideal, (rate, ideal)
