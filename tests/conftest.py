@@ -17,6 +17,7 @@ import pytest
 from hypothesis import settings
 
 from daemon.embedded_kafka import BrokerError, KafkaBroker, create_topics
+from tests.support.processes import kill_leftovers
 
 BOOTSTRAP_ENV_VAR = "TICKCAST_TEST_BOOTSTRAP"
 
@@ -101,3 +102,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
 
     atexit.register(silence_stderr)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_daemons() -> Iterator[None]:
+    """A test that failed before stopping its child daemons leaves them running: kill them,
+    or they go on fetching and take CPU from the tests after it on a 2-core machine."""
+    yield
+    kill_leftovers()

@@ -20,6 +20,7 @@ from daemon.service import TickcastService
 from daemon.settings import Settings
 from model.checkpoint import CheckpointMeta, new_version, promote, save_checkpoint
 from model.gru import ModelConfig, PriceGRU
+from tests.support.processes import track
 
 
 def make_checkpoint(root: Path, seed: int = 7, window_length: int = 60) -> str:
@@ -215,8 +216,10 @@ class DaemonProcess:
         import sys
 
         self._log = open(self.log_path, "ab")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "daemon"], env=self.env, stdout=self._log, stderr=self._log
+        self.process = track(
+            subprocess.Popen(
+                [sys.executable, "-m", "daemon"], env=self.env, stdout=self._log, stderr=self._log
+            )
         )
 
     async def wait_ready(self, timeout_s: float = 90.0) -> None:

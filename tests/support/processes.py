@@ -6,9 +6,32 @@ variable finds the whole tree while it runs and proves nothing is left once it e
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 MARKER_VAR = "TICKCAST_TEST_MARKER"
+
+# Child processes started by test helpers; whatever a test leaves running (it failed
+# before stopping them) is killed after it, so that it cannot take CPU from the next.
+_children: list[subprocess.Popen[bytes]] = []
+
+
+def track(process: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    """Remember ``process`` for :func:`kill_leftovers`; returns it."""
+    _children.append(process)
+    return process
+
+
+def kill_leftovers() -> int:
+    """Kill every tracked child still running; forget them all. Returns how many it killed."""
+    killed = 0
+    for process in _children:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+            killed += 1
+    _children.clear()
+    return killed
 
 
 def marked_processes(marker: str) -> dict[int, str]:
