@@ -227,6 +227,7 @@ print("compiled step ok")
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the child's own limit; the suite's 300 s would cut it
 def test_compiled_step_matches_nn_gru_and_is_shared() -> None:
     """torch.compile of one step (inductor, C++): same outputs, one compile per process.
 

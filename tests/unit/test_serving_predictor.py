@@ -36,6 +36,8 @@ def serving(root: Path, inference: str) -> Settings:
     return Settings(checkpoint_dir=root, device="cpu", inference=inference)
 
 
+# Its wait for the compiled step (600 s) outlasts the suite's 300 s per test on a cold cache.
+@pytest.mark.timeout(900)
 def test_each_inference_setting_serves_its_forward(
     checkpoint_root: Path, windows: np.ndarray
 ) -> None:
