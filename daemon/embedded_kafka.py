@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Coroutine, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Self, TypeVar
+from typing import Any, Self, TypeVar
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
@@ -176,31 +176,18 @@ def kill_process(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-class KafkaBroker:
-    """One Apache Kafka process acting as both KRaft controller and broker.
+class BrokerProcess:
+    """What the embedded brokers (Apache Kafka here, Tansu in :mod:`daemon.tansu`) have in
+    common: an address on HOST, a process whose output goes to ``work_dir/LOG_NAME``, a
+    launch that waits until the broker serves clients, and a stop that is safe to call
+    twice. Subclasses write ``start()`` and the readiness probe."""
 
-    Everything lives in ``work_dir``: ``server.properties``, ``log4j2.properties``, the
-    data (``data/``) and the process output (``broker.log``). Ports are fixed when the
-    object is built, so :meth:`restart` brings the broker back at the same address with
-    the same topics, records and committed offsets.
-    """
+    NAME = "broker"  # starts its messages: "Kafka broker on 127.0.0.1:9092: ..."
+    LOG_NAME = "broker.log"
 
-    def __init__(
-        self,
-        work_dir: Path,
-        port: int | None = None,
-        controller_port: int | None = None,
-        libs_dir: Path | None = None,
-        extra_properties: Mapping[str, str] | None = None,
-    ) -> None:
+    def __init__(self, work_dir: Path, port: int) -> None:
         self.work_dir = Path(work_dir)
-        free = iter(pick_free_ports([port, controller_port].count(None)))
-        self.port = port if port is not None else next(free)
-        self.controller_port = controller_port if controller_port is not None else next(free)
-        if self.port == self.controller_port:
-            raise ValueError(f"port and controller_port are both {self.port}")
-        self._libs_dir = libs_dir
-        self._extra_properties = dict(extra_properties or {})
+        self.port = port
         self._process: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize | None = None
 
@@ -210,17 +197,147 @@ class KafkaBroker:
         return f"{HOST}:{self.port}"
 
     @property
-    def data_dir(self) -> Path:
-        return self.work_dir / "data"
+    def log_path(self) -> Path:
+        """The broker process's stdout and stderr, across restarts."""
+        return self.work_dir / self.LOG_NAME
 
     @property
-    def log_path(self) -> Path:
-        """The broker process's stdout and stderr (WARN and above), across restarts."""
-        return self.work_dir / "broker.log"
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
 
     @property
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    def log_tail(self, n_lines: int = 50) -> str:
+        """The last ``n_lines`` of :attr:`log_path` ('' when there is none yet)."""
+        try:
+            with self.log_path.open("r", encoding="utf-8", errors="replace") as log:
+                return "".join(deque(log, maxlen=n_lines))
+        except FileNotFoundError:
+            return ""
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        raise NotImplementedError
+
+    async def _serves_clients(self, timeout_s: float) -> bool:
+        """One readiness probe: True once the broker answers as a usable broker."""
+        raise NotImplementedError
+
+    def _log_line(self, text: str) -> None:
+        with self.log_path.open("ab") as log:
+            log.write(f"--- tickcast: {text} ---\n".encode())
+
+    def _launch(
+        self, command: list[str], deadline: float, env: Mapping[str, str] | None = None
+    ) -> None:
+        """Start ``command`` as the broker and wait until it serves clients (or raise
+        :class:`BrokerError`, with the end of its log, and leave nothing running)."""
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.work_dir,
+                env=env,
+                # Not in the terminal's process group: on Ctrl-C the caller shuts its
+                # clients down first and then stops the broker, in that order.
+                start_new_session=True,
+            )
+        # A broker left behind by a crashed caller would hold its ports and memory.
+        self._finalizer = weakref.finalize(self, kill_process, self._process)
+        try:
+            self._wait_until_ready(deadline)
+        except BaseException:
+            self.stop(timeout_s=5.0)
+            raise
+
+    def _wait_until_ready(self, deadline: float) -> None:
+        # An open port is not enough: the broker must answer a metadata request as itself.
+        process = self._process
+        assert process is not None
+        last_error: BaseException | None = None
+        while True:
+            returncode = process.poll()
+            if returncode is not None:
+                raise BrokerError(self._failure(f"the broker exited with code {returncode}"))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                reason = f"not ready before the timeout (last error: {last_error!r})"
+                raise BrokerError(self._failure(reason))
+            if port_open(self.port):
+                try:
+                    if _run_blocking(self._serves_clients(min(remaining, 5.0))):
+                        return
+                except Exception as error:
+                    last_error = error
+            time.sleep(0.05)
+
+    def _failure(self, reason: str) -> str:
+        return f"{self.NAME} on {self.bootstrap}: {reason}. End of {self.log_path}:\n" + (
+            self.log_tail(40) or "(empty)"
+        )
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM (a clean shutdown), then SIGKILL after ``timeout_s``. Safe to call twice."""
+        process, self._process = self._process, None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop within %.0f s; killing it", self.NAME, timeout_s)
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class KafkaBroker(BrokerProcess):
+    """One Apache Kafka process acting as both KRaft controller and broker.
+
+    Everything lives in ``work_dir``: ``server.properties``, ``log4j2.properties``, the
+    data (``data/``) and the process output (``broker.log``). Ports are fixed when the
+    object is built, so :meth:`restart` brings the broker back at the same address with
+    the same topics, records and committed offsets.
+    """
+
+    NAME = "Kafka broker"
+
+    def __init__(
+        self,
+        work_dir: Path,
+        port: int | None = None,
+        controller_port: int | None = None,
+        libs_dir: Path | None = None,
+        extra_properties: Mapping[str, str] | None = None,
+    ) -> None:
+        free = iter(pick_free_ports([port, controller_port].count(None)))
+        super().__init__(work_dir, port if port is not None else next(free))
+        self.controller_port = controller_port if controller_port is not None else next(free)
+        if self.port == self.controller_port:
+            raise ValueError(f"port and controller_port are both {self.port}")
+        self._libs_dir = libs_dir
+        self._extra_properties = dict(extra_properties or {})
+
+    @property
+    def data_dir(self) -> Path:
+        return self.work_dir / "data"
 
     def server_properties(self) -> dict[str, str]:
         """The broker configuration that :meth:`start` writes to ``server.properties``."""
@@ -251,14 +368,6 @@ class KafkaBroker:
         properties.update(self._extra_properties)
         return properties
 
-    def log_tail(self, n_lines: int = 50) -> str:
-        """The last ``n_lines`` of :attr:`log_path` ('' when there is none yet)."""
-        try:
-            with self.log_path.open("r", encoding="utf-8", errors="replace") as log:
-                return "".join(deque(log, maxlen=n_lines))
-        except FileNotFoundError:
-            return ""
-
     def start(self, timeout_s: float = 60.0) -> None:
         """Format storage on first use, launch the broker and wait until it serves metadata.
 
@@ -287,35 +396,15 @@ class KafkaBroker:
             "-cp",
             str(libs_dir / "*"),
         ]
-        with self.log_path.open("ab") as log:
-            log.write(f"--- tickcast: starting Kafka on {self.bootstrap} ---\n".encode())
-            log.flush()
-            if not (self.data_dir / "meta.properties").exists():
-                self._format_storage(java_command, config_path, log, deadline)
-            self._process = subprocess.Popen(
-                [*java_command, "kafka.Kafka", str(config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.work_dir,
-                # Not in the terminal's process group: on Ctrl-C the caller shuts its
-                # clients down first and then stops the broker, in that order.
-                start_new_session=True,
-            )
-        # A broker left behind by a crashed caller would hold its ports and heap.
-        self._finalizer = weakref.finalize(self, kill_process, self._process)
-        try:
-            self._wait_until_ready(deadline)
-        except BaseException:
-            self.stop(timeout_s=5.0)
-            raise
+        self._log_line(f"starting Kafka on {self.bootstrap}")
+        if not (self.data_dir / "meta.properties").exists():
+            self._format_storage(java_command, config_path, deadline)
+        self._launch([*java_command, "kafka.Kafka", str(config_path)], deadline)
         logger.info(
             "Kafka broker ready on %s in %.1f s", self.bootstrap, time.monotonic() - started
         )
 
-    def _format_storage(
-        self, java_command: list[str], config_path: Path, log: BinaryIO, deadline: float
-    ) -> None:
+    def _format_storage(self, java_command: list[str], config_path: Path, deadline: float) -> None:
         # controller.quorum.voters is set (a static quorum), so no --standalone.
         command = [
             *java_command,
@@ -328,80 +417,29 @@ class KafkaBroker:
             "--ignore-formatted",
         ]
         try:
-            returncode = subprocess.run(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.work_dir,
-                timeout=max(deadline - time.monotonic(), 1.0),
-                check=False,
-            ).returncode
+            with self.log_path.open("ab") as log:
+                returncode = subprocess.run(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.work_dir,
+                    timeout=max(deadline - time.monotonic(), 1.0),
+                    check=False,
+                ).returncode
         except subprocess.TimeoutExpired:
             raise BrokerError(self._failure("formatting its storage timed out")) from None
         if returncode != 0:
             raise BrokerError(self._failure(f"formatting its storage failed (exit {returncode})"))
 
-    def _wait_until_ready(self, deadline: float) -> None:
-        # An open port is not enough: the broker must have registered with its controller
-        # and answer a metadata request with itself in it.
-        process = self._process
-        assert process is not None
-        last_error: BaseException | None = None
-        while True:
-            returncode = process.poll()
-            if returncode is not None:
-                raise BrokerError(self._failure(f"the broker exited with code {returncode}"))
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                reason = f"not ready before the timeout (last error: {last_error!r})"
-                raise BrokerError(self._failure(reason))
-            if port_open(self.port):
-                try:
-                    if _run_blocking(_broker_registered(self.bootstrap, min(remaining, 5.0))):
-                        return
-                except Exception as error:
-                    last_error = error
-            time.sleep(0.1)
-
-    def _failure(self, reason: str) -> str:
-        return f"Kafka broker on {self.bootstrap}: {reason}. End of {self.log_path}:\n" + (
-            self.log_tail(40) or "(empty)"
-        )
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM (a clean shutdown), then SIGKILL after ``timeout_s``. Safe to call twice."""
-        process, self._process = self._process, None
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                logger.warning("Kafka broker did not stop within %.0f s; killing it", timeout_s)
-                process.kill()
-                process.wait()
+    async def _serves_clients(self, timeout_s: float) -> bool:
+        # Registered with its controller, and itself the controller: a usable cluster.
+        return await _broker_registered(self.bootstrap, timeout_s)
 
     def restart(self, timeout_s: float = 60.0) -> None:
         """Stop and start again: same ports, same data."""
         self.stop()
         self.start(timeout_s=timeout_s)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def port_open(port: int) -> bool:

@@ -24,18 +24,12 @@ import importlib
 import logging
 import os
 import shutil
-import signal
-import subprocess
 import time
-import weakref
-from collections import deque
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from daemon.embedded_kafka import HOST, BrokerError, kill_process, pick_free_ports, port_open
+from daemon.embedded_kafka import HOST, BrokerError, BrokerProcess, pick_free_ports
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +95,7 @@ def tansu_available() -> bool:
     return True
 
 
-class TansuBroker:
+class TansuBroker(BrokerProcess):
     """One Tansu process on ``127.0.0.1:<port>`` with in-memory storage.
 
     Same shape as :class:`daemon.embedded_kafka.KafkaBroker`: ``start()`` blocks until the
@@ -109,29 +103,12 @@ class TansuBroker:
     output goes to ``work_dir/tansu.log``.
     """
 
+    NAME = "Tansu broker"
+    LOG_NAME = "tansu.log"
+
     def __init__(self, work_dir: Path, port: int | None = None, binary: Path | None = None) -> None:
-        self.work_dir = Path(work_dir)
-        self.port = port if port is not None else pick_free_ports(1)[0]
+        super().__init__(work_dir, port if port is not None else pick_free_ports(1)[0])
         self._binary = binary
-        self._process: subprocess.Popen[bytes] | None = None
-        self._finalizer: weakref.finalize | None = None
-
-    @property
-    def bootstrap(self) -> str:
-        """The address for clients' ``bootstrap_servers``."""
-        return f"{HOST}:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.work_dir / "tansu.log"
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def is_running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     def command(self, binary: Path) -> list[str]:
         """The broker's command line."""
@@ -147,13 +124,6 @@ class TansuBroker:
             "memory://tansu/",
         ]
 
-    def log_tail(self, n_lines: int = 30) -> str:
-        try:
-            with self.log_path.open("r", encoding="utf-8", errors="replace") as log:
-                return "".join(deque(log, maxlen=n_lines))
-        except FileNotFoundError:
-            return ""
-
     def start(self, timeout_s: float = 30.0) -> None:
         """Launch the broker and wait until it serves metadata; :class:`BrokerError` if not.
 
@@ -167,79 +137,12 @@ class TansuBroker:
         # Tansu reads LISTENER_URL, STORAGE_ENGINE, ... from the environment; the flags
         # win, but a stray RUST_LOG=debug would flood the log.
         env = {**os.environ, "RUST_LOG": os.environ.get("TICKCAST_TANSU_LOG", "warn")}
-        with self.log_path.open("ab") as log:
-            log.write(f"--- tickcast: starting Tansu on {self.bootstrap} ---\n".encode())
-            log.flush()
-            self._process = subprocess.Popen(
-                self.command(binary),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.work_dir,
-                env=env,
-                # Out of the terminal's process group: on Ctrl-C the demo stops its
-                # clients first and the broker last.
-                start_new_session=True,
-            )
-        self._finalizer = weakref.finalize(self, kill_process, self._process)
-        try:
-            self._wait_until_ready(deadline)
-        except BaseException:
-            self.stop(timeout_s=5.0)
-            raise
+        self._log_line(f"starting Tansu on {self.bootstrap}")
+        self._launch(self.command(binary), deadline, env)
         logger.info("Tansu broker ready on %s (%s)", self.bootstrap, binary)
 
-    def _wait_until_ready(self, deadline: float) -> None:
-        process = self._process
-        assert process is not None
-        last_error: BaseException | None = None
-        while True:
-            returncode = process.poll()
-            if returncode is not None:
-                raise BrokerError(self._failure(f"the broker exited with code {returncode}"))
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BrokerError(self._failure(f"not ready in time (last error: {last_error!r})"))
-            if port_open(self.port):
-                try:
-                    if asyncio.run(_serves_metadata(self.bootstrap, min(remaining, 5.0))):
-                        return
-                except Exception as error:
-                    last_error = error
-            time.sleep(0.05)
-
-    def _failure(self, reason: str) -> str:
-        return f"Tansu broker on {self.bootstrap}: {reason}. End of {self.log_path}:\n" + (
-            self.log_tail() or "(empty)"
-        )
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout_s``. Safe to call twice."""
-        process, self._process = self._process, None
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            logger.warning("Tansu did not stop within %.0f s; killing it", timeout_s)
-            process.kill()
-            process.wait()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
+    async def _serves_clients(self, timeout_s: float) -> bool:
+        return await _serves_metadata(self.bootstrap, timeout_s)
 
 
 async def _serves_metadata(bootstrap: str, timeout_s: float) -> bool:
