@@ -154,6 +154,10 @@ def render_table(report: dict[str, Any]) -> str:
             f"{a['flop_fraction_of_sgemm_peak'] or 0:.3f}",
         ),
     ]
+    if a.get("sgemm_peak_flops_2t"):  # CPU runs: the VM's speed in this run (this one
+        # measured 155-361 GFLOP/s on different days; every figure below moves with it)
+        peak = a["sgemm_peak_flops_2t"] / 1e9
+        lines.append(row("    measured sgemm peak, 2 threads, GFLOP/s", f"{peak:,.0f}"))
     if "c_tickcast" in r:
         c = r["c_tickcast"]
         lines += [

@@ -63,6 +63,11 @@ def test_a_ceiling_only_run_has_no_ratios_and_meets_none() -> None:
     table = render_table(report)
     assert "(a) model ceiling, windows/s" in table and "90,000" in table
     assert "(c)/(b)" not in table
+    assert "GFLOP/s" not in table  # no sgemm peak measured (a GPU run)
+    a_ceiling: dict[str, Any] = results["a_ceiling"]  # type: ignore[assignment]
+    a_ceiling["sgemm_peak_flops_2t"] = 280.4e9  # a CPU run: the VM's speed
+    assert "measured sgemm peak, 2 threads, GFLOP/s" in render_table(report)
+    assert render_table(report).split("GFLOP/s")[1].split()[0] == "280"
 
 
 def test_c_over_a_uses_the_re_measured_ceiling_and_reports_the_sweep_max_beside() -> None:
