@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -188,13 +189,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# daemon.http logs where it serves /metrics once bound.
+METRICS_LOG_LINE = re.compile(rb"metrics on http://[^/\s]+:(\d+)/metrics")
+
+
 class DaemonProcess:
     """``python -m daemon`` in a child process, for crash tests (SIGKILL)."""
 
     def __init__(self, settings: Settings, log_path: Path) -> None:
         import os
 
-        self.port = free_port()
+        self._port: int | None = None  # bound by the daemon itself: known once it is ready
         self.env = {
             **os.environ,
             "TICKCAST_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
@@ -203,7 +208,9 @@ class DaemonProcess:
             "TICKCAST_DLQ_TOPIC": settings.dlq_topic,
             "TICKCAST_GROUP_ID": settings.group_id,
             "TICKCAST_CHECKPOINT_DIR": str(settings.checkpoint_dir),
-            "TICKCAST_METRICS_PORT": str(self.port),
+            # Port 0: the daemon binds a free port itself and logs it, so no other process
+            # can take the port between choosing it here and the child binding it.
+            "TICKCAST_METRICS_PORT": "0",
             "TICKCAST_METRICS_HOST": "127.0.0.1",
             "TICKCAST_DEVICE": "cpu",
             "TICKCAST_DELIVERY": settings.delivery,
@@ -216,6 +223,8 @@ class DaemonProcess:
         import sys
 
         self._log = open(self.log_path, "ab")  # noqa: SIM115
+        self._log_start = self._log.tell()  # this run's part of the log starts here
+        self._port = None
         self.process = track(
             subprocess.Popen(
                 [sys.executable, "-m", "daemon"], env=self.env, stdout=self._log, stderr=self._log
@@ -228,10 +237,25 @@ class DaemonProcess:
             if self.process.poll() is not None:  # type: ignore[attr-defined]
                 self._log.close()
                 raise RuntimeError(f"daemon exited: {self.log_path.read_text()[-3000:]}")
-            if await asyncio.to_thread(self._ready):
+            if self._port is None:
+                self._port = self._logged_port()
+            if self._port is not None and await asyncio.to_thread(self._ready):
                 return
             await asyncio.sleep(0.2)
         raise TimeoutError(f"daemon not ready: {self.log_path.read_text()[-3000:]}")
+
+    @property
+    def port(self) -> int:
+        """The daemon's metrics port, as it logged it (see :meth:`wait_ready`)."""
+        if self._port is None:
+            raise RuntimeError("the daemon's metrics port is known once it is ready")
+        return self._port
+
+    def _logged_port(self) -> int | None:
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_start)
+            found = METRICS_LOG_LINE.search(log.read())
+        return int(found.group(1)) if found else None
 
     def _ready(self) -> bool:
         import urllib.request
