@@ -21,8 +21,9 @@ device=${DEVICE:-cuda}
   "$python" -c 'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
 } 2>&1 | tee "$out/machine.txt"
 
+# What the image lacks, as scripts/gpu-wheels.sh listed it (msgspec was once left out here).
 "$python" -m pip install --quiet --no-index --find-links .gpu/wheels \
-  aiokafka orjson pydantic-settings pytest-asyncio arch backtesting 2>&1 | tee "$out/install.txt"
+  -r .gpu/requirements.txt 2>&1 | tee "$out/install.txt"
 
 "$python" -m pytest tests/gpu -p no:cacheprovider -q -rs 2>&1 | tee "$out/gpu-tests.txt"
 tests_rc=${PIPESTATUS[0]}

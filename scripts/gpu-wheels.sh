@@ -27,6 +27,8 @@ for spec in specs:
         print(spec)
 PY
 )
+# scripts/gpu-check.sh installs exactly these there (with what they need from the wheels).
+printf '%s\n' "${wanted[@]}" > .gpu/requirements.txt
 .venv/bin/python -m pip download --quiet --dest "$dest" --only-binary=:all: \
   --python-version "$python_version" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
