@@ -318,6 +318,12 @@ class TickcastService:
             self.metrics.send_retries.labels(topic)  # at 0, so the first retry shows in rate()
 
     # ------------------------------------------------------------------ lifecycle
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics, /healthz and /readyz are served on, once bound (with
+        TICKCAST_METRICS_PORT=0 the system picks it)."""
+        return self._http.bound_port
+
     async def serve(self) -> None:
         with self.capture_signals():
             await self.startup()

@@ -69,8 +69,20 @@ def child_main(config_json: str) -> int:
         print(json.dumps(_memory_probe(settings, predictor, config.memory_symbols)), flush=True)
         return 0
     service = TickcastService(settings, DaemonMetrics(CollectorRegistry()), predictor)
-    asyncio.run(service.serve())
+    asyncio.run(_serve_reporting_port(service))
     return 0
+
+
+async def _serve_reporting_port(service: Any) -> None:
+    """Serve, and print the metrics port as a JSON line once the service has bound it
+    (port 0: the system picks one, so no other process can take it first)."""
+    serving = asyncio.create_task(service.serve())
+    while service.metrics_port is None:  # binding is the first step of its start-up
+        finished, _ = await asyncio.wait({serving}, timeout=0.01)
+        if finished:  # failed (or stopped) before it bound the port
+            break
+    print(json.dumps({"metrics_port": service.metrics_port}), flush=True)
+    await serving
 
 
 def proc_rss_bytes(pid: int | str = "self") -> int:
@@ -156,14 +168,6 @@ def _memory_probe(settings: Any, predictor: Any, n_symbols: int) -> dict[str, An
     }
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 # Every child started and not yet stopped: a SIGTERM landing between a child's start and
 # the try block of the phase that owns it would otherwise leave it running, orphaned.
 _running: set[ChildDaemon] = set()
@@ -180,8 +184,8 @@ class ChildDaemon:
 
     def __init__(self, config: ChildConfig, log_path: Path) -> None:
         self.config = config
-        self.port = free_port()
-        config.settings.update(metrics_port=self.port, metrics_host="127.0.0.1")
+        self.port: int | None = None  # the child binds port 0 and reports it (wait_ready)
+        config.settings.update(metrics_port=0, metrics_host="127.0.0.1")
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
@@ -200,10 +204,16 @@ class ChildDaemon:
         return dict(json.loads(line))
 
     async def wait_ready(self, timeout_s: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout_s
         if self.config.compile:
             info = await asyncio.to_thread(self.read_json_line)
             self.compile_s = float(info["compile_s"])
-        deadline = time.monotonic() + timeout_s
+        reported = await asyncio.wait_for(
+            asyncio.to_thread(self.read_json_line), max(deadline - time.monotonic(), 1.0)
+        )
+        if reported.get("metrics_port") is None:
+            raise RuntimeError(f"daemon did not serve: {self.log_path.read_text()[-3000:]}")
+        self.port = int(reported["metrics_port"])
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"daemon exited: {self.log_path.read_text()[-3000:]}")

@@ -123,7 +123,7 @@ async def test_metric_values_of_a_known_run(
         assert value("tickcast_model_reloads_total", result="success") == 0
         assert value("tickcast_model_reloads_total", result="rejected") == 0
 
-        port = service._http.bound_port
+        port = service.metrics_port
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
             async with http.get("/metrics") as response:
                 assert response.status == 200
