@@ -140,8 +140,11 @@ async def test_swap_under_steady_load(
     record_property,
 ) -> None:
     old = str(read_latest(checkpoint_dir))
-    stream = interleaved_stream(per_symbol=360)  # 1080 ticks, 5.4 s at 200 ticks/s
-    expected = 3 * (360 - WINDOW + 1)
+    # 1,440 ticks, 7.2 s at 200 ticks/s: OLD_BEFORE_SWAP is reached ~2.4 s in, so the
+    # swap lands mid-stream with ~4.8 s to spare on a slow machine.
+    per_symbol = 480
+    stream = interleaved_stream(per_symbol)
+    expected = 3 * (per_symbol - WINDOW + 1)
     # Trained "elsewhere" beforehand (a separate process in production), published below.
     staging = tmp_path / "staging"
     new = make_checkpoint(staging, seed=11)
