@@ -57,7 +57,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def judged_half_load(results: dict[str, Any]) -> dict[str, Any] | None:
-    """The half-load figures the target is judged by: its windows pooled (since v22), or
+    """The half-load figures the target is judged by: its windows pooled (reports after v21), or
     the one half-load window of an earlier report."""
     if results.get("half_load"):
         return dict(results["half_load"])
