@@ -1,11 +1,16 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install lint format test bench gpu-wheels
+.PHONY: install constraints lint format test bench gpu-wheels
 
-## install: system tools, the virtualenv, the package with [data,dev], the Kafka jars
+## install: system tools, the virtualenv, the package with [data,dev] at the versions in
+## constraints.txt, the Kafka jars
 install:
 	.ci/run --install-only
+
+## constraints: re-resolve constraints.txt to the newest versions pyproject.toml allows
+constraints:
+	scripts/update-constraints.sh
 
 ## lint: ruff (lint + format check) and mypy, as CI would
 lint:
