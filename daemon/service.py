@@ -57,8 +57,9 @@ from daemon.metrics import DaemonMetrics, observe_many
 from daemon.model_watcher import ModelWatcher
 from daemon.pipeline import Chunk, Dispatched, ScoringRows
 from daemon.predictor import Predictor, load_predictor, resolve_device
-from daemon.publisher import BatchPublisher, OutRecord
+from daemon.publisher import BatchPublisher, Delivery, OutRecord
 from daemon.restore import restore_windows
+from daemon.retries import BACKOFF_S, retrying
 from daemon.settings import Settings
 from daemon.state_store import PendingSnapshot, StateWriter
 from daemon.ticks import BadTick, RawRecord, UnreadableRecord, decode_ticks, json_numbers
@@ -69,7 +70,6 @@ from model.train import available_cpus
 logger = logging.getLogger(__name__)
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-RETRY_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0)
 # Send errors no retry can fix: the daemon stops (exit 1) and says why, rather than retry
 # forever with every partition blocked behind the send. Others (an outage, a missing
 # topic, a leader moving) are retried until they pass: ticks are never dropped.
@@ -1049,8 +1049,8 @@ class TickcastService:
         offsets: dict[TopicPartition, int] = {}
         for chunk in completed:
             offsets.update(chunk.commit)
-        attempt = 0
-        while True:
+
+        async def transaction() -> None:
             self._refuse_moved(completed)
             try:
                 async with producer.transaction():
@@ -1061,20 +1061,26 @@ class TickcastService:
                     self._refuse_moved(completed)
                     if offsets:
                         await producer.send_offsets_to_transaction(offsets, self.settings.group_id)
-                return
-            except ProducerFenced:
-                # Another instance took over this transactional id: we are the zombie.
-                raise
             except KafkaError as exc:
                 self._retry_or_stop(self.settings.output_topic, exc)
-                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
-                logger.warning("transaction failed (%s); retrying in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
-                attempt += 1
+                raise
+
+        await retrying("transaction", self._retriable)(transaction)
+
+    def _retriable(self, exc: BaseException) -> bool:
+        """Whether a failed send, transaction or commit is tried again."""
+        # ProducerFenced: another instance took over our transactional id; we are the zombie.
+        return (
+            isinstance(exc, KafkaError)
+            and not isinstance(exc, ProducerFenced)
+            and not self.force_exit
+        )
 
     def _retry_or_stop(self, topic: str, exc: KafkaError) -> None:
         """Count a failed send to be retried, or raise SendRefusedError when no retry can
         fix it (PERMANENT_SEND_ERRORS)."""
+        if isinstance(exc, ProducerFenced) or self.force_exit:
+            return  # not retried (_retriable): the error itself is raised
         if isinstance(exc, PERMANENT_SEND_ERRORS):
             raise SendRefusedError(
                 f"sending to {topic} failed for good ({type(exc).__name__}: {exc}); stopping"
@@ -1207,19 +1213,17 @@ class TickcastService:
         return (key, value, headers)
 
     async def _send_with_retry(self, topic: str, records: list[OutRecord]) -> list[Any]:
-        assert self._publisher is not None
-        attempt = 0
-        while True:
+        publisher = self._publisher
+        assert publisher is not None
+
+        async def send() -> list[Any]:
             try:
-                return await self._publisher.send(topic, records)
+                return await publisher.send(topic, records)
             except KafkaError as exc:
-                if self.force_exit:
-                    raise
                 self._retry_or_stop(topic, exc)
-                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
-                logger.warning("send to %s failed (%s); retrying in %.2fs", topic, exc, delay)
-                await asyncio.sleep(delay)
-                attempt += 1
+                raise
+
+        return await retrying(f"send to {topic}", self._retriable)(send)
 
     # ------------------------------------------------------------------ acknowledge
     async def _ack_loop(self) -> None:
@@ -1303,12 +1307,24 @@ class TickcastService:
         self._inflight_windows -= n + dead
 
     async def _await_deliveries(self, item: Dispatched) -> None:
-        assert self._publisher is not None
-        deliveries = list(item.deliveries)
-        attempt = 0
-        while deliveries:
-            failed = []
-            for delivery in deliveries:
+        """Wait for every delivery's ack; on a broker outage, send the records of the failed
+        ones again (after a backoff, in order) until they are acknowledged."""
+        publisher = self._publisher
+        assert publisher is not None
+        waiting = list(item.deliveries)  # sent, not yet acknowledged
+        failed: list[Delivery] = []  # to send again
+
+        async def settle() -> None:
+            nonlocal waiting
+            while failed:
+                try:
+                    waiting.append(await publisher.resend(failed[0]))
+                except KafkaError as exc:
+                    self._retry_or_stop(failed[0].topic, exc)
+                    raise
+                failed.pop(0)
+            errors: list[KafkaError] = []
+            for delivery in waiting:
                 try:
                     await delivery.future
                 except KafkaError as exc:
@@ -1317,22 +1333,12 @@ class TickcastService:
                         "delivery to %s[%d] failed: %s", delivery.topic, delivery.partition, exc
                     )
                     failed.append(delivery)
-            if not failed:
-                return
-            # Broker outage: send the same records again until they are acknowledged.
-            delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
-            await asyncio.sleep(delay)
-            attempt += 1
-            deliveries = []
-            for delivery in failed:
-                while True:
-                    try:
-                        deliveries.append(await self._publisher.resend(delivery))
-                        break
-                    except KafkaError as exc:
-                        self._retry_or_stop(delivery.topic, exc)
-                        logger.warning("resend failed (%s); retrying", exc)
-                        await asyncio.sleep(delay)
+                    errors.append(exc)
+            waiting = []
+            if errors:
+                raise errors[0]
+
+        await retrying("delivery", self._retriable)(settle)
 
     def _write_snapshot(self, pending: PendingSnapshot, committed: bool) -> None:
         """A round goes out only once its offsets are committed: never ahead of them."""
@@ -1354,17 +1360,17 @@ class TickcastService:
             return False
         if not mine:
             return True
-        for attempt, delay in enumerate(RETRY_BACKOFF_S):
-            try:
-                await consumer.commit(mine)
-                commits.labels(result="committed").inc()
-                return True
-            except KafkaError as exc:
-                # A later commit covers these offsets too; redelivery is the worst case.
-                logger.warning("commit failed (attempt %d): %s", attempt + 1, exc)
-                await asyncio.sleep(delay)
-        commits.labels(result="failed").inc()
-        return False
+        # A few tries only: a later commit covers these offsets too, and redelivery is the
+        # worst case of giving up.
+        try:
+            await retrying("commit", self._retriable, attempts=len(BACKOFF_S))(
+                consumer.commit, mine
+            )
+        except KafkaError:
+            commits.labels(result="failed").inc()
+            return False
+        commits.labels(result="committed").inc()
+        return True
 
     # ------------------------------------------------------------------ misc
     async def _lag_loop(self) -> None:
