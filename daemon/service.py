@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import orjson
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import (
@@ -58,11 +57,12 @@ from daemon.model_watcher import ModelWatcher
 from daemon.pipeline import Chunk, Dispatched, ScoringRows
 from daemon.predictor import Predictor, load_predictor, resolve_device
 from daemon.publisher import BatchPublisher, Delivery, OutRecord
+from daemon.records import dead_letter_record, prediction_records
 from daemon.restore import restore_windows
 from daemon.retries import BACKOFF_S, retrying
 from daemon.settings import Settings
 from daemon.state_store import PendingSnapshot, StateWriter
-from daemon.ticks import BadTick, RawRecord, UnreadableRecord, decode_ticks, json_numbers
+from daemon.ticks import BadTick, RawRecord, UnreadableRecord, decode_ticks
 from daemon.windows import SymbolWindows, group_starts
 from model.checkpoint import CheckpointError, read_latest
 from model.train import available_cpus
@@ -82,8 +82,6 @@ PERMANENT_SEND_ERRORS: tuple[type[KafkaError], ...] = (
     RecordListTooLargeError,
     RecordTooLargeError,
 )
-# Original headers a dead letter keeps, in bytes; more are dropped and counted.
-DLQ_MAX_HEADER_BYTES = 64 * 1024
 GIL_SWITCH_INTERVAL_S = 1e-4
 
 
@@ -1026,8 +1024,12 @@ class TickcastService:
             self.metrics.inference_seconds.observe(seconds)
             self.metrics.batch_size.observe(len(rows))
             self._record_live_accuracy(rows, predictions)
-        records = self._prediction_records(rows, predictions, batch.version)
-        dead = [self._dead_letter_record(b) for chunk in completed for b in chunk.bad]
+        records = prediction_records(rows, predictions, batch.version)
+        dead = [
+            dead_letter_record(b, self.settings.input_topic, self.settings.dlq_max_value_bytes)
+            for chunk in completed
+            for b in chunk.bad
+        ]
         if self._transactional:
             await self._publish_in_transaction(records, dead, completed)
             deliveries = []
@@ -1152,65 +1154,6 @@ class TickcastService:
         last_of_slot[-1] = True
         w.last_prediction[slots[last_of_slot]] = sorted_predictions[last_of_slot]
         w.last_prediction_ts[slots[last_of_slot]] = sorted_ts[last_of_slot]
-
-    @staticmethod
-    def _prediction_records(
-        rows: ScoringRows, predictions: np.ndarray, version: str
-    ) -> list[OutRecord]:
-        """One record per row. This runs on the event loop for every tick, so whatever can
-        be done per batch is: the fields all rows share (model version, produced_at) and
-        the partition headers are encoded once, and the prices are formatted by orjson
-        over whole arrays (the same text it writes for each float on its own); per row
-        only the symbol is encoded and the value assembled with one %-format."""
-        shared_fields = orjson.dumps(
-            {"model_version": version, "produced_at": int(time.time() * 1000)}
-        )
-        shared_tail = b"," + shared_fields[1:]  # ',"model_version":...,"produced_at":...}'
-        version_header = ("model_version", version.encode())
-        partition_headers = {
-            p: ("input_partition", b"%d" % p) for p in np.unique(rows.partitions).tolist()
-        }
-        value = b'{"symbol":%b,"ts":%d,"price":%b,"predicted":%b%b'
-        dumps = orjson.dumps
-        return [
-            (
-                symbol.encode(),
-                value % (dumps(symbol), ts, price, predicted, shared_tail),
-                [version_header, partition_headers[partition], ("input_offset", b"%d" % offset)],
-            )
-            for symbol, ts, price, predicted, partition, offset in zip(
-                rows.symbols.tolist(),
-                rows.ts.tolist(),
-                json_numbers(rows.prices),
-                json_numbers(predictions),
-                rows.partitions.tolist(),
-                rows.offsets.tolist(),
-                strict=True,
-            )
-        ]
-
-    def _dead_letter_record(self, tick: BadTick) -> OutRecord:
-        r = tick.record
-        source = f"{self.settings.input_topic}/{tick.partition}/{r.offset}"
-        headers = [*list(r.headers or ())]
-        if sum(len(k.encode()) + len(v or b"") for k, v in headers) > DLQ_MAX_HEADER_BYTES:
-            # The original's headers alone could push the dead letter over the broker's
-            # limit: it would be refused and resent forever.
-            headers = [("tickcast.headers_dropped", str(len(headers)).encode())]
-        headers += [
-            ("tickcast.reason", tick.reason.encode()),
-            ("tickcast.detail", tick.detail.encode("utf-8", "replace")[:512]),
-            ("tickcast.source", source.encode()),
-        ]
-        key, value = r.key, r.value or b""
-        limit = self.settings.dlq_max_value_bytes
-        if len(value) > limit:
-            headers.append(("tickcast.value_bytes", str(len(value)).encode()))
-            value = value[:limit]
-        if key is not None and len(key) > limit:  # a key near the broker's limit, too
-            headers.append(("tickcast.key_bytes", str(len(key)).encode()))
-            key = key[:limit]
-        return (key, value, headers)
 
     async def _send_with_retry(self, topic: str, records: list[OutRecord]) -> list[Any]:
         publisher = self._publisher

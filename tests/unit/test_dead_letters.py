@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from aiokafka.structs import ConsumerRecord
 
-from daemon.service import TickcastService
+from daemon.records import dead_letter_record
 from daemon.settings import Settings
 from daemon.ticks import BadTick
 
@@ -19,8 +17,7 @@ def dead_letter(
     )
     tick = BadTick(record, 3, "oversized", f"value is {len(value)} bytes")
     settings = Settings() if limit is None else Settings(dlq_max_value_bytes=limit)
-    service = SimpleNamespace(settings=settings)
-    key, out, headers = TickcastService._dead_letter_record(service, tick)  # type: ignore[arg-type]
+    key, out, headers = dead_letter_record(tick, "ticks", settings.dlq_max_value_bytes)
     return key, out, dict(headers)
 
 

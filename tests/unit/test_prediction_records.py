@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from daemon.pipeline import ScoringRows
-from daemon.service import TickcastService
+from daemon.records import prediction_records
 from daemon.ticks import json_numbers
 
 
@@ -38,7 +38,7 @@ def test_each_record_carries_the_contract_fields_and_provenance() -> None:
     rows = rows_of(symbols, prices, [2, 0, 2])
 
     before_ms = int(time.time() * 1000)
-    records = TickcastService._prediction_records(rows, predicted, "v7")
+    records = prediction_records(rows, predicted, "v7")
     after_ms = int(time.time() * 1000)
 
     assert [key for key, _, _ in records] == [s.encode() for s in symbols]

@@ -17,7 +17,9 @@ from prometheus_client import CollectorRegistry
 
 from daemon.metrics import DaemonMetrics
 from daemon.model_watcher import in_daemon_thread
-from daemon.service import DLQ_MAX_HEADER_BYTES, SendRefusedError, TickcastService
+from daemon.publisher import OutRecord
+from daemon.records import DLQ_MAX_HEADER_BYTES, dead_letter_record
+from daemon.service import SendRefusedError, TickcastService
 from daemon.settings import Settings
 from daemon.ticks import BadTick, UnreadableRecord
 from tests.support.daemon import make_checkpoint
@@ -126,18 +128,23 @@ async def test_an_outage_is_retried_and_counted(service: TickcastService) -> Non
     assert publisher.calls == 3 and retries == 2
 
 
+def dead_letter(service: TickcastService, tick: BadTick) -> OutRecord:
+    settings = service.settings
+    return dead_letter_record(tick, settings.input_topic, settings.dlq_max_value_bytes)
+
+
 def test_a_dead_letter_drops_headers_that_could_push_it_over_the_limit(
     service: TickcastService,
 ) -> None:
     big = [(f"h{i}", b"x" * 1024) for i in range(DLQ_MAX_HEADER_BYTES // 1024 + 1)]
     record = UnreadableRecord(offset=7, key=b"K", value=b"{", headers=tuple(big))
-    key, value, headers = service._dead_letter_record(BadTick(record, 0, "not_json", "bad"))
+    key, value, headers = dead_letter(service, BadTick(record, 0, "not_json", "bad"))
     names = dict(headers)
     assert (key, value) == (b"K", b"{")
     assert names["tickcast.headers_dropped"] == str(len(big)).encode()
     assert "h0" not in names and names["tickcast.reason"] == b"not_json"
     small = UnreadableRecord(offset=8, value=b"{", headers=(("trace", b"1"),))
-    _, _, kept = service._dead_letter_record(BadTick(small, 0, "not_json", "bad"))
+    _, _, kept = dead_letter(service, BadTick(small, 0, "not_json", "bad"))
     assert ("trace", b"1") in kept and "tickcast.headers_dropped" not in dict(kept)
 
 
@@ -195,6 +202,6 @@ def test_a_dead_letter_caps_a_huge_key_as_it_caps_the_value(service: TickcastSer
     over it: refused for good, the daemon stopped on every restart."""
     limit = service.settings.dlq_max_value_bytes
     record = UnreadableRecord(offset=9, key=b"k" * (limit + 10), value=b"{")
-    key, value, headers = service._dead_letter_record(BadTick(record, 0, "not_json", "bad"))
+    key, value, headers = dead_letter(service, BadTick(record, 0, "not_json", "bad"))
     assert key == b"k" * limit and value == b"{"
     assert dict(headers)["tickcast.key_bytes"] == str(limit + 10).encode()
