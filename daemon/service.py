@@ -27,7 +27,6 @@ import socket
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from aiokafka.errors import (
 from aiokafka.structs import TopicPartition
 
 from daemon import raw_records
+from daemon.batching import PendingWindows
 from daemon.http import HealthServer
 from daemon.metrics import DaemonMetrics, observe_many
 from daemon.model_watcher import ModelWatcher
@@ -889,8 +889,7 @@ class TickcastService:
         s = self.settings
         delay_s = s.max_batch_delay_ms / 1000.0
         live_limit = min(s.max_batch_size, s.live_batch_size)
-        pending: deque[list[Any]] = deque()  # [chunk, next row index, arrived at]
-        pending_rows = 0
+        pending = PendingWindows()
         closing = False
         while True:
             if not pending:
@@ -899,16 +898,14 @@ class TickcastService:
                 chunk = await self._chunks.get()
                 if chunk is None:
                     break
-                pending.append([chunk, 0, time.monotonic()])
-                pending_rows = len(chunk.rows)
-            # The oldest pending window sets the deadline (a split batch's rest has waited).
-            deadline = pending[0][2] + delay_s
+                pending.add(chunk, time.monotonic())
+            deadline = pending.oldest_arrival + delay_s
             limit = live_limit if self._caught_up else s.max_batch_size
-            while pending_rows < limit and not closing:
+            while pending.rows < limit and not closing:
                 try:
                     chunk = self._chunks.get_nowait()
                 except asyncio.QueueEmpty:
-                    if pending_rows == 0:
+                    if pending.rows == 0:
                         break
                     if self._idle_workers() and time.monotonic() >= deadline:
                         break
@@ -919,13 +916,11 @@ class TickcastService:
                 if chunk is None:
                     closing = True
                     break
-                pending.append([chunk, 0, time.monotonic()])
-                pending_rows += len(chunk.rows)
-            share = -(-pending_rows // max(1, self._idle_workers()))  # ceil
-            batch_parts, completed = self._take_batch(
-                pending, min(limit, share), whole_chunks=self._transactional
+                pending.add(chunk, time.monotonic())
+            share = -(-pending.rows // max(1, self._idle_workers()))  # ceil
+            batch_parts, completed = pending.take(
+                min(limit, share), whole_chunks=self._transactional
             )
-            pending_rows -= sum(len(p) for p in batch_parts)
             await self._scored.put(self._submit(batch_parts, completed))
         await self._scored.put(None)
 
@@ -951,42 +946,6 @@ class TickcastService:
             return get.result()
         get.cancel()
         return False
-
-    @staticmethod
-    def _take_batch(
-        pending: deque[list[Any]], max_rows: int, *, whole_chunks: bool = False
-    ) -> tuple[list[ScoringRows], list[Chunk]]:
-        """Up to ``max_rows`` windows from the oldest pending chunks, and the chunks done.
-
-        With ``whole_chunks`` (exactly-once) a chunk is never split across two batches, so
-        each transaction commits exactly the offsets whose predictions it carries.
-        """
-        parts: list[ScoringRows] = []
-        completed: list[Chunk] = []
-        room = max_rows
-        if whole_chunks:
-            while pending and (not completed or len(pending[0][0].rows) <= room):
-                chunk = pending.popleft()[0]
-                if len(chunk.rows):
-                    parts.append(chunk.rows)
-                room -= len(chunk.rows)
-                completed.append(chunk)
-            return parts, completed
-        while pending and room > 0:
-            chunk, start = pending[0][0], pending[0][1]
-            stop = min(len(chunk.rows), start + room)
-            if stop > start:
-                parts.append(chunk.rows.take(start, stop))
-                room -= stop - start
-            if stop == len(chunk.rows):
-                completed.append(chunk)
-                pending.popleft()
-            else:
-                pending[0][1] = stop
-        # Chunks with no windows (only bad ticks, or windows not yet full) ride along.
-        while pending and len(pending[0][0].rows) == 0:
-            completed.append(pending.popleft()[0])
-        return parts, completed
 
     def _submit(self, parts: list[ScoringRows], completed: list[Chunk]) -> ScoredBatch:
         """Start one batch's forward pass in the inference thread (returns at once)."""

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from daemon.batching import PendingWindows
 from daemon.metrics import DaemonMetrics
 from daemon.pipeline import Chunk, ScoringRows
 from daemon.service import TickcastService
@@ -113,3 +114,46 @@ async def test_caught_up_batches_stop_at_the_live_size(service_factory) -> None:
     )
     service._caught_up = False
     assert await batch_sizes(service, [chunk(1000)]) == [1000]
+
+
+def empty_chunk() -> Chunk:
+    """A fetch of only bad ticks (or of windows not yet full): nothing to score."""
+    return Chunk(rows=ScoringRows.empty(60), bad=[], commit={}, snapshot=None)
+
+
+def test_a_chunk_split_across_batches_completes_with_its_last_row() -> None:
+    pending = PendingWindows()
+    first, second = chunk(300), chunk(100, start=300)
+    pending.add(first, now=1.0)
+    pending.add(second, now=2.0)
+    parts, completed = pending.take(256)
+    assert [len(p) for p in parts] == [256] and completed == []
+    assert pending.rows == 144 and pending.oldest_arrival == 1.0
+    parts, completed = pending.take(256)
+    assert [len(p) for p in parts] == [44, 100] and completed == [first, second]
+    # The rows go out once each, in order.
+    assert parts[0].offsets[0] == 256 and parts[1].offsets[-1] == 399
+    assert pending.rows == 0 and not pending
+
+
+def test_chunks_without_windows_ride_along_with_the_batch_before_them() -> None:
+    pending = PendingWindows()
+    full, bad_only = chunk(10), empty_chunk()
+    pending.add(full, now=0.0)
+    pending.add(bad_only, now=0.0)
+    parts, completed = pending.take(10)
+    assert [len(p) for p in parts] == [10] and completed == [full, bad_only]
+    assert not pending
+
+
+def test_exactly_once_never_splits_a_chunk() -> None:
+    pending = PendingWindows()
+    big, small, next_one = chunk(300), chunk(50, start=300), chunk(100, start=350)
+    for c in (big, small, next_one):
+        pending.add(c, now=0.0)
+    # The first chunk goes whole even past the limit; the next waits for another batch.
+    parts, completed = pending.take(256, whole_chunks=True)
+    assert [len(p) for p in parts] == [300] and completed == [big]
+    parts, completed = pending.take(256, whole_chunks=True)
+    assert [len(p) for p in parts] == [50, 100] and completed == [small, next_one]
+    assert pending.rows == 0
