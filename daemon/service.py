@@ -52,7 +52,7 @@ from aiokafka.structs import TopicPartition
 from daemon import raw_records
 from daemon.batching import PendingWindows
 from daemon.http import HealthServer
-from daemon.metrics import DaemonMetrics, observe_many
+from daemon.metrics import DaemonMetrics, observe_many, summarize_many
 from daemon.model_watcher import ModelWatcher
 from daemon.pipeline import Chunk, Dispatched, ScoringRows
 from daemon.predictor import Predictor, load_predictor, resolve_device
@@ -1105,9 +1105,7 @@ class TickcastService:
             gru = np.abs(actual - prev_pred[valid])
             naive = np.abs(actual - last_price)
             for forecaster, errors in (("gru", gru), ("naive", naive)):
-                summary = self.metrics.live_abs_error.labels(forecaster)
-                summary._count.inc(len(errors))
-                summary._sum.inc(float(errors.sum()))
+                summarize_many(self.metrics.live_abs_error.labels(forecaster), errors)
         last_of_slot = np.empty(len(slots), bool)
         last_of_slot[:-1] = first[1:]
         last_of_slot[-1] = True

@@ -1,10 +1,11 @@
-"""daemon.metrics.observe_many is exactly a loop of Histogram.observe, only vectorised."""
+"""daemon.metrics.observe_many and summarize_many are exactly loops of Histogram.observe and
+Summary.observe, only vectorised."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, Summary
 
 from daemon.metrics import (
     BATCH_SIZE_BUCKETS,
@@ -12,6 +13,7 @@ from daemon.metrics import (
     LAG_SECONDS_BUCKETS,
     LATENCY_SECONDS_BUCKETS,
     observe_many,
+    summarize_many,
 )
 
 
@@ -90,3 +92,20 @@ def test_observe_many_accumulates_over_calls() -> None:
         k: v for k, v in expected.items() if k[0] != "h_sum"
     }
     assert got[("h_sum", "")] == pytest.approx(expected[("h_sum", "")], rel=1e-12)
+
+
+def test_summarize_many_equals_a_loop_of_observe() -> None:
+    registry = CollectorRegistry()
+    looped = Summary("looped", "s", ["forecaster"], registry=registry).labels("gru")
+    vectorised = Summary("vectorised", "s", ["forecaster"], registry=registry).labels("gru")
+    values = np.random.default_rng(7).exponential(2.0, size=1000)
+    for chunk in np.array_split(values, 7):
+        for v in chunk.tolist():
+            looped.observe(v)
+        summarize_many(vectorised, chunk)
+    summarize_many(vectorised, np.empty(0))
+    get = registry.get_sample_value
+    for suffix in ("_count", "_sum"):
+        want = get("looped" + suffix, {"forecaster": "gru"})
+        assert want is not None and want > 0
+        assert get("vectorised" + suffix, {"forecaster": "gru"}) == pytest.approx(want)
