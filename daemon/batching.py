@@ -49,7 +49,9 @@ class PendingWindows:
         With ``whole_chunks`` (exactly-once) a chunk is never split across two batches, so
         each transaction commits exactly the offsets whose predictions it carries; the
         first chunk goes whole even when larger than ``max_rows``. Chunks without windows
-        (only bad ticks, or windows not yet full) ride along with the batch before them.
+        (only bad ticks, or windows not yet full) ride along with the batch before them
+        (with ``whole_chunks``, unless its first chunk took it past ``max_rows``: then they
+        go with the next).
         """
         parts: list[ScoringRows] = []
         completed: list[Chunk] = []

@@ -79,3 +79,11 @@ class Dispatched:
     deliveries: list[Delivery]
     rows: ScoringRows
     completed: list[Chunk] = field(default_factory=list)
+
+
+def commit_offsets(chunks: list[Chunk]) -> dict[TopicPartition, int]:
+    """The offsets to commit once ``chunks`` (in fetch order) are all acknowledged."""
+    offsets: dict[TopicPartition, int] = {}
+    for chunk in chunks:
+        offsets.update(chunk.commit)  # later chunks hold later offsets
+    return offsets

@@ -1,4 +1,4 @@
-"""The daemon's lifecycle and its pipeline: ingest -> score -> acknowledge & commit.
+"""The daemon's lifecycle and its pipeline: ingest -> score -> publish -> acknowledge.
 
 Four asyncio tasks joined by FIFO queues, so every prediction of a symbol leaves in tick
 order and offsets are committed strictly in order:
@@ -11,8 +11,8 @@ order and offsets are committed strictly in order:
 * acknowledge: wait for the broker's acks, then commit the input offsets they cover
 
 Lifecycle in the manner of uvicorn: :meth:`TickcastService.serve` = ``startup()``,
-``main_loop()``, ``shutdown()``; signals only set ``should_exit`` and a second one forces
-the exit.
+``main_loop()``, ``shutdown()``; SIGTERM and SIGINT only set ``should_exit``, and a
+SIGINT once it is set (a second Ctrl-C) forces the exit.
 """
 
 from __future__ import annotations
@@ -54,12 +54,12 @@ from daemon.batching import PendingWindows
 from daemon.http import HealthServer
 from daemon.metrics import DaemonMetrics, observe_many, summarize_many
 from daemon.model_watcher import ModelWatcher
-from daemon.pipeline import Chunk, Dispatched, ScoringRows
+from daemon.pipeline import Chunk, Dispatched, ScoringRows, commit_offsets
 from daemon.predictor import Predictor, load_predictor, resolve_device
 from daemon.publisher import BatchPublisher, Delivery, OutRecord
 from daemon.records import dead_letter_record, prediction_records
 from daemon.restore import restore_windows
-from daemon.retries import BACKOFF_S, retrying
+from daemon.retries import call_with_retries
 from daemon.settings import Settings
 from daemon.state_store import PendingSnapshot, StateWriter
 from daemon.ticks import BadTick, RawRecord, UnreadableRecord, decode_ticks
@@ -70,6 +70,7 @@ from model.train import available_cpus
 logger = logging.getLogger(__name__)
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+COMMIT_ATTEMPTS = 5
 # Send errors no retry can fix: the daemon stops (exit 1) and says why, rather than retry
 # forever with every partition blocked behind the send. Others (an outage, a missing
 # topic, a leader moving) are retried until they pass: ticks are never dropped.
@@ -478,13 +479,14 @@ class TickcastService:
         for task in helpers:
             task.cancel()
         await self._cancel_restore()
+        clients_share = min(5.0, budget / 4)
         try:
-            async with asyncio.timeout_at(deadline - min(5.0, budget / 4)):
+            async with asyncio.timeout_at(deadline - clients_share):
                 await self._drain(pipeline)
         except TimeoutError:
             logger.warning(
-                "graceful stop took over %.1fs; cancelling (uncommitted ticks are redelivered)",
-                budget,
+                "draining took over %.1fs; cancelling (uncommitted ticks are redelivered)",
+                budget - clients_share,
             )
         for task in self._tasks:
             task.cancel()
@@ -543,6 +545,7 @@ class TickcastService:
         consumer = self._consumer
         producer = self._producer
         return {
+            # Always: the service is only ever built with a loaded checkpoint.
             "model_loaded": self.predictor is not None,
             "partitions_assigned": bool(
                 consumer is not None
@@ -1007,9 +1010,7 @@ class TickcastService:
         """
         producer, publisher = self._producer, self._publisher
         assert producer is not None and publisher is not None
-        offsets: dict[TopicPartition, int] = {}
-        for chunk in completed:
-            offsets.update(chunk.commit)
+        offsets = commit_offsets(completed)
 
         async def transaction() -> None:
             self._refuse_moved(completed)
@@ -1026,10 +1027,11 @@ class TickcastService:
                 self._retry_or_stop(self.settings.output_topic, exc)
                 raise
 
-        await retrying("transaction", self._retriable)(transaction)
+        await call_with_retries("transaction", self._retriable, transaction)
 
     def _retriable(self, exc: BaseException) -> bool:
-        """Whether a failed send, transaction or commit is tried again."""
+        """Whether a failed send, transaction or commit is tried again. Sends stop on the
+        errors no retry fixes before asking (:meth:`_retry_or_stop`)."""
         # ProducerFenced: another instance took over our transactional id; we are the zombie.
         return (
             isinstance(exc, KafkaError)
@@ -1040,8 +1042,8 @@ class TickcastService:
     def _retry_or_stop(self, topic: str, exc: KafkaError) -> None:
         """Count a failed send to be retried, or raise SendRefusedError when no retry can
         fix it (PERMANENT_SEND_ERRORS)."""
-        if isinstance(exc, ProducerFenced) or self.force_exit:
-            return  # not retried (_retriable): the error itself is raised
+        if not self._retriable(exc):
+            return  # the error itself is raised
         if isinstance(exc, PERMANENT_SEND_ERRORS):
             raise SendRefusedError(
                 f"sending to {topic} failed for good ({type(exc).__name__}: {exc}); stopping"
@@ -1112,18 +1114,18 @@ class TickcastService:
         w.last_prediction[slots[last_of_slot]] = sorted_predictions[last_of_slot]
         w.last_prediction_ts[slots[last_of_slot]] = sorted_ts[last_of_slot]
 
-    async def _send_with_retry(self, topic: str, records: list[OutRecord]) -> list[Any]:
+    async def _send_with_retry(self, topic: str, records: list[OutRecord]) -> list[Delivery]:
         publisher = self._publisher
         assert publisher is not None
 
-        async def send() -> list[Any]:
+        async def send() -> list[Delivery]:
             try:
                 return await publisher.send(topic, records)
             except KafkaError as exc:
                 self._retry_or_stop(topic, exc)
                 raise
 
-        return await retrying(f"send to {topic}", self._retriable)(send)
+        return await call_with_retries(f"send to {topic}", self._retriable, send)
 
     # ------------------------------------------------------------------ acknowledge
     async def _ack_loop(self) -> None:
@@ -1175,10 +1177,7 @@ class TickcastService:
         if self._transactional:
             committed = True  # inside each batch's transaction
         else:
-            offsets: dict[TopicPartition, int] = {}
-            for chunk in chunks:
-                offsets.update(chunk.commit)  # later chunks hold later offsets
-            committed = await self._commit(consumer, offsets)
+            committed = await self._commit(consumer, commit_offsets(chunks))
             self._last_commit_ok = committed
         for chunk in chunks:
             if chunk.snapshot is not None:
@@ -1215,6 +1214,8 @@ class TickcastService:
         failed: list[Delivery] = []  # to send again
 
         async def settle() -> None:
+            """One try: resend what failed (in order), then wait for every ack. A try that
+            fails leaves its progress in ``waiting`` and ``failed`` for the next."""
             nonlocal waiting
             while failed:
                 try:
@@ -1238,7 +1239,7 @@ class TickcastService:
             if errors:
                 raise errors[0]
 
-        await retrying("delivery", self._retriable)(settle)
+        await call_with_retries("delivery", self._retriable, settle)
 
     def _write_snapshot(self, pending: PendingSnapshot, committed: bool) -> None:
         """A round goes out only once its offsets are committed: never ahead of them."""
@@ -1251,7 +1252,9 @@ class TickcastService:
             self._state_writer.give_up(pending)  # its symbols go into a later round
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> bool:
-        """Commit offsets of still-assigned partitions; False when that did not happen."""
+        """Commit ``offsets``; False when that did not happen: nothing is committed once
+        any of their partitions was revoked (counted as ``revoked``), or after
+        COMMIT_ATTEMPTS failed tries (``failed``)."""
         commits = self.metrics.offset_commits
         assigned = consumer.assignment()
         mine = {tp: o for tp, o in offsets.items() if tp in assigned}
@@ -1263,10 +1266,13 @@ class TickcastService:
         # A few tries only: a later commit covers these offsets too, and redelivery is the
         # worst case of giving up.
         try:
-            await retrying("commit", self._retriable, attempts=len(BACKOFF_S))(
-                consumer.commit, mine
+            await call_with_retries(
+                "commit", self._retriable, consumer.commit, mine, attempts=COMMIT_ATTEMPTS
             )
-        except KafkaError:
+        except KafkaError as exc:
+            logger.warning(
+                "commit failed %d times; the next one covers it: %s", COMMIT_ATTEMPTS, exc
+            )
             commits.labels(result="failed").inc()
             return False
         commits.labels(result="committed").inc()
@@ -1278,9 +1284,7 @@ class TickcastService:
         assert consumer is not None
         while True:
             await asyncio.sleep(1.0)
-            self.metrics.model_age_seconds.set(
-                max(time.time() - self.predictor.checkpoint.meta.created_at_epoch(), 0.0)
-            )
+            self._set_model_age()
             for tp in consumer.assignment():
                 high = consumer.highwater(tp)
                 if high is None:
@@ -1297,6 +1301,8 @@ class TickcastService:
         self.metrics.model_info.info(
             {"version": self.predictor.version, "device": str(self.predictor.device)}
         )
-        self.metrics.model_age_seconds.set(
-            max(time.time() - self.predictor.checkpoint.meta.created_at_epoch(), 0.0)
-        )
+        self._set_model_age()
+
+    def _set_model_age(self) -> None:
+        created = self.predictor.checkpoint.meta.created_at_epoch()
+        self.metrics.model_age_seconds.set(max(time.time() - created, 0.0))
