@@ -1,12 +1,42 @@
-"""Real price data shared by the unit tests (loaded once per session)."""
+"""Fixtures shared by the unit tests: real price data (loaded once per session) and
+daemons built but never started (no Kafka)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from daemon.metrics import DaemonMetrics
+from daemon.service import TickcastService
+from daemon.settings import Settings
 from model.data import PriceSeries, load_series
+from tests.support.daemon import make_checkpoint
+
+ServiceFactory = Callable[..., TickcastService]
+
+
+@pytest.fixture
+async def service_factory(tmp_path: Path) -> AsyncIterator[ServiceFactory]:
+    """``build(**settings)``: a TickcastService on CPU with a checkpoint in ``tmp_path`` and
+    its own metrics registry, built but not started; its restore and inference threads are
+    stopped after the test."""
+    make_checkpoint(tmp_path)
+    built: list[TickcastService] = []
+
+    def build(**overrides: Any) -> TickcastService:
+        settings = Settings(checkpoint_dir=tmp_path, device="cpu", **overrides)
+        service = TickcastService(settings, DaemonMetrics(CollectorRegistry(), process=False))
+        built.append(service)
+        return service
+
+    yield build
+    for service in built:
+        await service._cancel_restore()
+        service._inference.shutdown()
 
 
 @pytest.fixture(scope="session")

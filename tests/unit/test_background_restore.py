@@ -10,22 +10,18 @@ finishes only when the test says so.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
 from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import TopicPartition
-from prometheus_client import CollectorRegistry
 
 import daemon.service
-from daemon.metrics import DaemonMetrics
 from daemon.restore import RestoreStats
 from daemon.service import TickcastService
-from daemon.settings import Settings
-from tests.support.daemon import make_checkpoint
 from tests.support.polling import wait_until
+from tests.unit.conftest import ServiceFactory
 
 P0, P1, P2 = (TopicPartition("ticks", p) for p in range(3))
 
@@ -87,15 +83,8 @@ def restore(monkeypatch: pytest.MonkeyPatch) -> GatedRestore:
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[TickcastService]:
-    make_checkpoint(tmp_path)
-    settings = Settings(checkpoint_dir=tmp_path, device="cpu")
-    service = TickcastService(settings, DaemonMetrics(CollectorRegistry(), process=False))
-    try:
-        yield service
-    finally:
-        await service._cancel_restore()
-        service._inference.shutdown()
+def service(service_factory: ServiceFactory) -> TickcastService:
+    return service_factory()
 
 
 def gauge(service: TickcastService, name: str) -> float | None:

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import numpy as np
-import pytest
-from prometheus_client import CollectorRegistry
 
 from daemon.batching import PendingWindows
-from daemon.metrics import DaemonMetrics
 from daemon.pipeline import Chunk, ScoringRows
 from daemon.service import TickcastService
-from daemon.settings import Settings
-from tests.support.daemon import make_checkpoint
 
 
 def chunk(n: int, start: int = 0) -> Chunk:
@@ -47,17 +41,6 @@ async def batch_sizes(service: TickcastService, chunks: list[Chunk]) -> list[int
         sizes.append(len(batch.rows))
     await loop
     return sizes
-
-
-@pytest.fixture
-def service_factory(tmp_path: Path):
-    make_checkpoint(tmp_path)
-
-    def build(**settings: object) -> TickcastService:
-        s = Settings(checkpoint_dir=tmp_path, device="cpu", metrics_port=0, **settings)  # type: ignore[arg-type]
-        return TickcastService(s, DaemonMetrics(CollectorRegistry()))
-
-    return build
 
 
 async def test_a_burst_is_split_across_idle_workers(service_factory) -> None:

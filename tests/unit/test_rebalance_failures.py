@@ -5,30 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 
 import pytest
 from aiokafka.structs import TopicPartition
-from prometheus_client import CollectorRegistry
 
-from daemon.metrics import DaemonMetrics
 from daemon.service import TickcastService
-from daemon.settings import Settings
-from tests.support.daemon import make_checkpoint
+from tests.unit.conftest import ServiceFactory
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> Iterator[TickcastService]:
+def service(service_factory: ServiceFactory) -> TickcastService:
     """An exactly-once daemon, built but not started."""
-    make_checkpoint(tmp_path)
-    settings = Settings(
-        checkpoint_dir=tmp_path, device="cpu", delivery="exactly_once", transactional_id="t-1"
-    )
-    built = TickcastService(settings, DaemonMetrics(CollectorRegistry(), process=False))
-    yield built
-    built._inference.shutdown()
+    return service_factory(delivery="exactly_once", transactional_id="t-1")
 
 
 class RecordingProducer:

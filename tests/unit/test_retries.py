@@ -5,23 +5,18 @@ backoff's sleeps are recorded instead of slept."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAuthorizationFailedError
 from aiokafka.structs import TopicPartition
-from prometheus_client import CollectorRegistry
 
 import daemon.retries
-from daemon.metrics import DaemonMetrics
 from daemon.pipeline import Dispatched, ScoringRows
 from daemon.publisher import Delivery
 from daemon.retries import BACKOFF_S, call_with_retries
 from daemon.service import COMMIT_ATTEMPTS, SendRefusedError, TickcastService
-from daemon.settings import Settings
-from tests.support.daemon import make_checkpoint
+from tests.unit.conftest import ServiceFactory
 
 
 @pytest.fixture
@@ -39,14 +34,8 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[TickcastService]:
-    make_checkpoint(tmp_path)
-    settings = Settings(checkpoint_dir=tmp_path, device="cpu")
-    service = TickcastService(settings, DaemonMetrics(CollectorRegistry(), process=False))
-    try:
-        yield service
-    finally:
-        service._inference.shutdown()
+def service(service_factory: ServiceFactory) -> TickcastService:
+    return service_factory()
 
 
 class FailsTimes:

@@ -8,32 +8,22 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
-from prometheus_client import CollectorRegistry
 
-from daemon.metrics import DaemonMetrics
 from daemon.model_watcher import in_daemon_thread
 from daemon.publisher import OutRecord
 from daemon.records import DLQ_MAX_HEADER_BYTES, dead_letter_record
 from daemon.service import SendRefusedError, TickcastService
-from daemon.settings import Settings
 from daemon.ticks import BadTick, UnreadableRecord
-from tests.support.daemon import make_checkpoint
+from tests.unit.conftest import ServiceFactory
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[TickcastService]:
-    make_checkpoint(tmp_path)
-    settings = Settings(checkpoint_dir=tmp_path, device="cpu", shutdown_timeout_s=600)
-    service = TickcastService(settings, DaemonMetrics(CollectorRegistry(), process=False))
-    try:
-        yield service
-    finally:
-        service._inference.shutdown()
+def service(service_factory: ServiceFactory) -> TickcastService:
+    return service_factory(shutdown_timeout_s=600)
 
 
 class HangingClient:

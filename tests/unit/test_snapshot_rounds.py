@@ -5,21 +5,16 @@ left. Driven through the service's own methods with a recording publisher (no Ka
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from aiokafka.structs import TopicPartition
-from prometheus_client import CollectorRegistry
 
-from daemon.metrics import DaemonMetrics
 from daemon.service import TickcastService
-from daemon.settings import Settings
 from daemon.state_store import MARKER_KEY, PendingSnapshot, StateWriter, decode_marker
 from model.data import load_series
-from tests.support.daemon import make_checkpoint
+from tests.unit.conftest import ServiceFactory
 
 P0 = TopicPartition("ticks", 0)
 SYMBOLS = [f"S{i}" for i in range(7)]
@@ -49,22 +44,15 @@ class Recording:
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[TickcastService]:
-    make_checkpoint(tmp_path)
-    settings = Settings(
-        checkpoint_dir=tmp_path, device="cpu", snapshot_interval_s=3600, snapshot_max_symbols=3
-    )
-    service = TickcastService(settings, DaemonMetrics(CollectorRegistry(), process=False))
+def service(service_factory: ServiceFactory) -> TickcastService:
+    service = service_factory(snapshot_interval_s=3600, snapshot_max_symbols=3)
     # Seven symbols on partition 0, first seen at offsets 0..6, fetched up to offset 7.
     prices = load_series("dataset:goog")[0].prices[:7]
     slots = service.windows.slots_for(SYMBOLS, np.zeros(7, np.int32), np.arange(7))
     service.windows.apply(slots, prices, np.ones(7, np.int64))
     service._positions = {P0: 7}
     service._ready_partitions = {P0}
-    try:
-        yield service
-    finally:
-        service._inference.shutdown()
+    return service
 
 
 def attach_writer(service: TickcastService) -> tuple[StateWriter, Recording]:
