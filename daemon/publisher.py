@@ -41,6 +41,18 @@ class Delivery:
     future: asyncio.Future[object] = field(repr=False)
 
 
+@dataclass
+class SendProgress:
+    """What one :meth:`BatchPublisher.send` call handed to the producer so far, so that a
+    retry of the same call hands over only the rest."""
+
+    deliveries: list[Delivery] = field(default_factory=list)
+    # The topic's partitions when the send began, and where its deliveries start: if the
+    # partitions change between tries, placements change, and the records go again.
+    partitions: tuple[int, ...] = ()
+    first: int = 0
+
+
 class BatchPublisher:
     """Sends records to a topic as per-partition batches; keeps them until acknowledged."""
 
@@ -70,12 +82,28 @@ class BatchPublisher:
             cached = placed[key] = self._partitioner(key, partitions, partitions)
         return cached
 
-    async def send(self, topic: str, records: Sequence[OutRecord]) -> list[Delivery]:
-        """Hand records to the producer, in order per partition; returns the deliveries."""
+    async def send(
+        self, topic: str, records: Sequence[OutRecord], progress: SendProgress | None = None
+    ) -> list[Delivery]:
+        """Hand records to the producer, in order per partition; returns the deliveries.
+
+        With ``progress``, each delivery is recorded there as it is handed over, and a call
+        that repeats a failed one (same records, same progress) skips the records the
+        failed call handed over: a retry neither sends them twice nor loses their acks.
+        It then returns every delivery of both calls.
+        """
+        progress = SendProgress() if progress is None else progress
         if not records:
-            return []
+            return progress.deliveries
         await self._producer.client._wait_on_metadata(topic)
         partitions = self._partitions(topic)
+        handed_over: dict[int, int] = {}  # records per partition already with the producer
+        if progress.partitions != tuple(partitions):
+            progress.partitions, progress.first = tuple(partitions), len(progress.deliveries)
+        else:
+            for delivery in progress.deliveries[progress.first :]:
+                n = handed_over.get(delivery.partition, 0)
+                handed_over[delivery.partition] = n + len(delivery.records)
         placed = self._partition_of[topic]
         by_partition: dict[int, list[OutRecord]] = {p: [] for p in partitions}
         for record in records:
@@ -83,17 +111,22 @@ class BatchPublisher:
             if p is None:
                 p = self.partition_for(topic, record[0], partitions)
             by_partition[p].append(record)
-        deliveries: list[Delivery] = []
         for partition, items in by_partition.items():
+            items = items[handed_over.get(partition, 0) :]
             if items:
-                deliveries.extend(await self.send_to_partition(topic, partition, items))
-        return deliveries
+                await self.send_to_partition(topic, partition, items, progress.deliveries)
+        return progress.deliveries
 
     async def send_to_partition(
-        self, topic: str, partition: int, records: list[OutRecord]
+        self,
+        topic: str,
+        partition: int,
+        records: list[OutRecord],
+        deliveries: list[Delivery] | None = None,
     ) -> list[Delivery]:
-        """Send records to one explicit partition, in order."""
-        deliveries: list[Delivery] = []
+        """Send records to one explicit partition, in order; each delivery is appended to
+        ``deliveries`` (returned) as soon as it is handed over."""
+        deliveries = [] if deliveries is None else deliveries
         batch = self._producer.create_batch()
         members: list[OutRecord] = []
         for record in records:

@@ -56,7 +56,7 @@ from daemon.metrics import DaemonMetrics, observe_many, summarize_many
 from daemon.model_watcher import ModelWatcher
 from daemon.pipeline import Chunk, Dispatched, ScoringRows, commit_offsets
 from daemon.predictor import Predictor, load_predictor, resolve_device
-from daemon.publisher import BatchPublisher, Delivery, OutRecord
+from daemon.publisher import BatchPublisher, Delivery, OutRecord, SendProgress
 from daemon.records import dead_letter_record, prediction_records
 from daemon.restore import restore_windows
 from daemon.retries import call_with_retries
@@ -1117,10 +1117,11 @@ class TickcastService:
     async def _send_with_retry(self, topic: str, records: list[OutRecord]) -> list[Delivery]:
         publisher = self._publisher
         assert publisher is not None
+        progress = SendProgress()  # a retry sends only what the failed try did not hand over
 
         async def send() -> list[Delivery]:
             try:
-                return await publisher.send(topic, records)
+                return await publisher.send(topic, records, progress)
             except KafkaError as exc:
                 self._retry_or_stop(topic, exc)
                 raise

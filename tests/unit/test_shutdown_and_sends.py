@@ -90,7 +90,9 @@ async def test_a_refused_send_stops_the_daemon(service: TickcastService) -> None
     instead of every partition waiting behind it forever, the send fails for good."""
 
     class Refusing:
-        async def send(self, topic: str, records: list[object]) -> list[object]:
+        async def send(
+            self, topic: str, records: list[object], progress: object = None
+        ) -> list[object]:
             raise TopicAuthorizationFailedError()
 
     service._publisher = Refusing()  # type: ignore[assignment]
@@ -103,7 +105,9 @@ async def test_an_outage_is_retried_and_counted(service: TickcastService) -> Non
         def __init__(self) -> None:
             self.calls = 0
 
-        async def send(self, topic: str, records: list[object]) -> list[str]:
+        async def send(
+            self, topic: str, records: list[object], progress: object = None
+        ) -> list[str]:
             self.calls += 1
             if self.calls < 3:
                 raise KafkaConnectionError("broker gone")
