@@ -147,10 +147,16 @@ class BatchPublisher:
         future = await self._producer.send_batch(batch, topic, partition=partition)
         return Delivery(topic, partition, members, future)
 
-    async def resend(self, delivery: Delivery) -> Delivery:
-        """Send a failed delivery's records again (same partition, same order)."""
-        again = await self.send_to_partition(delivery.topic, delivery.partition, delivery.records)
-        # Several batches can come back if the batch size shrank; chain them into one.
-        futures = [d.future for d in again]
-        combined: asyncio.Future[object] = asyncio.ensure_future(asyncio.gather(*futures))
-        return Delivery(delivery.topic, delivery.partition, delivery.records, combined)
+    async def resend(self, delivery: Delivery, handed: list[Delivery]) -> list[Delivery]:
+        """Send a failed delivery's records again (same partition, same order); returns the
+        new deliveries (several if the batch size shrank).
+
+        Each new delivery is appended to ``handed`` as it goes to the producer, and a call
+        with the same ``handed`` skips the records already in it: a resend that failed
+        partway is resumed, not repeated.
+        """
+        done = sum(len(d.records) for d in handed)
+        await self.send_to_partition(
+            delivery.topic, delivery.partition, delivery.records[done:], handed
+        )
+        return handed

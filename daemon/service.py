@@ -1213,18 +1213,20 @@ class TickcastService:
         assert publisher is not None
         waiting = list(item.deliveries)  # sent, not yet acknowledged
         failed: list[Delivery] = []  # to send again
+        resent: list[Delivery] = []  # what the resend of failed[0] handed over so far
 
         async def settle() -> None:
             """One try: resend what failed (in order), then wait for every ack. A try that
-            fails leaves its progress in ``waiting`` and ``failed`` for the next."""
-            nonlocal waiting
+            fails leaves its progress in ``waiting``, ``failed`` and ``resent`` for the next."""
+            nonlocal waiting, resent
             while failed:
                 try:
-                    waiting.append(await publisher.resend(failed[0]))
+                    waiting.extend(await publisher.resend(failed[0], resent))
                 except KafkaError as exc:
                     self._retry_or_stop(failed[0].topic, exc)
                     raise
                 failed.pop(0)
+                resent = []
             errors: list[KafkaError] = []
             for delivery in waiting:
                 try:

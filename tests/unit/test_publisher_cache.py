@@ -12,6 +12,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from daemon import publisher
 from daemon.publisher import BatchPublisher, Delivery, OutRecord, SendProgress
+from tests.support.producers import FlakyProducer, per_partition
 
 
 def test_placements_match_the_partitioner_and_the_cache_is_bounded(
@@ -27,61 +28,12 @@ def test_placements_match_the_partitioner_and_the_cache_is_bounded(
     assert len(batch_publisher._partition_of["dlq"]) <= 3
 
 
-class FakeBatch:
-    """Holds up to ``capacity`` records, like a BatchBuilder that fills up."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.keys: list[bytes] = []
-
-    def append(self, *, key: bytes, value: bytes, timestamp: None, headers: object) -> object:
-        if len(self.keys) >= self.capacity:
-            return None
-        self.keys.append(key)
-        return object()
-
-
-class FlakyProducer:
-    """A producer whose ``send_batch`` fails once, on the ``fail_at``-th batch handed over."""
-
-    def __init__(self, partitions: list[int], fail_at: int, capacity: int = 2) -> None:
-        self.partitions, self.fail_at, self.capacity = partitions, fail_at, capacity
-        self.handed: list[tuple[int, list[bytes]]] = []
-        self.calls = 0
-        self.client = SimpleNamespace(
-            _wait_on_metadata=self._metadata,
-            cluster=SimpleNamespace(partitions_for_topic=lambda topic: set(self.partitions)),
-        )
-
-    async def _metadata(self, topic: str) -> None:
-        return None
-
-    def create_batch(self) -> FakeBatch:
-        return FakeBatch(self.capacity)
-
-    async def send_batch(self, batch: FakeBatch, topic: str, partition: int) -> object:
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise KafkaConnectionError("accumulator full")
-        self.handed.append((partition, list(batch.keys)))
-        future = asyncio.get_running_loop().create_future()
-        future.set_result(None)
-        return future
-
-
 def records(n: int) -> list[OutRecord]:
     return [(f"key-{i}".encode(), b"v", []) for i in range(n)]
 
 
 def keys_of(deliveries: list[Delivery]) -> list[bytes]:
     return [r[0] or b"" for d in deliveries for r in d.records]
-
-
-def per_partition(handed: list[tuple[int, list[bytes]]]) -> dict[int, list[bytes]]:
-    out: dict[int, list[bytes]] = {}
-    for partition, keys in handed:
-        out.setdefault(partition, []).extend(keys)
-    return out
 
 
 async def test_a_retried_send_hands_over_only_what_the_failed_try_did_not() -> None:
@@ -116,3 +68,26 @@ async def test_a_retry_after_the_partitions_changed_sends_everything_again() -> 
     deliveries = await batch_publisher.send("t", sent, progress)
     assert sorted(keys_of(deliveries[2:])) == sorted(r[0] or b"" for r in sent)
     assert len(deliveries) > 2  # the first try's deliveries are still awaited
+
+
+def failed_delivery(partition: int, sent: list[OutRecord]) -> Delivery:
+    future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    future.set_exception(KafkaConnectionError("broker gone"))
+    future.exception()  # retrieved: the test is about the resend, not this future
+    return Delivery("t", partition, sent, future)
+
+
+async def test_a_resend_cut_off_partway_is_resumed_not_repeated() -> None:
+    """A failed delivery of 5 records, resent in batches of 2: the second batch is refused;
+    calling again with the same list hands over only the last 3 records."""
+    sent = records(5)
+    producer = FlakyProducer([0, 1], fail_at=2)
+    batch_publisher = BatchPublisher(producer)
+    failed = failed_delivery(1, sent)
+    handed: list[Delivery] = []
+    with pytest.raises(KafkaConnectionError):
+        await batch_publisher.resend(failed, handed)
+    assert keys_of(handed) == [b"key-0", b"key-1"]
+    again = await batch_publisher.resend(failed, handed)
+    assert again is handed and keys_of(again) == [r[0] for r in sent]
+    assert per_partition(producer.handed) == {1: [r[0] for r in sent]}  # each record once

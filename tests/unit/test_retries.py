@@ -13,9 +13,10 @@ from aiokafka.structs import TopicPartition
 
 import daemon.retries
 from daemon.pipeline import Dispatched, ScoringRows
-from daemon.publisher import Delivery
+from daemon.publisher import BatchPublisher, Delivery, OutRecord
 from daemon.retries import BACKOFF_S, call_with_retries
 from daemon.service import COMMIT_ATTEMPTS, SendRefusedError, TickcastService
+from tests.support.producers import FlakyProducer, per_partition
 from tests.unit.conftest import ServiceFactory
 
 
@@ -110,12 +111,13 @@ class Resender:
         self.error = error or KafkaConnectionError("broker gone")
         self.resent: list[tuple[str, int]] = []
 
-    async def resend(self, failed: Delivery) -> Delivery:
+    async def resend(self, failed: Delivery, handed: list[Delivery]) -> list[Delivery]:
         if self.refusals:
             self.refusals -= 1
             raise self.error
         self.resent.append((failed.topic, failed.partition))
-        return delivery(failed.topic, failed.partition, None)
+        handed.append(delivery(failed.topic, failed.partition, None))
+        return handed
 
 
 def dispatched(*deliveries: Delivery) -> Dispatched:
@@ -150,6 +152,24 @@ async def test_a_delivery_refused_for_good_stops_the_daemon(
     with pytest.raises(SendRefusedError, match="predictions failed for good"):
         await service._await_deliveries(item)
     assert sleeps == []
+
+
+async def test_a_resend_cut_off_partway_goes_on_from_where_it_stopped(
+    service: TickcastService, sleeps: list[float]
+) -> None:
+    """The real publisher over a producer that refuses the resend's second batch: the next
+    try hands over only the rest, so every record reaches the producer once, in order."""
+    producer = FlakyProducer([0], fail_at=2, capacity=2)
+    service._publisher = BatchPublisher(producer)
+    sent: list[OutRecord] = [(f"key-{i}".encode(), b"v", []) for i in range(5)]
+    future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    future.set_exception(KafkaConnectionError("broker gone"))
+    await asyncio.wait_for(
+        service._await_deliveries(dispatched(Delivery("predictions", 0, sent, future))),
+        timeout=10,
+    )
+    assert per_partition(producer.handed) == {0: [key for key, _, _ in sent]}
+    assert sleeps == list(BACKOFF_S[:2])  # after the failed ack, after the cut-off resend
 
 
 class FlakyConsumer:
