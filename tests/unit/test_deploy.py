@@ -709,6 +709,11 @@ def test_dockerfile_shape() -> None:
     assert "ARG TORCH_VARIANT=cpu" in text
     assert "download.pytorch.org/whl/${TORCH_VARIANT}" in text
     assert "[data]" in text
+    # The image gets the versions CI tests with: torch at its pin, the rest constrained.
+    assert re.search(r"^COPY constraints\.txt ", text, flags=re.MULTILINE)
+    assert "grep '^torch==' /tmp/constraints.txt > /tmp/torch.txt" in text
+    assert "-r /tmp/torch.txt" in text
+    assert '-c /tmp/constraints.txt "./[data]"' in text
     assert "apt-get" not in final and "gcc" not in final, "no build tools in the final stage"
     for line in re.findall(r"^RUN\b.*pip install.*$", text, flags=re.MULTILINE):
         assert "--no-cache-dir" in line, line
