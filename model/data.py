@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,10 @@ from model.tick_rules import MAX_TS_MS
 logger = logging.getLogger(__name__)
 
 DATASET_PREFIX = "dataset:"
+# How several series are split: each at its own points (``series``), or all at the same
+# event times (``time``), so that no training target is later than another series'
+# validation or test target.
+SplitBy = Literal["series", "time"]
 # At least two rows, so that a series has one price and one next price.
 MIN_ROWS = 2
 
@@ -406,11 +411,41 @@ def _split_counts(targets: int, val_fraction: float, test_fraction: float) -> tu
     return targets - val - test, val, test
 
 
+def common_time_cuts(
+    target_ts: Sequence[np.ndarray], val_fraction: float, test_fraction: float
+) -> tuple[int, int]:
+    """The event times at which validation and test begin for every series at once: the
+    pooled targets of all series, split in time in the given shares."""
+    pooled = np.sort(np.concatenate(target_ts))
+    train, val, _ = _split_counts(len(pooled), val_fraction, test_fraction)
+    return int(pooled[train]), int(pooled[train + val])
+
+
+def uncovered_split(one: PriceSeries, counts: Sequence[int], starts: Sequence[int]) -> str | None:
+    """Why ``one`` cannot take part in a common time split (a split it has no target in),
+    or None. ``counts`` are its targets per split, ``starts`` when validation and test
+    begin."""
+    empty = [
+        name for name, n in zip(("training", "validation", "test"), counts, strict=True) if n < 1
+    ]
+    if not empty:
+        return None
+    return (
+        f"{one.source} ({one.symbol}) has no {' or '.join(empty)} target in the common time "
+        f"split: its prices run from {_iso(int(one.ts[0]))} to {_iso(int(one.ts[-1]))}, "
+        f"and the split's validation period starts at {_iso(starts[0])}, its test period "
+        f"at {_iso(starts[1])}"
+    )
+
+
 def chronological_split(
     series: PriceSeries | Sequence[PriceSeries],
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     window_length: int = 60,
+    *,
+    split_by: SplitBy = "series",
+    skip_uncovered: bool = False,
 ) -> ChronologicalSplit:
     """Split each series' (window, target) pairs by target time: train, then val, then test.
 
@@ -419,6 +454,13 @@ def chronological_split(
     windows may include earlier splits' prices; that is the past, not look-ahead. Nothing
     is fitted on the data here: the per-window scaling needs no fitting. Several series
     are split one by one and then concatenated, so no window crosses two series.
+
+    ``split_by="series"`` cuts each series at its own shares of its targets, so with
+    series from different years one series' test period can lie before another's training
+    targets. ``split_by="time"`` cuts them all at the same two event times
+    (:func:`common_time_cuts`), so that order holds across series too; a series without a
+    target in each of the three periods is then a :class:`DataError`, or left out with a
+    log line if ``skip_uncovered``.
 
     Raises :class:`DataError` when a series has fewer than ``window_length + 3`` rows (one
     window plus one target for each split).
@@ -430,18 +472,34 @@ def chronological_split(
     all_series = [series] if isinstance(series, PriceSeries) else list(series)
     if not all_series:
         raise DataError("no price series to split")
+    starts = (0, 0)
+    if split_by == "time":
+        starts = common_time_cuts(
+            [one.ts[window_length:] for one in all_series], val_fraction, test_fraction
+        )
     parts: dict[str, list[WindowSet]] = {"train": [], "val": [], "test": []}
-    cuts = []
-    for index, one in enumerate(all_series):
+    cuts: list[SeriesCut] = []
+    for one in all_series:
         windows, targets = make_windows(one.prices, window_length)
-        train, val, test = _split_counts(len(targets), val_fraction, test_fraction)
-        if train < 1:
-            raise DataError(
-                f"{one.source} ({one.symbol}) has {len(one)} rows; a window length of "
-                f"{window_length} needs at least {window_length + 3} (one window plus one "
-                "target each for training, validation and test)"
-            )
         target_ts = one.ts[window_length:]
+        if split_by == "series":
+            train, val, test = _split_counts(len(targets), val_fraction, test_fraction)
+            if train < 1:
+                raise DataError(
+                    f"{one.source} ({one.symbol}) has {len(one)} rows; a window length of "
+                    f"{window_length} needs at least {window_length + 3} (one window plus one "
+                    "target each for training, validation and test)"
+                )
+        else:
+            train, val_stop = (int(i) for i in np.searchsorted(target_ts, starts))
+            val, test = val_stop - train, len(targets) - val_stop
+            problem = uncovered_split(one, (train, val, test), starts)
+            if problem and skip_uncovered:
+                logger.info("leaving out %s", problem)
+                continue
+            if problem:
+                raise DataError(f"{problem}; leave it out, or split each series by its own length")
+        index = len(cuts)
         bounds = {"train": (0, train), "val": (train, train + val), "test": (train + val, None)}
         for name, (start, stop) in bounds.items():
             rows = slice(start, stop)
@@ -454,6 +512,8 @@ def chronological_split(
                 )
             )
         cuts.append(SeriesCut(one, train, val, test))
+    if not cuts:
+        raise DataError("no series has a target in each period of the common time split")
 
     def concat(sets: list[WindowSet]) -> WindowSet:
         return WindowSet(

@@ -53,6 +53,7 @@ from model.data import (
     DataError,
     PriceSeries,
     SeriesCut,
+    SplitBy,
     chronological_split,
     load_many,
 )
@@ -144,10 +145,21 @@ def fit_and_evaluate(
     *,
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
+    split_by: SplitBy = "series",
+    skip_uncovered: bool = False,
     progress: bool = True,
 ) -> FitOutcome:
-    """Split chronologically, train on train (early-stopping on val), score on test."""
-    split = chronological_split(series, val_fraction, test_fraction, model_config.window_length)
+    """Split chronologically, train on train (early-stopping on val), score on test.
+
+    ``split_by`` and ``skip_uncovered`` are :func:`model.data.chronological_split`'s."""
+    split = chronological_split(
+        series,
+        val_fraction,
+        test_fraction,
+        model_config.window_length,
+        split_by=split_by,
+        skip_uncovered=skip_uncovered,
+    )
     logger.info(
         "windows: %d train, %d validation, %d test (window length %d, %d series)",
         len(split.train),
@@ -493,6 +505,16 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help=f"prices per window (default {model_defaults.window_length})",
     )
+    parser.add_argument(
+        "--split",
+        choices=("series", "time"),
+        default="series",
+        help="with several series: cut each at its own shares of its targets (series, "
+        "default; a series' test period can then lie before another's training data), or "
+        "all at the same event times (time: no training target is later than any "
+        "validation or test target; a series outside one of the periods is an error, or "
+        "left out with --from-kafka)",
+    )
     parser.add_argument("--val-fraction", type=float, default=0.15, help="default 0.15")
     parser.add_argument("--test-fraction", type=float, default=0.15, help="default 0.15")
     parser.add_argument(
@@ -587,8 +609,8 @@ def kafka_training_data(args: argparse.Namespace, window_length: int) -> list[Pr
     ticks = load_kafka_series(access, min_ticks=window_length + 3, since_ms=since_ms)
     logger.info("training data from %s: %s", access.input_topic, json.dumps(ticks.summary()))
     folds = getattr(args, "walk_forward", None)
-    if folds is None:
-        return ticks.series
+    if folds is None or args.split == "time":
+        return ticks.series  # a common time split leaves out what it cannot cover itself
     # A symbol that just appeared on the topic must not fail the whole walk-forward run.
     usable = []
     for one in ticks.series:
@@ -725,6 +747,8 @@ def _train_candidate(
             train_config,
             val_fraction=args.val_fraction,
             test_fraction=args.test_fraction,
+            split_by=args.split,
+            skip_uncovered=bool(args.from_kafka),
             progress=not args.no_progress,
         )
         return outcome, None
@@ -738,6 +762,8 @@ def _train_candidate(
         eval_fraction=args.walk_forward_span,
         val_fraction=args.val_fraction,
         scheme=args.walk_forward_scheme,
+        split_by=args.split,
+        skip_uncovered=bool(args.from_kafka),
         progress=not args.no_progress,
     )
     final = walk.final
@@ -751,6 +777,7 @@ def _checkpoint_meta(
     decision: PromotionDecision,
     parent: str | None,
     train_config: TrainConfig,
+    split_by: SplitBy,
 ) -> CheckpointMeta:
     training = outcome.training
     return CheckpointMeta(
@@ -761,6 +788,7 @@ def _checkpoint_meta(
             "rmse_ratio": outcome.evaluation["rmse_ratio"],
             "test": outcome.evaluation,
             "test_data": [r.model_dump() for r in held_out_ranges(outcome.split)],
+            "split_by": split_by,
             "windows": {
                 "train": len(outcome.split.train),
                 "val": len(outcome.split.val),
@@ -826,7 +854,7 @@ def retrain_once(args: argparse.Namespace) -> int:
                 force=args.force,
                 device=device,
             )
-            meta = _checkpoint_meta(outcome, walk, decision, parent, train_config)
+            meta = _checkpoint_meta(outcome, walk, decision, parent, train_config, args.split)
             version_dir = save_checkpoint(checkpoint_dir, outcome.training.model, meta)
             plot_path = _plot(version_dir / PLOT_FILE, outcome)
             if decision.promote:
@@ -851,6 +879,7 @@ def retrain_once(args: argparse.Namespace) -> int:
         "candidate_rmse": decision.candidate_rmse,
         "compared_windows": decision.compared_windows,
         "series": [cut.series.symbol for cut in outcome.split.cuts],
+        "split_by": args.split,
         "evaluation": outcome.evaluation,
         "windows": meta.evaluation["windows"],
         "training": meta.evaluation["training"],

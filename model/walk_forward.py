@@ -28,8 +28,10 @@ from model.data import (
     DataError,
     PriceSeries,
     SeriesCut,
+    SplitBy,
     WindowSet,
     make_windows,
+    uncovered_split,
 )
 from model.evaluate import (
     block_bootstrap_rmse_ratio,
@@ -111,6 +113,66 @@ def fold_bounds(
     return bounds
 
 
+def common_fold_bounds(
+    series: Sequence[PriceSeries],
+    folds: int,
+    *,
+    window_length: int,
+    eval_fraction: float,
+    val_fraction: float,
+    scheme: Scheme,
+    skip_uncovered: bool = False,
+) -> dict[int, list[FoldBounds]]:
+    """Fold bounds at the same event times for every series (series index -> its folds).
+
+    The folds are cut from the pooled targets of all series (:func:`fold_bounds`) and each
+    boundary's event time is then found in every series, so within a fold no training
+    target of any series is later than another series' validation or test target. A
+    series without a target in some period of some fold is a :class:`DataError`, or left
+    out with a log line if ``skip_uncovered``.
+    """
+    target_ts = [one.ts[window_length:] for one in series]
+    pooled = np.sort(np.concatenate(target_ts))
+    try:
+        pooled_bounds = fold_bounds(
+            len(pooled),
+            folds,
+            eval_fraction=eval_fraction,
+            val_fraction=val_fraction,
+            scheme=scheme,
+        )
+    except ValueError as exc:
+        raise DataError(f"too few targets for {folds} walk-forward folds: {exc}") from exc
+    # The event time at each pooled index; past the end: later than any target.
+    at = np.append(pooled, np.iinfo(np.int64).max)
+    per_series: dict[int, list[FoldBounds]] = {}
+    for index, (one, ts) in enumerate(zip(series, target_ts, strict=True)):
+        bounds: list[FoldBounds] = []
+        problem = None
+        for fold in pooled_bounds:
+            edges = at[[fold.train_start, fold.val_start, fold.test_start, fold.test_stop]]
+            own = FoldBounds(*(int(i) for i in np.searchsorted(ts, edges)))
+            counts = (
+                own.val_start - own.train_start,
+                own.test_start - own.val_start,
+                own.test_stop - own.test_start,
+            )
+            problem = problem or uncovered_split(one, counts, (int(edges[1]), int(edges[2])))
+            bounds.append(own)
+        if problem and skip_uncovered:
+            logger.info("leaving out %s", problem)
+            continue
+        if problem:
+            raise DataError(
+                f"{problem} (walk-forward fold boundaries are common to all series); leave it "
+                "out, or split each series by its own length"
+            )
+        per_series[index] = bounds
+    if not per_series:
+        raise DataError("no series has a target in each period of every walk-forward fold")
+    return per_series
+
+
 def walk_forward_splits(
     series: Sequence[PriceSeries],
     folds: int,
@@ -119,8 +181,12 @@ def walk_forward_splits(
     eval_fraction: float = DEFAULT_EVAL_FRACTION,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     scheme: Scheme = "expanding",
+    split_by: SplitBy = "series",
+    skip_uncovered: bool = False,
 ) -> list[ChronologicalSplit]:
-    """One :class:`ChronologicalSplit` per fold; each series is cut by its own length.
+    """One :class:`ChronologicalSplit` per fold; each series is cut by its own length
+    (``split_by="series"``) or all at the same event times (``"time"``, see
+    :func:`common_fold_bounds`).
 
     Fold k of every series is concatenated into split k (no window crosses two series).
     A fold's ``cuts`` describe the rows it used: each cut's series is the slice from the
@@ -128,25 +194,39 @@ def walk_forward_splits(
     """
     if not series:
         raise DataError("no price series to split")
+    if split_by == "time":
+        bounds_of = common_fold_bounds(
+            series,
+            folds,
+            window_length=window_length,
+            eval_fraction=eval_fraction,
+            val_fraction=val_fraction,
+            scheme=scheme,
+            skip_uncovered=skip_uncovered,
+        )
+    else:
+        bounds_of = {}
+        for index, one in enumerate(series):
+            try:
+                bounds_of[index] = fold_bounds(
+                    max(len(one) - window_length, 0),
+                    folds,
+                    eval_fraction=eval_fraction,
+                    val_fraction=val_fraction,
+                    scheme=scheme,
+                )
+            except ValueError as exc:
+                raise DataError(
+                    f"{one.source} ({one.symbol}) has {len(one)} rows, too few for {folds} "
+                    f"walk-forward folds with a window length of {window_length}: {exc}"
+                ) from exc
     per_fold: list[dict[str, list[WindowSet]]] = [
         {"train": [], "val": [], "test": []} for _ in range(folds)
     ]
     cuts: list[list[SeriesCut]] = [[] for _ in range(folds)]
-    for index, one in enumerate(series):
+    for index, (position, bounds) in enumerate(bounds_of.items()):
+        one = series[position]
         windows, targets = make_windows(one.prices, window_length)
-        try:
-            bounds = fold_bounds(
-                len(targets),
-                folds,
-                eval_fraction=eval_fraction,
-                val_fraction=val_fraction,
-                scheme=scheme,
-            )
-        except ValueError as exc:
-            raise DataError(
-                f"{one.source} ({one.symbol}) has {len(one)} rows, too few for {folds} "
-                f"walk-forward folds with a window length of {window_length}: {exc}"
-            ) from exc
         target_ts = one.ts[window_length:]
         for k, fold in enumerate(bounds):
             for name, rows in (("train", fold.train), ("val", fold.val), ("test", fold.test)):
@@ -277,6 +357,8 @@ def run_walk_forward(
     eval_fraction: float = DEFAULT_EVAL_FRACTION,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     scheme: Scheme = "expanding",
+    split_by: SplitBy = "series",
+    skip_uncovered: bool = False,
     progress: bool = True,
 ) -> WalkForwardResult:
     """Train and score one model per fold (same configs and seed) and summarize."""
@@ -287,6 +369,8 @@ def run_walk_forward(
         eval_fraction=eval_fraction,
         val_fraction=val_fraction,
         scheme=scheme,
+        split_by=split_by,
+        skip_uncovered=skip_uncovered,
     )
     results = []
     for index, split in enumerate(splits, start=1):

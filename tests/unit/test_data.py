@@ -234,6 +234,105 @@ def test_split_has_no_look_ahead(
         assert cut.fit_rows == len(series[k]) - len(test)
 
 
+# Synthetic as above, and each series starts at its own time, so the series overlap in
+# time in every way (disjoint, nested, shifted): a property of real data sets that a few
+# bundled series cannot cover.
+@settings(max_examples=80, deadline=None)
+@given(
+    spans=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=200), st.integers(min_value=0, max_value=150)),
+        min_size=1,
+        max_size=4,
+    ),
+    window=st.integers(min_value=1, max_value=30),
+    val_fraction=st.floats(min_value=0.01, max_value=0.4),
+    test_fraction=st.floats(min_value=0.01, max_value=0.4),
+)
+def test_a_common_time_split_never_looks_ahead_across_series(
+    spans: list[tuple[int, int]], window: int, val_fraction: float, test_fraction: float
+) -> None:
+    series = [
+        PriceSeries(
+            f"S{k}",
+            "synthetic",
+            (start + np.arange(window + 3 + extra, dtype=np.int64)) * 1000,
+            1.0 + k * 1e6 + np.arange(window + 3 + extra),
+        )
+        for k, (start, extra) in enumerate(spans)
+    ]
+    refusal: str | None = None
+    try:
+        split = chronological_split(
+            series, val_fraction, test_fraction, window, split_by="time", skip_uncovered=True
+        )
+    except DataError as exc:
+        refusal = str(exc)  # allowed only when no series is left, which says so
+    if refusal is not None:
+        assert "no series has a target in each period" in refusal
+        return
+    assert split.train.target_ts.max() < split.val.target_ts.min()
+    assert split.val.target_ts.max() < split.test.target_ts.min()
+    for k, cut in enumerate(split.cuts):
+        rows = [p.series_index == k for p in (split.train, split.val, split.test)]
+        assert [int(r.sum()) for r in rows] == [cut.train, cut.val, cut.test]
+        assert min(cut.train, cut.val, cut.test) >= 1
+        used = np.concatenate(
+            [p.targets[r] for p, r in zip((split.train, split.val, split.test), rows, strict=True)]
+        )
+        np.testing.assert_array_equal(used, cut.series.prices[window:])  # each target once
+
+
+def between(series: PriceSeries, start: str, stop: str) -> PriceSeries:
+    """The rows of a real series from ``start`` up to (not including) ``stop``."""
+    lo, hi = (int(pd.Timestamp(day, tz="UTC").timestamp() * 1000) for day in (start, stop))
+    rows = (series.ts >= lo) & (series.ts < hi)
+    return PriceSeries(series.symbol, series.source, series.ts[rows], series.prices[rows])
+
+
+def test_a_common_time_split_keeps_time_order_across_series(
+    nasdaq: PriceSeries, goog: PriceSeries
+) -> None:
+    """Two real series over different years (NASDAQ 2002 to mid-2012, GOOG 2004 to 2013):
+    cut each by its own length, GOOG's validation period starts before NASDAQ's training
+    data ends; cut at common event times, every training target of either series comes before
+    every validation target of both, and validation before test."""
+    both = [between(nasdaq, "2002-01-01", "2012-06-01"), goog]
+    own = chronological_split(both, window_length=60)
+    assert own.train.target_ts.max() > own.val.target_ts.min()  # look-ahead across series
+
+    split = chronological_split(both, window_length=60, split_by="time")
+    assert split.train.target_ts.max() < split.val.target_ts.min()
+    assert split.val.target_ts.max() < split.test.target_ts.min()
+    for k, (one, cut) in enumerate(zip(both, split.cuts, strict=True)):
+        assert cut.series is one and min(cut.train, cut.val, cut.test) >= 1
+        assert cut.train + cut.val + cut.test == len(one) - 60  # every target once
+        test_ts = split.test.target_ts[split.test.series_index == k]
+        assert test_ts[-1] == one.ts[-1]  # the test period runs to each series' end
+    # The shares hold for the pooled targets.
+    pooled = len(split.train) + len(split.val) + len(split.test)
+    assert len(split.test) == pytest.approx(0.15 * pooled, abs=2)
+    assert len(split.val) == pytest.approx(0.15 * pooled, abs=2)
+
+
+def test_a_series_outside_a_period_of_the_time_split_is_an_error_or_left_out(
+    nasdaq: PriceSeries, goog: PriceSeries
+) -> None:
+    """GOOG ends in 2013, before the test period of NASDAQ 1999-2018 + GOOG begins."""
+    with pytest.raises(DataError, match=r"dataset:goog \(GOOG\) has no test target"):
+        chronological_split([nasdaq, goog], window_length=60, split_by="time")
+    split = chronological_split(
+        [nasdaq, goog], window_length=60, split_by="time", skip_uncovered=True
+    )
+    assert [cut.series.symbol for cut in split.cuts] == ["NASDAQ"]
+    assert set(np.unique(split.train.series_index)) == {0}
+    # 200 early targets and 86 late ones: validation starts at the late series' first
+    # target, so the early one has no validation target and the late one no training one.
+    early = PriceSeries("GOOG", "t", goog.ts[:260], goog.prices[:260])
+    late = PriceSeries("NASDAQ", "t", nasdaq.ts[-146:], nasdaq.prices[-146:])
+    with pytest.raises(DataError, match="no series has a target in each period"):
+        chronological_split([early, late], window_length=60, split_by="time", skip_uncovered=True)
+
+
 @pytest.mark.parametrize(
     ("scale", "message"),
     [

@@ -273,3 +273,60 @@ def test_from_kafka_walk_forward_skips_symbols_too_short_for_the_folds(
     assert [s.symbol for s in retrain_module.kafka_training_data(args, WINDOW)] == ["GOOG"]
     single = parse("--from-kafka", *FAST)  # one split: both are long enough
     assert len(retrain_module.kafka_training_data(single, WINDOW)) == 2
+
+
+def nasdaq_csv(path: Path, start: str, stop: str) -> Path:
+    """Real NASDAQ closes between two dates, in the seed's Date/Close layout."""
+    import arch.data.nasdaq
+
+    frame = arch.data.nasdaq.load().loc[start:stop].reset_index()
+    frame["Date"] = frame["Date"].dt.strftime("%Y-%m-%d")
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_a_common_time_split_from_the_command_line(
+    goog_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """GOOG's last 400 bars (2011-08 to 2013-03) and NASDAQ 2010-01 to 2012-12: with
+    --split time no series' fitted data reaches past another's first test target, and
+    meta.json says how the data was split; a series outside the test period is refused."""
+    nasdaq = nasdaq_csv(tmp_path / "nasdaq.csv", "2010-01-01", "2012-12-31")
+    common = ["--data", str(goog_csv), "--data", str(nasdaq), "--split", "time", *FAST]
+    report = run_json(capsys, *common, "--checkpoint-dir", str(tmp_path / "ck"))
+    assert report["split_by"] == "time" and len(report["series"]) == 2
+    meta = load_checkpoint(Path(report["checkpoint"])).meta
+    assert meta.evaluation["split_by"] == "time"
+    fitted_until = max(pd.Timestamp(r.end) for r in meta.training_data)
+    tested_from = min(pd.Timestamp(r["start"]) for r in meta.evaluation["test_data"])
+    assert fitted_until < tested_from
+
+    old = nasdaq_csv(tmp_path / "old.csv", "2005-01-01", "2009-12-31")
+    argv = ["--data", str(goog_csv), "--data", str(old), "--split", "time", *FAST]
+    assert run_retrain(parse(*argv, "--checkpoint-dir", str(tmp_path / "ck2"))) == 2
+    err = capsys.readouterr().err
+    assert "(GOOG) has no training target in the common time split" in err
+    assert "Traceback" not in err
+
+
+def test_from_kafka_common_time_split_leaves_out_symbols_outside_a_period(
+    monkeypatch: pytest.MonkeyPatch,
+    goog: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A symbol that stopped ticking long ago has no test target at the common times: with
+    --from-kafka it is left out, and the run trains on the others."""
+    import model.retrain as retrain_module
+    from model.data import PriceSeries
+    from model.kafka_source import KafkaTicks
+
+    recent = PriceSeries("GOOG", "kafka:ticks", goog.ts[-400:], goog.prices[-400:])
+    gone = PriceSeries("OLD", "kafka:ticks", goog.ts[:300], goog.prices[:300])
+
+    def fake_load(*_args: Any, **_kwargs: Any) -> KafkaTicks:
+        return KafkaTicks(topic="ticks", series=[recent, gone])
+
+    monkeypatch.setattr(retrain_module, "load_kafka_series", fake_load)
+    flags = ["--from-kafka", "--split", "time", "--checkpoint-dir", str(tmp_path), *FAST]
+    assert run_json(capsys, *flags)["series"] == ["GOOG"]

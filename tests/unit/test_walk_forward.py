@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -109,3 +111,87 @@ def test_walk_forward_never_leaks(
         # The test blocks cover the newest span exactly once, in order, without gaps.
         block = np.array(tested[k])
         np.testing.assert_array_equal(block, one.prices[len(one) - len(block) :])
+
+
+# Synthetic as above, and each series starts at its own time, so that series overlap in
+# every way (disjoint, nested, shifted), which a few bundled real series cannot cover.
+@settings(max_examples=80, deadline=None)
+@given(
+    spans=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=200), st.integers(min_value=0, max_value=150)),
+        min_size=1,
+        max_size=4,
+    ),
+    window=st.integers(min_value=1, max_value=20),
+    folds=st.integers(min_value=1, max_value=5),
+    eval_fraction=st.floats(min_value=0.05, max_value=0.8),
+    val_fraction=st.floats(min_value=0.01, max_value=0.5),
+    scheme=st.sampled_from(["expanding", "rolling"]),
+)
+def test_walk_forward_at_common_times_never_looks_ahead_across_series(
+    spans: list[tuple[int, int]],
+    window: int,
+    folds: int,
+    eval_fraction: float,
+    val_fraction: float,
+    scheme: str,
+) -> None:
+    series = [
+        PriceSeries(
+            f"S{k}",
+            "synthetic",
+            (start + np.arange(window + 2 * folds + 2 + extra, dtype=np.int64)) * 1000,
+            1.0 + k * 1e6 + np.arange(window + 2 * folds + 2 + extra),
+        )
+        for k, (start, extra) in enumerate(spans)
+    ]
+    refusal: str | None = None
+    try:
+        splits = walk_forward_splits(
+            series,
+            folds,
+            window_length=window,
+            eval_fraction=eval_fraction,
+            val_fraction=val_fraction,
+            scheme=scheme,  # type: ignore[arg-type]
+            split_by="time",
+            skip_uncovered=True,
+        )
+    except DataError as exc:
+        refusal = str(exc)  # allowed only when no series is left, or too few targets
+    if refusal is not None:
+        assert "no series has a target" in refusal or "too few targets" in refusal
+        return
+    kept = [cut.series.symbol for cut in splits[0].cuts]
+    for split in splits:
+        assert [cut.series.symbol for cut in split.cuts] == kept  # the same series in every fold
+        # Across all series: training < validation < test in event time.
+        assert split.train.target_ts.max() < split.val.target_ts.min()
+        assert split.val.target_ts.max() < split.test.target_ts.min()
+        for k, cut in enumerate(split.cuts):
+            counts = [
+                int((p.series_index == k).sum()) for p in (split.train, split.val, split.test)
+            ]
+            assert counts == [cut.train, cut.val, cut.test] and min(counts) >= 1
+    for earlier, later in itertools.pairwise(splits):
+        assert earlier.test.target_ts.max() < later.test.target_ts.min()  # blocks in order
+    for k, symbol in enumerate(kept):
+        one = next(s for s in series if s.symbol == symbol)
+        assert splits[-1].test.target_ts[splits[-1].test.series_index == k][-1] == one.ts[-1]
+
+
+def test_walk_forward_at_common_times_on_real_series(
+    nasdaq: PriceSeries, goog: PriceSeries
+) -> None:
+    """Real NASDAQ (2002 to mid-2012) and GOOG (2004 to 2013): the folds' boundaries are
+    the same event times for both; GOOG alone fails when NASDAQ runs to 2018."""
+    rows = (nasdaq.ts >= goog.ts[0] - 2 * 365 * 86_400_000) & (nasdaq.ts < 1_338_508_800_000)
+    early_nasdaq = PriceSeries("NASDAQ", "t", nasdaq.ts[rows], nasdaq.prices[rows])
+    splits = walk_forward_splits([early_nasdaq, goog], 3, split_by="time")
+    for split in splits:
+        assert split.train.target_ts.max() < split.val.target_ts.min()
+        assert split.val.target_ts.max() < split.test.target_ts.min()
+    own = walk_forward_splits([early_nasdaq, goog], 3)
+    assert any(s.train.target_ts.max() > s.val.target_ts.min() for s in own)
+    with pytest.raises(DataError, match=r"GOOG\) has no .*target.*common to all series"):
+        walk_forward_splits([nasdaq, goog], 3, split_by="time")
