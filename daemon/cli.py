@@ -83,7 +83,8 @@ def device_error(device: str) -> str | None:
 
 # ---------------------------------------------------------------------------- serve
 def run_serve(args: argparse.Namespace) -> int:
-    from daemon.service import NoCheckpointError, TickcastService
+    from daemon.inference import NoCheckpointError
+    from daemon.service import TickcastService
 
     settings = settings_from_args(args)
     configure_logging(settings.log_level)

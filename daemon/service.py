@@ -21,20 +21,15 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import signal
-import socket
 import sys
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
@@ -51,11 +46,18 @@ from aiokafka.structs import TopicPartition
 
 from daemon import raw_records
 from daemon.batching import PendingWindows
+from daemon.clients import make_consumer, make_producer, transactional_id
 from daemon.http import HealthServer
+from daemon.inference import (
+    inference_workers,
+    load_serving_predictor,
+    lower_thread_priority,
+    timed_predict,
+)
 from daemon.metrics import DaemonMetrics, observe_many, summarize_many
 from daemon.model_watcher import ModelWatcher
 from daemon.pipeline import Chunk, Dispatched, ScoringRows, commit_offsets
-from daemon.predictor import Predictor, load_predictor, resolve_device
+from daemon.predictor import Predictor
 from daemon.publisher import BatchPublisher, Delivery, OutRecord, SendProgress
 from daemon.records import dead_letter_record, prediction_records
 from daemon.restore import restore_windows
@@ -64,8 +66,6 @@ from daemon.settings import Settings
 from daemon.state_store import PendingSnapshot, StateWriter
 from daemon.ticks import BadTick, RawRecord, UnreadableRecord, decode_ticks
 from daemon.windows import SymbolWindows, group_starts
-from model.checkpoint import CheckpointError, read_latest
-from model.train import available_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -96,136 +96,12 @@ class ScoredBatch:
     inference: asyncio.Future[tuple[np.ndarray, float]] | None
 
 
-def _timed_predict(predictor: Predictor, windows: np.ndarray) -> tuple[np.ndarray, float]:
-    """Runs in the inference thread: predictions and the forward pass's own duration."""
-    started = time.perf_counter()
-    predictions = predictor.predict(windows)
-    return predictions, time.perf_counter() - started
-
-
 class PartitionsMovedError(RuntimeError):
     """Exactly-once: a batch's input partitions were revoked before it was committed."""
 
 
 class SendRefusedError(RuntimeError):
     """The broker refuses a send for a reason no retry can fix (PERMANENT_SEND_ERRORS)."""
-
-
-class NoCheckpointError(RuntimeError):
-    """The daemon cannot start: there is no loadable checkpoint."""
-
-
-def make_producer(settings: Settings, role: str, **tuning: Any) -> AIOKafkaProducer:
-    """An acks=all producer (idempotent unless turned off) for one of the daemon's roles."""
-    return AIOKafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers,
-        client_id=f"{settings.client_id}-{role}",
-        acks="all",
-        enable_idempotence=settings.enable_idempotence,
-        **settings.client_kwargs(),
-        **tuning,
-    )
-
-
-def make_consumer(settings: Settings) -> AIOKafkaConsumer:
-    """The input consumer: manual commits, read_committed, fetch sizes from settings; it
-    hands over records as fetched, without a ConsumerRecord each (daemon.raw_records)."""
-    return AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
-        group_id=settings.group_id,
-        client_id=f"{settings.client_id}-consumer",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-        fetch_min_bytes=settings.fetch_min_bytes,
-        fetch_max_wait_ms=settings.fetch_max_wait_ms,
-        session_timeout_ms=settings.session_timeout_ms,
-        heartbeat_interval_ms=min(3_000, settings.session_timeout_ms // 3),
-        value_deserializer=raw_records.raw_value,
-        **settings.client_kwargs(),
-    )
-
-
-def transactional_id(settings: Settings) -> str:
-    """The producer's transactional id in exactly-once mode.
-
-    Must be unique per running instance. Set TICKCAST_TRANSACTIONAL_ID to a stable name
-    per instance (e.g. the pod name of a StatefulSet) so that a restarted instance fences
-    its own zombie; the default (host and pid) is unique but not stable across restarts.
-    """
-    if settings.transactional_id:
-        return settings.transactional_id
-    return f"{settings.group_id}-{socket.gethostname()}-{os.getpid()}"
-
-
-def inference_workers(settings: Settings, device: torch.device, *, compiled: bool) -> int:
-    """Batches scored at once: the setting, else one per core (at most 8) on CPU.
-
-    Independent single-threaded forwards (each holds no GIL) share the cores with the
-    event loop and the broker gracefully; one forward on several intra-op threads stalls
-    at every fork/join barrier whenever one of its threads loses its core. CUDA (one
-    stream, buffers per bucket) and the torch.compile-d step score one batch at a time.
-    """
-    if device.type == "cuda" or compiled:
-        return 1
-    if settings.inference_workers:
-        return settings.inference_workers
-    return min(8, available_cpus())
-
-
-def inference_threads(settings: Settings, workers: int) -> int:
-    """torch intra-op threads: the setting, else 1 beside several inference workers,
-    else half the cores (1 to 8), leaving the rest to the event loop and the clients.
-    """
-    if settings.torch_threads:
-        return settings.torch_threads
-    if workers > 1:
-        return 1
-    return max(1, min(8, available_cpus() // 2))
-
-
-def lower_thread_priority(nice: int) -> None:
-    """Raise the calling thread's nice value by ``nice`` (Linux: per thread), so that the
-    event loop and the broker, which every tick passes through, never queue behind a
-    forward pass; inference takes the CPU they leave. Elsewhere, or if refused, a no-op."""
-    if nice <= 0 or sys.platform != "linux":
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except OSError as exc:
-        logger.warning("could not lower the inference threads' priority: %s", exc)
-
-
-def load_serving_predictor(settings: Settings) -> Predictor:
-    """The checkpoint named by LATEST, loaded and self-tested; NoCheckpointError if none."""
-    root = Path(settings.checkpoint_dir)
-    hint = f"train one with: tickcast retrain --data dataset:nasdaq --checkpoint-dir {root}"
-    try:
-        version = read_latest(root)
-    except CheckpointError as exc:  # a LATEST that names no version (NUL bytes, a dir, ...)
-        raise NoCheckpointError(f"{exc}; fix or remove it, or {hint}") from exc
-    if version is None:
-        raise NoCheckpointError(f"no checkpoint in {root} (no LATEST file); {hint}")
-    device = resolve_device(settings.device)
-    workers = inference_workers(settings, device, compiled=settings.inference == "compiled")
-    torch.set_num_threads(inference_threads(settings, workers))
-    try:
-        predictor = load_predictor(
-            root / version,
-            device,
-            fast=settings.inference != "reference",
-            compile="step" if settings.inference == "compiled" else None,
-        )
-    except CheckpointError as exc:
-        raise NoCheckpointError(f"checkpoint {version} in {root} is not loadable: {exc}") from exc
-    if predictor.version != version:  # as the hot swap checks: LATEST names what serves
-        raise NoCheckpointError(
-            f"checkpoint {version} in {root} is not loadable: its meta.json names version "
-            f"{predictor.version!r}"
-        )
-    return predictor
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -963,7 +839,7 @@ class TickcastService:
         future: asyncio.Future[tuple[np.ndarray, float]] | None = None
         if len(rows):
             loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(self._inference, _timed_predict, predictor, rows.windows)
+            future = loop.run_in_executor(self._inference, timed_predict, predictor, rows.windows)
             self._busy_workers += 1
             future.add_done_callback(self._on_batch_scored)
         return ScoredBatch(rows, completed, predictor.version, future)

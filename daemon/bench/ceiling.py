@@ -119,8 +119,8 @@ def phase_ceiling(ctx: Context) -> dict[str, Any]:
     """(a): Predictor.predict alone over batch sizes, per forward path and thread count."""
     import torch
 
+    from daemon.inference import inference_workers
     from daemon.predictor import Predictor, resolve_device
-    from daemon.service import inference_workers
     from daemon.settings import Settings
     from model.checkpoint import load_latest
     from model.fast_gru import gru_flops

@@ -37,9 +37,10 @@ def child_main(config_json: str) -> int:
     import torch
     from prometheus_client import CollectorRegistry
 
+    from daemon.inference import inference_threads, inference_workers
     from daemon.metrics import DaemonMetrics
     from daemon.predictor import load_predictor, resolve_device
-    from daemon.service import TickcastService, inference_threads, inference_workers
+    from daemon.service import TickcastService
     from daemon.settings import Settings
     from model.checkpoint import read_latest
 

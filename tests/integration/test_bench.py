@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from daemon.service import inference_workers
+from daemon.inference import inference_workers
 from daemon.settings import Settings
 from tests.support.processes import MARKER_VAR, marked_processes
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daemon.service import make_consumer
+from daemon.clients import make_consumer
 from daemon.settings import Settings
 
 

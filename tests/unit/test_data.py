@@ -19,6 +19,7 @@ from model.data import (
     load_series,
     make_windows,
 )
+from tests.support.series import SPANS, row_numbered_series
 
 
 def seed_layout_csv(path: Path, rows: int = 300) -> pd.DataFrame:
@@ -234,16 +235,9 @@ def test_split_has_no_look_ahead(
         assert cut.fit_rows == len(series[k]) - len(test)
 
 
-# Synthetic as above, and each series starts at its own time, so the series overlap in
-# time in every way (disjoint, nested, shifted): a property of real data sets that a few
-# bundled series cannot cover.
 @settings(max_examples=80, deadline=None)
 @given(
-    spans=st.lists(
-        st.tuples(st.integers(min_value=0, max_value=200), st.integers(min_value=0, max_value=150)),
-        min_size=1,
-        max_size=4,
-    ),
+    spans=SPANS,
     window=st.integers(min_value=1, max_value=30),
     val_fraction=st.floats(min_value=0.01, max_value=0.4),
     test_fraction=st.floats(min_value=0.01, max_value=0.4),
@@ -251,15 +245,7 @@ def test_split_has_no_look_ahead(
 def test_a_common_time_split_never_looks_ahead_across_series(
     spans: list[tuple[int, int]], window: int, val_fraction: float, test_fraction: float
 ) -> None:
-    series = [
-        PriceSeries(
-            f"S{k}",
-            "synthetic",
-            (start + np.arange(window + 3 + extra, dtype=np.int64)) * 1000,
-            1.0 + k * 1e6 + np.arange(window + 3 + extra),
-        )
-        for k, (start, extra) in enumerate(spans)
-    ]
+    series = row_numbered_series(spans, window + 3)  # series overlapping in time in every way
     refusal: str | None = None
     try:
         split = chronological_split(

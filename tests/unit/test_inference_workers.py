@@ -11,7 +11,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from daemon.service import inference_threads, inference_workers, lower_thread_priority
+from daemon.inference import inference_threads, inference_workers, lower_thread_priority
 from daemon.settings import Settings
 from model.train import available_cpus, cgroup_cpu_quota
 
@@ -22,7 +22,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 def test_cpu_default_is_one_single_threaded_worker_per_core(
     monkeypatch: pytest.MonkeyPatch, cores: int
 ) -> None:
-    monkeypatch.setattr("daemon.service.available_cpus", lambda: cores)
+    monkeypatch.setattr("daemon.inference.available_cpus", lambda: cores)
     settings = Settings()
     workers = inference_workers(settings, CPU, compiled=False)
     assert workers == min(cores, 8)
@@ -31,7 +31,7 @@ def test_cpu_default_is_one_single_threaded_worker_per_core(
 
 
 def test_cuda_and_compiled_score_one_batch_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("daemon.service.available_cpus", lambda: 16)
+    monkeypatch.setattr("daemon.inference.available_cpus", lambda: 16)
     settings = Settings(inference_workers=4)
     assert inference_workers(settings, CUDA, compiled=False) == 1
     assert inference_workers(settings, CPU, compiled=True) == 1

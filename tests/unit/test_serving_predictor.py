@@ -1,4 +1,4 @@
-"""``TICKCAST_INFERENCE`` picks the forward the daemon serves with (daemon/service.py
+"""``TICKCAST_INFERENCE`` picks the forward the daemon serves with (daemon/inference.py
 ``load_serving_predictor``): "reference" is nn.GRU, "fast" the scripted cell loop,
 "compiled" the cell loop with its step compiled in the background. All three predict the
 same prices for the same real windows."""
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.service import NoCheckpointError, load_serving_predictor
+from daemon.inference import NoCheckpointError, load_serving_predictor
 from daemon.settings import Settings
 from model.data import load_series, make_windows
 from tests.support.daemon import make_checkpoint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from model.data import DataError, PriceSeries, load_series
 from model.walk_forward import FoldBounds, fold_bounds, walk_forward_splits
+from tests.support.series import SERIES_OFFSET, SPANS, row_numbered_series
 
 
 def test_fold_bounds_by_hand() -> None:
@@ -41,42 +43,31 @@ def test_fold_bounds_refuse_what_cannot_work() -> None:
 
 # Synthetic prices on purpose: price = 1 + row number (+ an offset per series), so every
 # window and target reveals exactly which rows of which series it came from.
+# The walk-forward knobs every property test varies (keyword arguments of the splits).
+FOLD_OPTIONS = st.fixed_dictionaries(
+    {
+        "eval_fraction": st.floats(min_value=0.05, max_value=0.8),
+        "val_fraction": st.floats(min_value=0.01, max_value=0.5),
+        "scheme": st.sampled_from(["expanding", "rolling"]),
+    }
+)
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     lengths=st.lists(st.integers(min_value=0, max_value=150), min_size=1, max_size=3),
     window=st.integers(min_value=1, max_value=20),
     folds=st.integers(min_value=1, max_value=6),
-    eval_fraction=st.floats(min_value=0.05, max_value=0.8),
-    val_fraction=st.floats(min_value=0.01, max_value=0.5),
-    scheme=st.sampled_from(["expanding", "rolling"]),
+    options=FOLD_OPTIONS,
 )
 def test_walk_forward_never_leaks(
-    lengths: list[int],
-    window: int,
-    folds: int,
-    eval_fraction: float,
-    val_fraction: float,
-    scheme: str,
+    lengths: list[int], window: int, folds: int, options: dict[str, Any]
 ) -> None:
-    offset = 1e6
-    series = [
-        PriceSeries(
-            f"S{k}",
-            "synthetic",
-            np.arange(window + 2 * folds + 2 + extra, dtype=np.int64) * 1000,
-            1.0 + k * offset + np.arange(window + 2 * folds + 2 + extra),
-        )
-        for k, extra in enumerate(lengths)
-    ]
+    offset = SERIES_OFFSET
+    eval_fraction = options["eval_fraction"]
+    series = row_numbered_series([(0, extra) for extra in lengths], window + 2 * folds + 2)
     try:
-        splits = walk_forward_splits(
-            series,
-            folds,
-            window_length=window,
-            eval_fraction=eval_fraction,
-            val_fraction=val_fraction,
-            scheme=scheme,  # type: ignore[arg-type]
-        )
+        splits = walk_forward_splits(series, folds, window_length=window, **options)
     except DataError:
         # Only when a series really is too short for the requested test span.
         assert any(
@@ -113,49 +104,21 @@ def test_walk_forward_never_leaks(
         np.testing.assert_array_equal(block, one.prices[len(one) - len(block) :])
 
 
-# Synthetic as above, and each series starts at its own time, so that series overlap in
-# every way (disjoint, nested, shifted), which a few bundled real series cannot cover.
 @settings(max_examples=80, deadline=None)
 @given(
-    spans=st.lists(
-        st.tuples(st.integers(min_value=0, max_value=200), st.integers(min_value=0, max_value=150)),
-        min_size=1,
-        max_size=4,
-    ),
+    spans=SPANS,
     window=st.integers(min_value=1, max_value=20),
     folds=st.integers(min_value=1, max_value=5),
-    eval_fraction=st.floats(min_value=0.05, max_value=0.8),
-    val_fraction=st.floats(min_value=0.01, max_value=0.5),
-    scheme=st.sampled_from(["expanding", "rolling"]),
+    options=FOLD_OPTIONS,
 )
 def test_walk_forward_at_common_times_never_looks_ahead_across_series(
-    spans: list[tuple[int, int]],
-    window: int,
-    folds: int,
-    eval_fraction: float,
-    val_fraction: float,
-    scheme: str,
+    spans: list[tuple[int, int]], window: int, folds: int, options: dict[str, Any]
 ) -> None:
-    series = [
-        PriceSeries(
-            f"S{k}",
-            "synthetic",
-            (start + np.arange(window + 2 * folds + 2 + extra, dtype=np.int64)) * 1000,
-            1.0 + k * 1e6 + np.arange(window + 2 * folds + 2 + extra),
-        )
-        for k, (start, extra) in enumerate(spans)
-    ]
+    series = row_numbered_series(spans, window + 2 * folds + 2)
     refusal: str | None = None
     try:
         splits = walk_forward_splits(
-            series,
-            folds,
-            window_length=window,
-            eval_fraction=eval_fraction,
-            val_fraction=val_fraction,
-            scheme=scheme,  # type: ignore[arg-type]
-            split_by="time",
-            skip_uncovered=True,
+            series, folds, window_length=window, split_by="time", skip_uncovered=True, **options
         )
     except DataError as exc:
         refusal = str(exc)  # allowed only when no series is left, or too few targets
