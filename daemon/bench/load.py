@@ -242,6 +242,13 @@ class PredictionReader:
             return None
         return float(min(a.min() for a in self.produced_ms if len(a))) / 1000.0
 
+    def produced_at(self) -> np.ndarray:
+        """Each record's Kafka timestamp in seconds, in reading order: the daemon's producer
+        stamps a prediction when it appends it to a batch."""
+        if not self.produced_ms:
+            return np.empty(0)
+        return np.concatenate(self.produced_ms) / 1000.0
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if not self.ts:
             return np.empty(0), np.empty(0, np.int64)
@@ -261,6 +268,14 @@ class PredictionReader:
             await self._task
         if self._consumer is not None:
             await self._consumer.stop()
+
+
+def stage_summary(stage: str, seconds: np.ndarray) -> dict[str, float]:
+    """p50 and p99 in ms of one stage of the latency, as ``<stage>_p50_ms`` and so on."""
+    if not len(seconds):
+        return {f"{stage}_p50_ms": float("nan"), f"{stage}_p99_ms": float("nan")}
+    p50, p99 = np.percentile(seconds, [50, 99]) * 1000.0
+    return {f"{stage}_p50_ms": round(float(p50), 2), f"{stage}_p99_ms": round(float(p99), 2)}
 
 
 def latency_summary(seconds: np.ndarray) -> dict[str, float]:

@@ -20,6 +20,7 @@ from daemon.bench.load import (
     TickWriter,
     latency_summary,
     producer_for,
+    stage_summary,
 )
 from daemon.bench.plan import (
     COMMIT_POLL_COARSE_S,
@@ -188,10 +189,16 @@ async def live_loads(
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Offered load at fractions of (c), in ``schedule`` order; latency = received - ts
     (wall clock in ticks). Returns every window, and the HALF_LOAD windows pooled: the
-    latency of all their ticks together (None when the schedule has none)."""
+    latency of all their ticks together (None when the schedule has none).
+
+    Each window also gives the part of the latency spent until the daemon appended the
+    prediction to a produce batch (``appended_*``: ingest, batching, the forward pass and
+    the record; the prediction's Kafka timestamp), the rest being its delivery through
+    the broker to the reader."""
     _, sampler, reader, topics, source = kept
     out = []
     half_latencies: list[np.ndarray] = []
+    half_appended: list[np.ndarray] = []
     freeze_garbage_collector()
     async with producer_for(ctx.bootstrap, ctx.idempotent) as producer:
         writer = TickWriter(source, producer, topics["input"])
@@ -212,7 +219,9 @@ async def live_loads(
             ended = time.time()
             received, ts = reader.arrays()
             mine = slice(before, before + sent)
-            latency = received[mine] - ts[mine] / 1000.0
+            due = ts[mine] / 1000.0
+            latency = received[mine] - due
+            appended = reader.produced_at()[mine] - due
             # What the daemon kept up with: a backlog that grew during the load shows here.
             served_s = float(received[mine].max()) - started if len(latency) else real_s
             out.append(
@@ -225,21 +234,28 @@ async def live_loads(
                     "predicted": int(min(reader.count - before, sent)),
                     "complete": complete,
                     **latency_summary(latency),
+                    **stage_summary("appended", appended),
                     **sampler.window(started, ended),
                 }
             )
             if fraction == HALF_LOAD:
                 half_latencies.append(latency)
+                half_appended.append(appended)
             print(f"  live {fraction:.2f} x (c): {out[-1]}", flush=True)
             await asyncio.sleep(0.5)
-    return out, pool_windows(out, half_latencies, HALF_LOAD)
+    return out, pool_windows(out, half_latencies, HALF_LOAD, half_appended)
 
 
 def pool_windows(
-    windows: Sequence[dict[str, Any]], latencies: Sequence[np.ndarray], fraction: float
+    windows: Sequence[dict[str, Any]],
+    latencies: Sequence[np.ndarray],
+    fraction: float,
+    appended: Sequence[np.ndarray] = (),
 ) -> dict[str, Any] | None:
     """The windows offered at ``fraction`` as one: latency over all their ticks (given in
-    ``latencies``, one array per such window, in order), complete only if each was."""
+    ``latencies``, one array per such window, in order), complete only if each was; with
+    ``appended`` (the same ticks' time until the prediction was appended), that stage
+    pooled too."""
     mine = [w for w in windows if w["load_fraction"] == fraction]
     if not mine:
         return None
@@ -251,6 +267,7 @@ def pool_windows(
         "complete": all(w["complete"] for w in mine),
         "achieved_ticks_per_s": round(float(np.mean([w["achieved_ticks_per_s"] for w in mine]))),
         **latency_summary(np.concatenate(latencies)),
+        **(stage_summary("appended", np.concatenate(appended)) if len(appended) else {}),
         "p99_ms_per_window": [w["p99_ms"] for w in mine],
     }
 

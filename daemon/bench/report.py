@@ -211,6 +211,13 @@ def render_table(report: dict[str, Any]) -> str:
                     "/".join(f"{x:.0f}" for x in load["p99_ms_per_window"]),
                 )
             )
+        if "appended_p99_ms" in load:
+            lines.append(
+                row(
+                    "    of it until the daemon appended the prediction, p50/p99 ms",
+                    f"{load['appended_p50_ms']:.1f}/{load['appended_p99_ms']:.1f}",
+                )
+            )
     if "conflation" in r:
         lines.append(
             row(

@@ -95,11 +95,15 @@ def test_quick_bench_reports_every_figure(kafka_bootstrap: str, tmp_path: Path) 
     for window in r["latency"]:
         assert window["predicted"] == window["ticks"] > 0
         assert 0 <= window["p50_ms"] <= window["p99_ms"] <= window["max_ms"]
+        # A prediction is appended before it is read (its timestamp is whole ms: +1).
+        assert 0 < window["appended_p50_ms"] <= window["p50_ms"] + 1
+        assert window["appended_p50_ms"] <= window["appended_p99_ms"] <= window["p99_ms"] + 1
     half = r["half_load"]
     assert half["windows"] == 2 and half["complete"]
     assert half["ticks"] == half["predicted"] == sum(w["ticks"] for w in r["latency"])
     assert half["p99_ms_per_window"] == [w["p99_ms"] for w in r["latency"]]
     assert half["max_ms"] == max(w["max_ms"] for w in r["latency"])
+    assert 0 < half["appended_p99_ms"] <= half["p99_ms"] + 1
     assert summary["figures"]["p99_ms_at_half_load"] == half["p99_ms"]
     assert r["conflation"]["ingest_ticks_per_s"] > 0
     assert r["memory"]["symbols"] == 20000

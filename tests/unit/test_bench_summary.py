@@ -161,6 +161,21 @@ def test_half_load_windows_are_pooled_over_all_their_ticks() -> None:
     assert pooled["p99_ms"] == 400.0
     assert pooled["p50_ms"] == 25.0
     assert pooled["p99_ms_per_window"] == [20.0, 400.0]
+    assert "appended_p99_ms" not in pooled  # no stage given, none pooled
+    # With the time until the daemon appended each prediction, that stage is pooled too.
+    staged = pool_windows(windows, [calm, spiky], 0.5, [calm / 2, spiky / 2])
+    assert staged is not None
+    assert (staged["appended_p50_ms"], staged["appended_p99_ms"]) == (12.5, 200.0)
+    results: dict[str, Any] = {
+        "a_ceiling": ceiling(80_000, "cpu"),
+        "latency": windows,
+        "half_load": staged,
+        "data": "test",
+    }
+    machine = {"cores": 2, "cpu_capability": "AVX512", "load_average_at_start": [0.1]}
+    table = render_table({"results": results, "summary": summarise(results), "machine": machine})
+    assert "of it until the daemon appended the prediction, p50/p99 ms" in table
+    assert "12.5/200.0" in table
     incomplete = [_window(0.5, calm), _window(0.5, calm, complete=False)]
     assert not pool_windows(incomplete, [calm, calm], 0.5)["complete"]  # type: ignore[index]
     assert pool_windows(windows, [], 0.75) is None
