@@ -472,6 +472,13 @@ def chronological_split(
     all_series = [series] if isinstance(series, PriceSeries) else list(series)
     if not all_series:
         raise DataError("no price series to split")
+    for one in all_series:
+        if len(one) < window_length + 3:
+            raise DataError(
+                f"{one.source} ({one.symbol}) has {len(one)} rows; a window length of "
+                f"{window_length} needs at least {window_length + 3} (one window plus one "
+                "target each for training, validation and test)"
+            )
     starts = (0, 0)
     if split_by == "time":
         starts = common_time_cuts(
@@ -484,12 +491,6 @@ def chronological_split(
         target_ts = one.ts[window_length:]
         if split_by == "series":
             train, val, test = _split_counts(len(targets), val_fraction, test_fraction)
-            if train < 1:
-                raise DataError(
-                    f"{one.source} ({one.symbol}) has {len(one)} rows; a window length of "
-                    f"{window_length} needs at least {window_length + 3} (one window plus one "
-                    "target each for training, validation and test)"
-                )
         else:
             train, val_stop = (int(i) for i in np.searchsorted(target_ts, starts))
             val, test = val_stop - train, len(targets) - val_stop

@@ -190,6 +190,8 @@ def test_split_needs_one_window_and_target_per_split(nasdaq: PriceSeries) -> Non
     short = PriceSeries("X", "t", nasdaq.ts[:62], nasdaq.prices[:62])
     with pytest.raises(DataError, match="at least 63"):
         chronological_split(short, window_length=60)
+    with pytest.raises(DataError, match="at least 63"):
+        chronological_split([nasdaq, short], window_length=60, split_by="time")
     enough = PriceSeries("X", "t", nasdaq.ts[:63], nasdaq.prices[:63])
     split = chronological_split(enough, window_length=60)
     assert (len(split.train), len(split.val), len(split.test)) == (1, 1, 1)
