@@ -11,6 +11,7 @@ into train / validation / test without letting any split see the future.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -411,14 +412,27 @@ def _split_counts(targets: int, val_fraction: float, test_fraction: float) -> tu
     return targets - val - test, val, test
 
 
+def covered_time(target_ts: Sequence[np.ndarray]) -> tuple[int, int]:
+    """The first and the last event time of all series' targets together."""
+    nonempty = [ts for ts in target_ts if len(ts)]
+    if not nonempty:
+        raise DataError("no series has a target to split")
+    return min(int(ts[0]) for ts in nonempty), max(int(ts[-1]) for ts in nonempty)
+
+
 def common_time_cuts(
     target_ts: Sequence[np.ndarray], val_fraction: float, test_fraction: float
 ) -> tuple[int, int]:
     """The event times at which validation and test begin for every series at once: the
-    pooled targets of all series, split in time in the given shares."""
-    pooled = np.sort(np.concatenate(target_ts))
-    train, val, _ = _split_counts(len(pooled), val_fraction, test_fraction)
-    return int(pooled[train]), int(pooled[train + val])
+    time all series' targets cover, cut in the given shares of its length. Shares of time,
+    not of targets: a symbol that ticks a hundred times as often must not move the cuts
+    (its burst at the end would push every other series out of the test period)."""
+    first, last = covered_time(target_ts)
+    span = last - first + 1
+    return (
+        first + math.floor(span * (1 - val_fraction - test_fraction)),
+        first + math.floor(span * (1 - test_fraction)),
+    )
 
 
 def uncovered_split(one: PriceSeries, counts: Sequence[int], starts: Sequence[int]) -> str | None:
@@ -457,10 +471,10 @@ def chronological_split(
 
     ``split_by="series"`` cuts each series at its own shares of its targets, so with
     series from different years one series' test period can lie before another's training
-    targets. ``split_by="time"`` cuts them all at the same two event times
-    (:func:`common_time_cuts`), so that order holds across series too; a series without a
-    target in each of the three periods is then a :class:`DataError`, or left out with a
-    log line if ``skip_uncovered``.
+    targets. ``split_by="time"`` cuts them all at the same two event times, the shares of
+    the time they cover (:func:`common_time_cuts`), so that order holds across series too;
+    a series without a target in each of the three periods is then a :class:`DataError`,
+    or left out with a log line if ``skip_uncovered``.
 
     Raises :class:`DataError` when a series has fewer than ``window_length + 3`` rows (one
     window plus one target for each split).

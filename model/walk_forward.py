@@ -30,6 +30,7 @@ from model.data import (
     SeriesCut,
     SplitBy,
     WindowSet,
+    covered_time,
     make_windows,
     uncovered_split,
 )
@@ -46,6 +47,8 @@ from model.train import TrainConfig, TrainResult, train_model
 logger = logging.getLogger(__name__)
 
 Scheme = Literal["expanding", "rolling"]
+# Walk-forward folds common to several series are cut in this many equal slots of time.
+TIME_SLOTS = 1_000_000
 DEFAULT_EVAL_FRACTION = 0.3
 DEFAULT_VAL_FRACTION = 0.15
 
@@ -125,39 +128,36 @@ def common_fold_bounds(
 ) -> dict[int, list[FoldBounds]]:
     """Fold bounds at the same event times for every series (series index -> its folds).
 
-    The folds are cut from the pooled targets of all series (:func:`fold_bounds`) and each
-    boundary's event time is then found in every series, so within a fold no training
-    target of any series is later than another series' validation or test target. A
-    series without a target in some period of some fold is a :class:`DataError`, or left
-    out with a log line if ``skip_uncovered``.
+    The folds are cut from the time all series' targets cover, as :func:`fold_bounds`
+    cuts a series' targets but over equal slots of time (so a symbol that ticks faster
+    than the others does not move them), and each boundary's event time is then found in
+    every series: within a fold no training target of any series is later than another
+    series' validation or test target. A series without a target in some period of some
+    fold is a :class:`DataError`, or left out with a log line if ``skip_uncovered``.
     """
     target_ts = [one.ts[window_length:] for one in series]
-    pooled = np.sort(np.concatenate(target_ts))
-    try:
-        pooled_bounds = fold_bounds(
-            len(pooled),
-            folds,
-            eval_fraction=eval_fraction,
-            val_fraction=val_fraction,
-            scheme=scheme,
-        )
-    except ValueError as exc:
-        raise DataError(f"too few targets for {folds} walk-forward folds: {exc}") from exc
-    # The event time at each pooled index; past the end: later than any target.
-    at = np.append(pooled, np.iinfo(np.int64).max)
+    first, last = covered_time(target_ts)
+    span = last - first + 1
+    slot_folds = fold_bounds(
+        TIME_SLOTS, folds, eval_fraction=eval_fraction, val_fraction=val_fraction, scheme=scheme
+    )
     per_series: dict[int, list[FoldBounds]] = {}
     for index, (one, ts) in enumerate(zip(series, target_ts, strict=True)):
         bounds: list[FoldBounds] = []
         problem = None
-        for fold in pooled_bounds:
-            edges = at[[fold.train_start, fold.val_start, fold.test_start, fold.test_stop]]
+        for fold in slot_folds:
+            # Where each slot begins in event time; slot TIME_SLOTS begins after the last.
+            edges = [
+                first + span * slot // TIME_SLOTS
+                for slot in (fold.train_start, fold.val_start, fold.test_start, fold.test_stop)
+            ]
             own = FoldBounds(*(int(i) for i in np.searchsorted(ts, edges)))
             counts = (
                 own.val_start - own.train_start,
                 own.test_start - own.val_start,
                 own.test_stop - own.test_start,
             )
-            problem = problem or uncovered_split(one, counts, (int(edges[1]), int(edges[2])))
+            problem = problem or uncovered_split(one, counts, (edges[1], edges[2]))
             bounds.append(own)
         if problem and skip_uncovered:
             logger.info("leaving out %s", problem)
@@ -387,7 +387,8 @@ def run_walk_forward(
             evaluation["rmse_ratio"],
         )
         results.append(FoldResult(index, split, training, predicted, evaluation))
-    return WalkForwardResult(results, summarize(results, series))
+    kept = [cut.series for cut in splits[0].cuts]  # a common time split can leave some out
+    return WalkForwardResult(results, summarize(results, kept))
 
 
 def train_and_score(

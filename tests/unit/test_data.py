@@ -296,10 +296,30 @@ def test_a_common_time_split_keeps_time_order_across_series(
         assert cut.train + cut.val + cut.test == len(one) - 60  # every target once
         test_ts = split.test.target_ts[split.test.series_index == k]
         assert test_ts[-1] == one.ts[-1]  # the test period runs to each series' end
-    # The shares hold for the pooled targets.
-    pooled = len(split.train) + len(split.val) + len(split.test)
-    assert len(split.test) == pytest.approx(0.15 * pooled, abs=2)
-    assert len(split.val) == pytest.approx(0.15 * pooled, abs=2)
+    # The shares are of the time both cover: validation from 70 % of it, test from 85 %.
+    first = min(int(one.ts[60]) for one in both)
+    span = max(int(one.ts[-1]) for one in both) - first + 1
+    val_from, test_from = first + int(0.70 * span), first + int(0.85 * span)
+    assert split.train.target_ts.max() < val_from <= split.val.target_ts.min()
+    assert split.val.target_ts.max() < test_from <= split.test.target_ts.min()
+
+
+def test_a_symbol_ticking_much_faster_does_not_move_the_common_cuts(goog: PriceSeries) -> None:
+    """Real GOOG closes, one a day, and a second symbol that ticks every minute over GOOG's
+    last days only (real EURUSD prices; the minute spacing is put on them here: no bundled
+    series has such a burst). The cuts are shares of the time covered, so the newcomer has
+    no training target and is the one left out, however many ticks it has."""
+    (eurusd,) = load_series("dataset:eurusd")
+    end = int(goog.ts[-1])
+    minutes = end - 60_000 * np.arange(len(eurusd))[::-1]
+    burst = PriceSeries("BURST", "eurusd re-stamped", minutes, eurusd.prices)
+    assert len(burst) > len(goog) and burst.ts[0] > goog.ts[-25]
+    split = chronological_split(
+        [goog, burst], window_length=60, split_by="time", skip_uncovered=True
+    )
+    assert [cut.series.symbol for cut in split.cuts] == ["GOOG"]
+    with pytest.raises(DataError, match=r"\(BURST\) has no training or validation target"):
+        chronological_split([goog, burst], window_length=60, split_by="time")
 
 
 def test_a_series_outside_a_period_of_the_time_split_is_an_error_or_left_out(

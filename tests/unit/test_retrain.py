@@ -312,20 +312,30 @@ def test_a_common_time_split_from_the_command_line(
 def test_from_kafka_common_time_split_leaves_out_symbols_outside_a_period(
     monkeypatch: pytest.MonkeyPatch,
     goog: Any,
+    nasdaq: Any,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A symbol that stopped ticking long ago has no test target at the common times: with
-    --from-kafka it is left out, and the run trains on the others."""
+    """One stream, three symbols with their real dates: GOOG ticks throughout (its last 600
+    days), one symbol stopped ticking early (NASDAQ's first rows of that span) and one
+    joined near the end (NASDAQ's last rows before GOOG's end). At the common times the
+    first has no test target and the second no training target: with --from-kafka both
+    are left out, and the run trains on GOOG."""
     import model.retrain as retrain_module
     from model.data import PriceSeries
     from model.kafka_source import KafkaTicks
 
-    recent = PriceSeries("GOOG", "kafka:ticks", goog.ts[-400:], goog.prices[-400:])
-    gone = PriceSeries("OLD", "kafka:ticks", goog.ts[:300], goog.prices[:300])
+    start, end = int(goog.ts[-600]), int(goog.ts[-1])
+    early = np.flatnonzero(nasdaq.ts >= start)[:150]
+    late = np.flatnonzero(nasdaq.ts <= end)[-90:]
+    streams = [
+        PriceSeries("GOOG", "kafka:ticks", goog.ts[-600:], goog.prices[-600:]),
+        PriceSeries("GONE", "kafka:ticks", nasdaq.ts[early], nasdaq.prices[early]),
+        PriceSeries("NEW", "kafka:ticks", nasdaq.ts[late], nasdaq.prices[late]),
+    ]
 
     def fake_load(*_args: Any, **_kwargs: Any) -> KafkaTicks:
-        return KafkaTicks(topic="ticks", series=[recent, gone])
+        return KafkaTicks(topic="ticks", series=streams)
 
     monkeypatch.setattr(retrain_module, "load_kafka_series", fake_load)
     flags = ["--from-kafka", "--split", "time", "--checkpoint-dir", str(tmp_path), *FAST]

@@ -158,3 +158,30 @@ def test_walk_forward_at_common_times_on_real_series(
     assert any(s.train.target_ts.max() > s.val.target_ts.min() for s in own)
     with pytest.raises(DataError, match=r"GOOG\) has no .*target.*common to all series"):
         walk_forward_splits([nasdaq, goog], 3, split_by="time")
+
+
+def test_walk_forward_summary_covers_the_series_kept(
+    nasdaq: PriceSeries, goog: PriceSeries
+) -> None:
+    """A common time split that leaves a series out: the folds train on the rest and the
+    summary lists the series kept (it once mapped fold rows to the series given)."""
+    from model.gru import ModelConfig
+    from model.train import TrainConfig
+    from model.walk_forward import run_walk_forward
+
+    stopped = PriceSeries("STOPPED", "t", nasdaq.ts[:300], nasdaq.prices[:300])  # 1999-2000
+    late = PriceSeries("GOOG", "t", goog.ts, goog.prices)  # 2004-2013
+    span = PriceSeries("NASDAQ", "t", nasdaq.ts[:3600], nasdaq.prices[:3600])  # 1999-2013
+    result = run_walk_forward(
+        [stopped, late, span],
+        2,
+        ModelConfig(hidden_size=4, window_length=20),
+        TrainConfig(epochs=1, batch_size=512),
+        split_by="time",
+        skip_uncovered=True,
+        progress=False,
+    )
+    assert [cut.series.symbol for cut in result.final.split.cuts] == ["GOOG", "NASDAQ"]
+    assert sorted(result.summary["series"]) == ["GOOG", "NASDAQ"]
+    for symbol in ("GOOG", "NASDAQ"):
+        assert result.summary["series"][symbol]["windows"] > 0
