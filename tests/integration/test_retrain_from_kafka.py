@@ -133,6 +133,41 @@ def test_retrain_from_kafka_trains_on_the_retained_ticks(
     assert any("skipping TINY" in r.getMessage() for r in caplog.records)
 
 
+def test_a_common_time_split_leaves_out_a_symbol_that_joined_late(
+    kafka_bootstrap: str, topic_factory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """NASDAQ and SP500 over the same 300 real days, and LATE, SP500's last 100 of them
+    under another symbol: with --split time LATE has no training target before the common
+    validation period and is left out; split by series, it would be trained on too."""
+
+    async def fill() -> str:
+        topic = await topic_factory(partitions=3, prefix="ticks")
+        sp500 = real_series()[1]
+        stretch = zip(sp500.prices[-100:].tolist(), sp500.ts[-100:].tolist(), strict=True)
+        late = [tick("LATE", p, t) for p, t in stretch]
+        records = [
+            tick(s.symbol, p, t)
+            for s in real_series()
+            for p, t in zip(s.prices.tolist(), s.ts.tolist(), strict=True)
+        ]
+        await produce(kafka_bootstrap, topic, records + late)
+        return topic
+
+    topic = asyncio.run(fill())
+    common = ["--from-kafka", "--bootstrap-servers", kafka_bootstrap, "--input-topic", topic]
+    reports = {}
+    for split in ("time", "series"):
+        argv = [*common, "--split", split, "--checkpoint-dir", str(tmp_path / split)]
+        assert retrain_main([*argv, "--json", "--no-progress", *TINY]) == 0
+        reports[split] = json.loads(capsys.readouterr().out)
+    assert reports["time"]["series"] == ["NASDAQ", "SP500"]
+    assert reports["series"]["series"] == ["LATE", "NASDAQ", "SP500"]
+    meta = read_meta(tmp_path / "time" / reports["time"]["version"])
+    assert meta.evaluation["split_by"] == "time"
+    fitted_until = max(r.end for r in meta.training_data)
+    assert fitted_until < min(r["start"] for r in meta.evaluation["test_data"])
+
+
 def test_since_after_every_record_finds_nothing(
     kafka_bootstrap: str, tick_topic: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

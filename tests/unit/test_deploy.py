@@ -332,7 +332,8 @@ def test_compose_start_up_order(services: dict[str, Any]) -> None:
     # Commands parse as the CLI does: a misspelt flag fails here, not in the stack.
     for name in ("tickcast", "retrain", "replay"):
         build_parser().parse_args([str(a) for a in services[name]["command"]])
-    assert build_parser().parse_args(services["retrain"]["command"]).from_kafka
+    retrain = build_parser().parse_args(services["retrain"]["command"])
+    assert retrain.from_kafka and retrain.split == "time"  # symbols on one clock
     assert build_parser().parse_args(shlex.split(bootstrap.split(" || ")[1])[1:]).data
 
 
@@ -670,7 +671,8 @@ def test_k8s_daemon_deployment_is_hardened(k8s_docs: list[dict[str, Any]]) -> No
     }
     assert claims == {pvc["metadata"]["name"]}, "daemon and retrain must share the checkpoint PVC"
     assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
-    assert "--from-kafka" in job_pod["containers"][0]["args"]
+    args = job_pod["containers"][0]["args"]
+    assert "--from-kafka" in args and args[args.index("--split") + 1] == "time"
 
     service = k8s_kind(k8s_docs, "Service")
     # Pods are scraped through their own annotations; the Service's would scrape them twice.
