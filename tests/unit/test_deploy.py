@@ -713,8 +713,12 @@ def test_dockerfile_shape() -> None:
     assert "[data]" in text
     # The image gets the versions CI tests with: torch at its pin, the rest constrained.
     assert re.search(r"^COPY constraints\.txt ", text, flags=re.MULTILINE)
-    assert "grep '^torch==' /tmp/constraints.txt > /tmp/torch.txt" in text
-    assert "-r /tmp/torch.txt" in text
+    assert "grep '^torch==' /pins/all.txt > /pins/torch.txt" in text
+    torch_layer = text.index("-r /tmp/torch.txt")
+    # Only torch's pin reaches the build stage before the torch layer, so bumping any
+    # other pin does not download torch again.
+    assert text.index("COPY --from=pins /pins/torch.txt") < torch_layer
+    assert torch_layer < text.index("COPY --from=pins /pins/constraints.txt")
     assert '-c /tmp/constraints.txt "./[data]"' in text
     assert "apt-get" not in final and "gcc" not in final, "no build tools in the final stage"
     for line in re.findall(r"^RUN\b.*pip install.*$", text, flags=re.MULTILINE):
