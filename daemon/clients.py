@@ -3,6 +3,8 @@ producers (predictions and dead letters, window snapshots)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
 from typing import Any
@@ -11,6 +13,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from daemon import raw_records
 from daemon.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 
 def make_producer(settings: Settings, role: str, **tuning: Any) -> AIOKafkaProducer:
@@ -55,3 +59,22 @@ def transactional_id(settings: Settings) -> str:
     if settings.transactional_id:
         return settings.transactional_id
     return f"{settings.group_id}-{socket.gethostname()}-{os.getpid()}"
+
+
+def state_transactional_id(settings: Settings, partition: int) -> str:
+    """The transactional id of state partition ``partition``'s writer: the same for every
+    instance of the group, so the next owner of the partition fences the previous one."""
+    return f"{settings.group_id}.{settings.state_topic}.{partition}"
+
+
+async def stop_client(client: AIOKafkaConsumer | AIOKafkaProducer, timeout_s: float) -> None:
+    """Stop a client within ``timeout_s``, logging instead of raising: the consumer leaves
+    the group (waiting for a rebalance callback in progress), a producer flushes first,
+    and an idempotent producer's flush never gives up while the broker is unreachable."""
+    try:
+        async with asyncio.timeout(max(0.0, timeout_s)):
+            await client.stop()
+    except TimeoutError:
+        logger.warning("%s did not stop in time; leaving it", type(client).__name__)
+    except Exception as exc:
+        logger.warning("stopping %s failed: %s", type(client).__name__, exc)

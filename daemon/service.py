@@ -46,7 +46,13 @@ from aiokafka.structs import TopicPartition
 
 from daemon import raw_records
 from daemon.batching import PendingWindows
-from daemon.clients import make_consumer, make_producer, transactional_id
+from daemon.clients import (
+    make_consumer,
+    make_producer,
+    state_transactional_id,
+    stop_client,
+    transactional_id,
+)
 from daemon.http import HealthServer
 from daemon.inference import (
     inference_workers,
@@ -63,7 +69,13 @@ from daemon.records import dead_letter_record, prediction_records
 from daemon.restore import restore_windows
 from daemon.retries import call_with_retries
 from daemon.settings import Settings
-from daemon.state_store import PendingSnapshot, StateWriter
+from daemon.state_store import (
+    FencedStateProducers,
+    PendingSnapshot,
+    SharedStateProducer,
+    StateProducers,
+    StateWriter,
+)
 from daemon.ticks import BadTick, RawRecord, UnreadableRecord, decode_ticks
 from daemon.windows import SymbolWindows, group_starts
 
@@ -144,7 +156,8 @@ class TickcastService:
         )
         self._pending_predictor: Predictor | None = None
         self._state_topic: str | None = None
-        self._state_producer: AIOKafkaProducer | None = None
+        self._state_producer: AIOKafkaProducer | None = None  # unfenced: the one writer
+        self._state_producers: StateProducers | None = None
         self._state_writer: StateWriter | None = None
         self._last_snapshot = time.monotonic()
         self._last_round: PendingSnapshot | None = None  # until it is settled
@@ -300,12 +313,28 @@ class TickcastService:
                 len(input_parts),
             )
             return
-        self._state_producer = make_producer(s, "state", linger_ms=20, max_batch_size=1024 * 1024)
-        await self._state_producer.start()
-        self._state_writer = StateWriter(
-            BatchPublisher(self._state_producer), s.state_topic, self.windows
-        )
+        tuning: dict[str, Any] = {"linger_ms": 20, "max_batch_size": 1024 * 1024}
+        producers: StateProducers
+        if s.state_fencing and s.enable_idempotence:
+            producers = FencedStateProducers(
+                lambda p: make_producer(
+                    s, f"state-{p}", transactional_id=state_transactional_id(s, p), **tuning
+                )
+            )
+        else:
+            self._state_producer = make_producer(s, "state", **tuning)
+            await self._state_producer.start()
+            producers = SharedStateProducer(BatchPublisher(self._state_producer))
+        self._state_producers = producers
+        self._state_writer = StateWriter(producers, s.state_topic, self.windows)
         self._state_topic = s.state_topic
+        logger.info(
+            "window snapshots go to %s (%s)",
+            s.state_topic,
+            "fenced: a transactional writer per partition"
+            if isinstance(producers, FencedStateProducers)
+            else "not fenced",
+        )
 
     async def main_loop(self) -> None:
         self._tasks = [
@@ -371,7 +400,11 @@ class TickcastService:
         # progress, and an idempotent producer's flush never gives up while the broker is
         # unreachable.
         clients = [self._consumer, self._producer, self._state_producer]
-        await asyncio.gather(*(self._stop_client(c, deadline) for c in clients if c is not None))
+        left = deadline - loop.time()
+        stopping = [stop_client(c, left) for c in clients if c is not None]
+        if self._state_producers is not None:
+            stopping.append(self._state_producers.stop(left))
+        await asyncio.gather(*stopping)
         await self._http.stop()
         self._inference.shutdown(wait=False, cancel_futures=True)
         logger.info("stopped")
@@ -405,16 +438,6 @@ class TickcastService:
         while (snapshot := self._maybe_snapshot(force=True)) is not None:
             self._write_snapshot(snapshot, committed=True)
             await writer.flush()
-
-    @staticmethod
-    async def _stop_client(client: AIOKafkaConsumer | AIOKafkaProducer, deadline: float) -> None:
-        try:
-            async with asyncio.timeout_at(deadline):
-                await client.stop()  # the consumer leaves the group, producers flush
-        except TimeoutError:
-            logger.warning("%s did not stop in time; leaving it", type(client).__name__)
-        except Exception as exc:
-            logger.warning("stopping %s failed: %s", type(client).__name__, exc)
 
     # ------------------------------------------------------------------ readiness
     def readiness(self) -> dict[str, bool]:
@@ -457,11 +480,16 @@ class TickcastService:
             )
             if self._state_writer is not None:
                 self._state_writer.discard_queued()
+        parts = {tp.partition for tp in revoked if tp.topic == self.settings.input_topic}
+        if self._state_producers is not None:
+            # A write still open here (the drain timed out) is aborted by the next owner.
+            await self._state_producers.release(
+                parts, timeout_s=min(5.0, self.settings.shutdown_timeout_s)
+            )
         for tp in revoked:
             self._ready_partitions.discard(tp)
             self._positions.pop(tp, None)
             self._parked.pop(tp, None)
-        parts = {tp.partition for tp in revoked if tp.topic == self.settings.input_topic}
         dropped = self.windows.drop_partitions(parts)
         if self._inflight_chunks == 0:
             self.windows.recycle_retired()
@@ -541,6 +569,11 @@ class TickcastService:
         # could see a later commit and leave a gap between the windows and the fetch.)
         until = {tp: await consumer.position(tp) for tp in assigned}
         s = self.settings
+        if self._state_producers is not None:
+            # Fence the partitions' previous writers before reading what they wrote.
+            await self._state_producers.acquire(
+                tp.partition for tp in assigned if tp.topic == s.input_topic
+            )
         stats = await restore_windows(
             self.windows,
             until,

@@ -36,6 +36,10 @@ class Settings(KafkaAccess):
     # daemon stays within 1 GiB while it writes them); more changed ones wait for the next
     # round, taken as soon as this one is written.
     snapshot_max_symbols: int = Field(default=25_000, ge=1)
+    # Each state partition written by its own transactional producer, so a previous
+    # owner's late write is fenced off (daemon/state_store.py). Needs idempotence (both
+    # rest on InitProducerId): off with it. Turn off where transactional ids are refused.
+    state_fencing: bool = True
     group_id: str = "tickcast"
     client_id: str = "tickcast"
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"

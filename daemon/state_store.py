@@ -20,16 +20,31 @@ order they were taken, and each round's markers count on every earlier round bei
 topic. A round that is given up (its write failed, was cut short, or its offsets were not
 committed) makes its symbols unsaved again; rounds taken while it was pending still write
 their symbols, which stay valid, but not their markers.
+
+Fencing. A write can outlive its owner's hold on the partition: a revocation whose drain
+timed out, or an instance cut off from the group but not from the broker, may land a round
+after the next owner restored and wrote newer snapshots, and compaction would then keep the
+older window under the newer marker. So each state partition is written by its own
+transactional producer (Kafka Streams' first exactly-once design), its id the same for
+every owner: the next owner's InitProducerId aborts a write still open and fences the old
+producer, and restores read committed records only. Brokers without transactions (Tansu)
+and TICKCAST_STATE_FENCING=false write through one plain producer instead, unfenced.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
+from daemon.clients import stop_client
 from daemon.publisher import BatchPublisher, OutRecord
 from daemon.windows import SnapshotRound, SymbolWindows, WindowSnapshot
 
@@ -141,11 +156,121 @@ class PendingSnapshot:
 WRITE_CHUNK_SYMBOLS = 5_000
 
 
+class PartitionNotHeldError(KafkaError):
+    """A round reached a state partition this instance no longer writes."""
+
+
+class StateProducers(Protocol):
+    """Who writes each state partition, and how one round's writes are made atomic."""
+
+    def publisher(self, partition: int) -> BatchPublisher: ...
+
+    def transactions(
+        self, partitions: Iterable[int]
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """Around one round: its records on these partitions land together or not at all."""
+        ...
+
+    async def acquire(self, partitions: Iterable[int]) -> None:
+        """Before restoring these partitions: fence whoever wrote them before."""
+        ...
+
+    async def release(self, partitions: Iterable[int], timeout_s: float) -> None:
+        """These partitions went to another owner (or back to the group)."""
+        ...
+
+    async def stop(self, timeout_s: float) -> None: ...
+
+
+class SharedStateProducer:
+    """Every state partition through one plain producer's publisher: no fencing. (The
+    producer itself is started and stopped by its owner.)"""
+
+    def __init__(self, publisher: BatchPublisher) -> None:
+        self._publisher = publisher
+
+    def publisher(self, partition: int) -> BatchPublisher:
+        return self._publisher
+
+    def transactions(
+        self, partitions: Iterable[int]
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext()
+
+    async def acquire(self, partitions: Iterable[int]) -> None:
+        pass
+
+    async def release(self, partitions: Iterable[int], timeout_s: float) -> None:
+        pass
+
+    async def stop(self, timeout_s: float) -> None:
+        pass
+
+
+class FencedStateProducers:
+    """One transactional producer per state partition held, ``make(partition)`` built with
+    a transactional id that every owner of that partition shares (see module doc)."""
+
+    def __init__(self, make: Callable[[int], AIOKafkaProducer]) -> None:
+        self._make = make
+        self._held: dict[int, tuple[AIOKafkaProducer, BatchPublisher]] = {}
+
+    def _holding(self, partition: int) -> tuple[AIOKafkaProducer, BatchPublisher]:
+        held = self._held.get(partition)
+        if held is None:
+            raise PartitionNotHeldError(f"state partition {partition} is not held here")
+        return held
+
+    def publisher(self, partition: int) -> BatchPublisher:
+        return self._holding(partition)[1]
+
+    @contextlib.asynccontextmanager
+    async def transactions(self, partitions: Iterable[int]) -> AsyncIterator[None]:
+        """One transaction per partition, committed one after another on success, all
+        aborted on failure (a partition committed before a later one failed stays valid:
+        each carries its own symbols and marker)."""
+        async with contextlib.AsyncExitStack() as stack:
+            for partition in sorted(set(partitions)):
+                producer = self._holding(partition)[0]
+                await stack.enter_async_context(producer.transaction())
+            yield
+
+    async def acquire(self, partitions: Iterable[int]) -> None:
+        todo = sorted(set(partitions) - set(self._held))
+        await asyncio.gather(*(self._acquire_one(p) for p in todo))
+
+    async def _acquire_one(self, partition: int) -> None:
+        producer = self._make(partition)
+        try:
+            await producer.start()
+            # An empty transaction waits for InitProducerId: from here on the previous
+            # owner's open write is aborted and its producer fenced.
+            async with producer.transaction():
+                pass
+        except BaseException as exc:
+            await stop_client(producer, 5.0)
+            if isinstance(exc, Exception):
+                raise KafkaError(
+                    f"state partition {partition}: its transactional writer did not start "
+                    f"({exc!r}); fencing needs transactions (TICKCAST_STATE_FENCING=false "
+                    "writes snapshots unfenced)"
+                ) from exc
+            raise
+        self._held[partition] = (producer, BatchPublisher(producer))
+
+    async def release(self, partitions: Iterable[int], timeout_s: float) -> None:
+        gone = [self._held.pop(p)[0] for p in set(partitions) if p in self._held]
+        await asyncio.gather(*(stop_client(producer, timeout_s) for producer in gone))
+
+    async def stop(self, timeout_s: float) -> None:
+        await self.release(list(self._held), timeout_s)
+
+
 class StateWriter:
     """Writes snapshot rounds in order, in the background: symbols first, then markers."""
 
-    def __init__(self, publisher: BatchPublisher, topic: str, windows: SymbolWindows) -> None:
-        self._publisher = publisher
+    def __init__(self, producers: StateProducers, topic: str, windows: SymbolWindows) -> None:
+        self._producers = producers
         self._topic = topic
         self._windows = windows
         self._queue: asyncio.Queue[PendingSnapshot] = asyncio.Queue()
@@ -209,25 +334,30 @@ class StateWriter:
 
     async def _write(self, pending: PendingSnapshot) -> None:
         snapshot = pending.snapshot
-        for start in range(0, len(snapshot), WRITE_CHUNK_SYMBOLS):
-            # Each chunk acknowledged before the next is encoded: memory stays bounded.
-            part = snapshot.rows(start, start + WRITE_CHUNK_SYMBOLS)
-            by_partition: dict[int, list[OutRecord]] = {}
-            records = encode_snapshot(part)
-            for record, partition in zip(records, part.partitions.tolist(), strict=True):
-                by_partition.setdefault(int(partition), []).append(record)
-            deliveries = []
-            for partition, items in by_partition.items():
-                deliveries += await self._publisher.send_to_partition(self._topic, partition, items)
-            await asyncio.gather(*(d.future for d in deliveries))
-            self.written += len(records)
-        markers = []
-        # A round given up after this one was taken: these markers would count on it. The
-        # next round taken since then writes correct ones.
-        counted_on_lost = pending.generation != self._generation
-        for partition, offset in ({} if counted_on_lost else pending.round.markers).items():
-            markers += await self._publisher.send_to_partition(
-                self._topic, partition, [encode_marker(offset)]
-            )
-        await asyncio.gather(*(d.future for d in markers))
+        partitions = set(snapshot.partitions.tolist()) | set(pending.round.markers)
+        written = 0
+        async with self._producers.transactions(partitions):
+            for start in range(0, len(snapshot), WRITE_CHUNK_SYMBOLS):
+                # Each chunk acknowledged before the next is encoded: memory stays bounded.
+                part = snapshot.rows(start, start + WRITE_CHUNK_SYMBOLS)
+                by_partition: dict[int, list[OutRecord]] = {}
+                records = encode_snapshot(part)
+                for record, partition in zip(records, part.partitions.tolist(), strict=True):
+                    by_partition.setdefault(int(partition), []).append(record)
+                deliveries = []
+                for partition, items in by_partition.items():
+                    publisher = self._producers.publisher(partition)
+                    deliveries += await publisher.send_to_partition(self._topic, partition, items)
+                await asyncio.gather(*(d.future for d in deliveries))
+                written += len(records)
+            # A round given up after this one was taken (its write included): these
+            # markers would count on it. The next round taken since then writes correct ones.
+            counted_on_lost = pending.generation != self._generation
+            sent = []
+            for partition, offset in ({} if counted_on_lost else pending.round.markers).items():
+                sent += await self._producers.publisher(partition).send_to_partition(
+                    self._topic, partition, [encode_marker(offset)]
+                )
+            await asyncio.gather(*(d.future for d in sent))
+        self.written += written
         pending.settled = pending.written = True

@@ -6,12 +6,22 @@ import asyncio
 import urllib.request
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemon.clients import make_producer, state_transactional_id
 from daemon.replay import replay
-from daemon.state_store import MARKER_KEY, decode_marker
+from daemon.state_store import (
+    MARKER_KEY,
+    decode_marker,
+    decode_partition_state,
+    encode_marker,
+    encode_snapshot,
+)
+from daemon.windows import WindowSnapshot
 from tests.integration.test_daemon_e2e import produce_stream
 from tests.integration.test_daemon_recovery import (
     check_complete,
@@ -43,7 +53,7 @@ async def state_topics(topic_factory) -> dict[str, str]:
 ROUND_SIZES = pytest.mark.parametrize("round_size", [25_000, 2], ids=["one-round", "rounds-of-2"])
 
 
-def settings_for(kafka_bootstrap, topics, checkpoint_dir, group, round_size=25_000):
+def settings_for(kafka_bootstrap, topics, checkpoint_dir, group, round_size=25_000, **extra):
     return daemon_settings(
         kafka_bootstrap,
         topics,
@@ -52,6 +62,7 @@ def settings_for(kafka_bootstrap, topics, checkpoint_dir, group, round_size=25_0
         state_topic=topics["state"],
         snapshot_interval_s=0.1,
         snapshot_max_symbols=round_size,
+        **extra,
     )
 
 
@@ -66,9 +77,13 @@ def symbol_keys(state: StateTopic) -> set[bytes]:
 async def wait_for_state(
     bootstrap: str, topics: dict[str, str], ready: Callable[[StateTopic], bool], what: str
 ) -> StateTopic:
-    """Follow the state topic from its start until ``ready`` holds for what it holds."""
+    """Follow the state topic's committed records (what a restore reads: snapshot rounds
+    are transactions) from its start until ``ready`` holds for what it holds."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
     )
     state: StateTopic = {p: {} for p in range(PARTITIONS)}
 
@@ -187,3 +202,107 @@ async def test_sigkill_with_snapshots_loses_nothing(
     assert again.terminate() == 0
     assert loaded, "the restart must load windows from the snapshots"
     check_complete(predictions, stream, checkpoint_dir, allow_duplicates=True)
+
+
+async def committed_state(bootstrap: str, topic: str) -> dict[bytes, bytes]:
+    """The latest committed value per key of partition 0, as a restore reads it."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+    )
+    tp = TopicPartition(topic, 0)
+    latest: dict[bytes, bytes] = {}
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        while await consumer.position(tp) < end:
+            for records in (await consumer.getmany(tp, timeout_ms=500)).values():
+                latest.update((r.key, r.value) for r in records if r.key and r.value)
+    finally:
+        await consumer.stop()
+    return latest
+
+
+@pytest.mark.parametrize("fencing", [True, False], ids=["fenced", "unfenced"])
+async def test_a_previous_owners_late_snapshot_write_is_fenced_off(
+    kafka_bootstrap, topic_factory, checkpoint_dir, unique_group, fencing
+):
+    """A previous owner's snapshot write is still open when the daemon takes the partition
+    over: its revocation's drain timed out, or it was cut off from the group but not from
+    the broker. Its stale window must never land over the daemon's newer ones. Fenced,
+    the daemon's writer aborts that write when it takes the partition and the zombie's
+    commit fails; unfenced (TICKCAST_STATE_FENCING=false, a documented limit) the stale
+    window lands after the daemon's and is what a restore would load."""
+    topics = {
+        "input": await topic_factory(partitions=1, prefix="ticks"),
+        "output": await topic_factory(partitions=1, prefix="predictions"),
+        "dlq": await topic_factory(partitions=1, prefix="dlq"),
+        "state": await topic_factory(
+            partitions=1, prefix="state", config={"cleanup.policy": "compact"}
+        ),
+    }
+    settings = settings_for(
+        kafka_bootstrap, topics, checkpoint_dir, unique_group, state_fencing=fencing
+    )
+    stream = long_real_stream()
+    symbol = str(stream.symbols[0])
+    # The zombie: state partition 0's writer as the previous owner built it, holding a
+    # window of an older time under a marker at offset 0, not yet committed.
+    zombie = make_producer(
+        settings,
+        "zombie",
+        transactional_id=state_transactional_id(settings, 0),
+        transaction_timeout_ms=300_000,  # the broker must not abort it on its own meanwhile
+    )
+    stale = WindowSnapshot(
+        symbols=[symbol],
+        partitions=np.zeros(1, np.int32),
+        prices=np.ones((1, 60), np.float32),
+        count=np.full(1, 60, np.int64),
+        last_ts=np.zeros(1, np.int64),
+        offsets=np.zeros(1, np.int64),
+    )
+    ((_, stale_value, _),) = encode_snapshot(stale)
+    key = symbol.encode()
+    marker = encode_marker(0)[1]
+
+    async def write(value: bytes, key: bytes) -> None:
+        await (await zombie.send(topics["state"], value, key=key, partition=0))
+
+    async def finish_the_write() -> None:
+        """The rest of the zombie's round, reaching the broker only now, and its commit."""
+        await write(stale_value, key)
+        await write(marker, MARKER_KEY)
+        await zombie.commit_transaction()
+
+    await zombie.start()
+    try:
+        await zombie.begin_transaction()
+        await write(stale_value, key)  # part of the round is on the broker, uncommitted
+
+        async with running_daemon(settings):
+            await produce_stream(kafka_bootstrap, topics["input"], stream)
+            await consume(kafka_bootstrap, topics["output"], expected_count(stream))
+        # Stopped: its final snapshots are written. Now the zombie's write goes on.
+        if fencing:
+            with pytest.raises(KafkaError):
+                await asyncio.wait_for(finish_the_write(), 60)
+        else:
+            await asyncio.wait_for(finish_the_write(), 60)
+    finally:
+        await zombie.stop()
+
+    latest = await committed_state(kafka_bootstrap, topics["state"])
+    state = decode_partition_state(latest, 0, 60)
+    got = dict(zip(state.snapshot.symbols, state.snapshot.prices[:, -1].tolist(), strict=True))
+    last_price = float(stream.prices[stream.symbols == symbol][-1])
+    if fencing:
+        assert latest[key] != stale_value
+        assert got[symbol] == pytest.approx(last_price, rel=1e-6), "the daemon's own window"
+        assert state.marker == len(stream), "the daemon's marker: the whole input is in"
+    else:
+        assert latest[key] == stale_value, "unfenced, the late stale window wins"
+        assert state.marker == 0

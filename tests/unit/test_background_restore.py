@@ -240,3 +240,39 @@ async def test_a_revocation_while_stopping_does_not_wait_for_the_stopped_state_w
     service.settings = service.settings.model_copy(update={"shutdown_timeout_s": 600})
     await asyncio.wait_for(service.on_revoked([P0]), timeout=30)
     assert gauge(service, "tickcast_assigned_partitions") == 0
+
+
+class RecordingStateProducers:
+    """Stands in for the fenced state writers: records what is taken and given back."""
+
+    def __init__(self, restore: GatedRestore) -> None:
+        self.restore = restore
+        self.events: list[tuple[str, set[int], int]] = []  # (what, partitions, restores)
+
+    async def acquire(self, partitions: Iterable[int]) -> None:
+        self.events.append(("acquire", set(partitions), len(self.restore.calls)))
+
+    async def release(self, partitions: Iterable[int], timeout_s: float) -> None:
+        self.events.append(("release", set(partitions), len(self.restore.calls)))
+
+
+async def test_state_writers_fence_before_the_restore_and_go_at_revocation(
+    service_factory: ServiceFactory, restore: GatedRestore
+) -> None:
+    """The restore reads the state topic only once the previous writers are fenced; a
+    revocation gives the writers up even when its drain timed out (a write still open
+    then is the next owner's to abort)."""
+    service = service_factory(shutdown_timeout_s=0.2)
+    producers = RecordingStateProducers(restore)
+    service._state_producers = producers  # type: ignore[assignment]
+    consumer = GroupConsumer({P0, P2})
+    service._consumer = consumer
+    await service.on_assigned([P0, P2])
+    await wait_until(lambda: restore.calls, what="the restore to start")
+    assert producers.events == [("acquire", {0, 2}, 0)], "fenced before the restore read"
+
+    restore.gate.set()
+    await wait_until(lambda: not service._restoring, what="the restore to finish")
+    service._drained.clear()  # a batch that never finishes: the drain times out
+    await asyncio.wait_for(service.on_revoked([P0, P2]), timeout=5)
+    assert producers.events[-1] == ("release", {0, 2}, 1)

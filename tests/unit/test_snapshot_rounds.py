@@ -12,7 +12,13 @@ import pytest
 from aiokafka.structs import TopicPartition
 
 from daemon.service import TickcastService
-from daemon.state_store import MARKER_KEY, PendingSnapshot, StateWriter, decode_marker
+from daemon.state_store import (
+    MARKER_KEY,
+    PendingSnapshot,
+    SharedStateProducer,
+    StateWriter,
+    decode_marker,
+)
 from model.data import load_series
 from tests.unit.conftest import ServiceFactory
 
@@ -57,7 +63,7 @@ def service(service_factory: ServiceFactory) -> TickcastService:
 
 def attach_writer(service: TickcastService) -> tuple[StateWriter, Recording]:
     publisher = Recording()
-    writer = StateWriter(publisher, "ticks.state", service.windows)  # type: ignore[arg-type]
+    writer = StateWriter(SharedStateProducer(publisher), "ticks.state", service.windows)  # type: ignore[arg-type]
     service._state_writer = writer
     return writer, publisher
 

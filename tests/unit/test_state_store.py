@@ -10,6 +10,7 @@ import pytest
 from daemon.state_store import (
     MARKER_KEY,
     PendingSnapshot,
+    SharedStateProducer,
     StateWriter,
     decode_marker,
     decode_partition_state,
@@ -109,7 +110,7 @@ async def test_a_failed_write_drops_the_snapshots_queued_behind_it():
 
     wins = filled_windows()
     publisher = FlakyPublisher()
-    writer = StateWriter(publisher, "ticks.state", wins)  # type: ignore[arg-type]
+    writer = StateWriter(SharedStateProducer(publisher), "ticks.state", wins)  # type: ignore[arg-type]
     writer.submit(take(writer, {2: 130}))  # A and B: fails
     slots = wins.slots_for(["A"], np.array([2], np.int32))
     wins.apply(slots, np.array([1.0]), np.array([2_000_000_000_000]))
@@ -152,7 +153,7 @@ async def test_wait_idle_returns_once_everything_submitted_is_written():
 
     wins = filled_windows()
     publisher = GatedPublisher()
-    writer = StateWriter(publisher, "ticks.state", wins)  # type: ignore[arg-type]
+    writer = StateWriter(SharedStateProducer(publisher), "ticks.state", wins)  # type: ignore[arg-type]
     await asyncio.wait_for(writer.wait_idle(), 1)  # nothing submitted: idle
     task = asyncio.create_task(writer.run())
     writer.submit(take(writer, {2: 130}))
@@ -172,7 +173,7 @@ async def test_a_write_cut_short_at_shutdown_leaves_its_symbols_dirty():
 
     wins = filled_windows()
     publisher = GatedPublisher()
-    writer = StateWriter(publisher, "ticks.state", wins)  # type: ignore[arg-type]
+    writer = StateWriter(SharedStateProducer(publisher), "ticks.state", wins)  # type: ignore[arg-type]
     task = asyncio.create_task(writer.run())
     writer.submit(take(writer, {2: 130}))
     assert not wins.dirty.any()  # taken: marked clean
@@ -225,7 +226,7 @@ async def test_a_large_snapshot_is_written_a_chunk_at_a_time(
             done.set_result(None)
 
     publisher = Acknowledging()
-    writer = StateWriter(publisher, "ticks.state", wins)  # type: ignore[arg-type]
+    writer = StateWriter(SharedStateProducer(publisher), "ticks.state", wins)  # type: ignore[arg-type]
     task = asyncio.create_task(writer.run())
     writer.submit(take(writer, {0: 10, 1: 10}))
     await asyncio.wait_for(writer.wait_idle(), 10)
@@ -306,7 +307,7 @@ async def test_bounded_rounds_restore_every_window_exactly_whatever_is_given_up(
         seen[k] += 1
     live = SymbolWindows(20)
     publisher = TopicPublisher(fail_every=5)
-    writer = StateWriter(publisher, "ticks.state", live)  # type: ignore[arg-type]
+    writer = StateWriter(SharedStateProducer(publisher), "ticks.state", live)  # type: ignore[arg-type]
     task = asyncio.create_task(writer.run())
     positions = dict(base)
     held: list[PendingSnapshot] = []  # taken, not yet submitted (awaiting a "commit")
