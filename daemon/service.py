@@ -387,6 +387,9 @@ class TickcastService:
         clients_share = min(5.0, budget / 4)
         try:
             async with asyncio.timeout_at(deadline - clients_share):
+                # A snapshot round cut off here ends (its transactions aborted) before the
+                # final rounds use the same writers.
+                await asyncio.gather(*helpers, return_exceptions=True)
                 await self._drain(pipeline)
         except TimeoutError:
             logger.warning(
@@ -422,8 +425,8 @@ class TickcastService:
         if self._state_writer is not None:
             try:
                 await self._write_final_snapshots(self._state_writer)
-            except KafkaError as exc:
-                logger.warning("final window snapshots not written (%s)", exc)
+            except Exception as exc:  # the next owner replays from the last marker
+                logger.warning("final window snapshots not written (%r)", exc)
 
     async def _write_final_snapshots(self, writer: StateWriter) -> None:
         """Everything fetched is committed now: the last rounds are exact. Written one
@@ -480,6 +483,7 @@ class TickcastService:
             )
             if self._state_writer is not None:
                 self._state_writer.discard_queued()
+                self._state_writer.abandon_current()
         parts = {tp.partition for tp in revoked if tp.topic == self.settings.input_topic}
         if self._state_producers is not None:
             # A write still open here (the drain timed out) is aborted by the next owner.

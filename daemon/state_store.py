@@ -167,8 +167,9 @@ class StateProducers(Protocol):
 
     def transactions(
         self, partitions: Iterable[int]
-    ) -> contextlib.AbstractAsyncContextManager[None]:
-        """Around one round: its records on these partitions land together or not at all."""
+    ) -> contextlib.AbstractAsyncContextManager[set[int]]:
+        """Around one round: the partitions it may write (its records on them land together
+        or not at all); records for the others are left out."""
         ...
 
     async def acquire(self, partitions: Iterable[int]) -> None:
@@ -192,10 +193,9 @@ class SharedStateProducer:
     def publisher(self, partition: int) -> BatchPublisher:
         return self._publisher
 
-    def transactions(
-        self, partitions: Iterable[int]
-    ) -> contextlib.AbstractAsyncContextManager[None]:
-        return contextlib.nullcontext()
+    @contextlib.asynccontextmanager
+    async def transactions(self, partitions: Iterable[int]) -> AsyncIterator[set[int]]:
+        yield set(partitions)
 
     async def acquire(self, partitions: Iterable[int]) -> None:
         pass
@@ -207,48 +207,114 @@ class SharedStateProducer:
         pass
 
 
+# aiokafka retries InitProducerId for good while no transaction coordinator answers (e.g.
+# fewer brokers than transaction.state.log.replication.factor): give up and say why.
+START_TIMEOUT_S = 30.0
+# An abort waits for the producer's sender; a stuck one must not stall the writer.
+ABORT_TIMEOUT_S = 5.0
+
+
 class FencedStateProducers:
     """One transactional producer per state partition held, ``make(partition)`` built with
-    a transactional id that every owner of that partition shares (see module doc)."""
+    a transactional id that every owner of that partition shares (see module doc).
 
-    def __init__(self, make: Callable[[int], AIOKafkaProducer]) -> None:
+    A writer that fails (fenced by a newer owner, or broken) is dropped, never started
+    again here: re-initialising it could fence the partition's rightful owner. Until the
+    partition is assigned here again its state stays as last committed, consistent
+    snapshots and marker from which the next owner replays."""
+
+    def __init__(
+        self,
+        make: Callable[[int], AIOKafkaProducer],
+        *,
+        start_timeout_s: float = START_TIMEOUT_S,
+        abort_timeout_s: float = ABORT_TIMEOUT_S,
+    ) -> None:
         self._make = make
+        self._start_timeout_s = start_timeout_s
+        self._abort_timeout_s = abort_timeout_s
         self._held: dict[int, tuple[AIOKafkaProducer, BatchPublisher]] = {}
 
-    def _holding(self, partition: int) -> tuple[AIOKafkaProducer, BatchPublisher]:
+    def publisher(self, partition: int) -> BatchPublisher:
         held = self._held.get(partition)
         if held is None:
             raise PartitionNotHeldError(f"state partition {partition} is not held here")
-        return held
-
-    def publisher(self, partition: int) -> BatchPublisher:
-        return self._holding(partition)[1]
+        return held[1]
 
     @contextlib.asynccontextmanager
-    async def transactions(self, partitions: Iterable[int]) -> AsyncIterator[None]:
-        """One transaction per partition, committed one after another on success, all
-        aborted on failure (a partition committed before a later one failed stays valid:
-        each carries its own symbols and marker)."""
-        async with contextlib.AsyncExitStack() as stack:
+    async def transactions(self, partitions: Iterable[int]) -> AsyncIterator[set[int]]:
+        """One transaction per partition held, committed together on success, aborted on
+        failure; partitions not held, or whose writer is fenced, are left out."""
+        begun: dict[int, AIOKafkaProducer] = {}
+        try:
             for partition in sorted(set(partitions)):
-                producer = self._holding(partition)[0]
-                await stack.enter_async_context(producer.transaction())
-            yield
+                held = self._held.get(partition)
+                if held is None:
+                    continue
+                try:
+                    await held[0].begin_transaction()
+                except Exception as exc:  # fenced (aiokafka asserts a ready producer)
+                    await self._drop(partition, exc)
+                    continue
+                begun[partition] = held[0]
+            yield set(begun)
+            results = await asyncio.gather(
+                *(producer.commit_transaction() for producer in begun.values()),
+                return_exceptions=True,
+            )
+            failed = [r for r in results if isinstance(r, BaseException)]
+            # Each partition carries its own symbols and marker: the committed ones stand.
+            begun = {
+                p: producer
+                for (p, producer), r in zip(begun.items(), results, strict=True)
+                if isinstance(r, BaseException)
+            }
+            if failed:
+                raise failed[0]
+        except BaseException:
+            for partition, producer in begun.items():
+                await self._abort(partition, producer)
+            raise
+
+    async def _abort(self, partition: int, producer: AIOKafkaProducer) -> None:
+        held = self._held.get(partition)
+        if held is None or held[0] is not producer:
+            return  # released meanwhile: the next owner's InitProducerId aborts it
+        try:
+            async with asyncio.timeout(self._abort_timeout_s):
+                await producer.abort_transaction()
+        except Exception as exc:
+            await self._drop(partition, exc)
+
+    async def _drop(self, partition: int, exc: BaseException) -> None:
+        logger.warning(
+            "state partition %d: its writer failed (%r); no snapshots of it until it is "
+            "assigned here again",
+            partition,
+            exc,
+        )
+        held = self._held.pop(partition, None)
+        if held is not None:
+            await stop_client(held[0], self._abort_timeout_s)
 
     async def acquire(self, partitions: Iterable[int]) -> None:
         todo = sorted(set(partitions) - set(self._held))
-        await asyncio.gather(*(self._acquire_one(p) for p in todo))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for partition in todo:
+                    group.create_task(self._acquire_one(partition))
+        except ExceptionGroup as failed:  # the others were cancelled and closed
+            raise failed.exceptions[0] from None
 
     async def _acquire_one(self, partition: int) -> None:
         producer = self._make(partition)
         try:
-            await producer.start()
-            # An empty transaction waits for InitProducerId: from here on the previous
-            # owner's open write is aborted and its producer fenced.
-            async with producer.transaction():
-                pass
+            async with asyncio.timeout(self._start_timeout_s):
+                # A transactional producer's start waits for InitProducerId: from here on
+                # the previous owner's open write is aborted and its producer fenced.
+                await producer.start()
         except BaseException as exc:
-            await stop_client(producer, 5.0)
+            await stop_client(producer, self._abort_timeout_s)
             if isinstance(exc, Exception):
                 raise KafkaError(
                     f"state partition {partition}: its transactional writer did not start "
@@ -276,6 +342,7 @@ class StateWriter:
         self._queue: asyncio.Queue[PendingSnapshot] = asyncio.Queue()
         self._idle = asyncio.Event()  # nothing queued, nothing being written
         self._idle.set()
+        self._current: asyncio.Future[None] | None = None  # the round being written
         # Bumped whenever a round is given up: rounds taken before then write no markers.
         self._generation = 0
         self.written = 0
@@ -310,22 +377,33 @@ class StateWriter:
         while not self._queue.empty():
             self.give_up(self._queue.get_nowait())
 
+    def abandon_current(self) -> None:
+        """Cut the round being written short (its partitions went to another owner while it
+        hung): it is given up, and the writer goes on with the next."""
+        if self._current is not None and not self._current.done():
+            self._current.cancel()
+
     async def run(self) -> None:
         while True:
             if self._queue.empty():
                 self._idle.set()
             pending = await self._queue.get()
+            self._current = write = asyncio.ensure_future(self._write(pending))
             try:
-                await self._write(pending)
+                await write
             except asyncio.CancelledError:
-                # Stopped mid-write (shutdown): its symbols may not be on the topic; the
-                # final rounds carry them.
+                # Stopped mid-write (shutdown), or the write abandoned: its symbols may not
+                # be on the topic; later rounds carry them.
                 self.give_up(pending)
-                raise
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
             except Exception as exc:  # keep serving; later rounds carry its symbols
                 logger.warning("writing window snapshots failed (%s); will rewrite them", exc)
                 self.give_up(pending)
                 self.discard_queued()
+            finally:
+                self._current = None
 
     async def flush(self) -> None:
         """Write what is queued (at shutdown)."""
@@ -336,25 +414,28 @@ class StateWriter:
         snapshot = pending.snapshot
         partitions = set(snapshot.partitions.tolist()) | set(pending.round.markers)
         written = 0
-        async with self._producers.transactions(partitions):
+        async with self._producers.transactions(partitions) as writable:
             for start in range(0, len(snapshot), WRITE_CHUNK_SYMBOLS):
                 # Each chunk acknowledged before the next is encoded: memory stays bounded.
                 part = snapshot.rows(start, start + WRITE_CHUNK_SYMBOLS)
                 by_partition: dict[int, list[OutRecord]] = {}
                 records = encode_snapshot(part)
                 for record, partition in zip(records, part.partitions.tolist(), strict=True):
-                    by_partition.setdefault(int(partition), []).append(record)
+                    if partition in writable:
+                        by_partition.setdefault(int(partition), []).append(record)
                 deliveries = []
                 for partition, items in by_partition.items():
                     publisher = self._producers.publisher(partition)
                     deliveries += await publisher.send_to_partition(self._topic, partition, items)
+                    written += len(items)
                 await asyncio.gather(*(d.future for d in deliveries))
-                written += len(records)
             # A round given up after this one was taken (its write included): these
             # markers would count on it. The next round taken since then writes correct ones.
             counted_on_lost = pending.generation != self._generation
             sent = []
             for partition, offset in ({} if counted_on_lost else pending.round.markers).items():
+                if partition not in writable:
+                    continue
                 sent += await self._producers.publisher(partition).send_to_partition(
                     self._topic, partition, [encode_marker(offset)]
                 )

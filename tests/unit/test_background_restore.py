@@ -256,12 +256,28 @@ class RecordingStateProducers:
         self.events.append(("release", set(partitions), len(self.restore.calls)))
 
 
+class StuckStateWriter:
+    """A state writer whose round hangs (the broker stopped answering)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def wait_idle(self) -> None:
+        await asyncio.Event().wait()
+
+    def discard_queued(self) -> None:
+        self.calls.append("discard_queued")
+
+    def abandon_current(self) -> None:
+        self.calls.append("abandon_current")
+
+
 async def test_state_writers_fence_before_the_restore_and_go_at_revocation(
     service_factory: ServiceFactory, restore: GatedRestore
 ) -> None:
     """The restore reads the state topic only once the previous writers are fenced; a
-    revocation gives the writers up even when its drain timed out (a write still open
-    then is the next owner's to abort)."""
+    revocation whose drain timed out (here: a snapshot round hangs) cuts that round short
+    and still gives the writers up (a write left open is the next owner's to abort)."""
     service = service_factory(shutdown_timeout_s=0.2)
     producers = RecordingStateProducers(restore)
     service._state_producers = producers  # type: ignore[assignment]
@@ -273,6 +289,8 @@ async def test_state_writers_fence_before_the_restore_and_go_at_revocation(
 
     restore.gate.set()
     await wait_until(lambda: not service._restoring, what="the restore to finish")
-    service._drained.clear()  # a batch that never finishes: the drain times out
+    writer = StuckStateWriter()
+    service._state_writer = writer  # type: ignore[assignment]
     await asyncio.wait_for(service.on_revoked([P0, P2]), timeout=5)
+    assert writer.calls == ["discard_queued", "abandon_current"], "the stuck round is cut"
     assert producers.events[-1] == ("release", {0, 2}, 1)
