@@ -126,6 +126,12 @@ class DaemonMetrics:
             "Symbol windows written to the state topic.",
             registry=r,
         )
+        self.state_writers_dropped = Counter(
+            "tickcast_state_writers_dropped_total",
+            "State partition writers dropped after failing (fenced by a newer owner, or "
+            "broken); their partitions get no snapshots until assigned here again.",
+            registry=r,
+        )
         self.snapshot_unsaved_symbols = Gauge(
             "tickcast_snapshot_unsaved_symbols",
             "Changed symbols the last snapshot round left for later ones "

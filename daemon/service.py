@@ -83,6 +83,8 @@ logger = logging.getLogger(__name__)
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 COMMIT_ATTEMPTS = 5
+# At shutdown, how long cancelled helpers (a snapshot round aborting) may take to end.
+HELPERS_STOP_S = 2.0
 # Send errors no retry can fix: the daemon stops (exit 1) and says why, rather than retry
 # forever with every partition blocked behind the send. Others (an outage, a missing
 # topic, a leader moving) are retried until they pass: ticks are never dropped.
@@ -319,7 +321,8 @@ class TickcastService:
             producers = FencedStateProducers(
                 lambda p: make_producer(
                     s, f"state-{p}", transactional_id=state_transactional_id(s, p), **tuning
-                )
+                ),
+                on_drop=self.metrics.state_writers_dropped.inc,
             )
         else:
             self._state_producer = make_producer(s, "state", **tuning)
@@ -387,9 +390,10 @@ class TickcastService:
         clients_share = min(5.0, budget / 4)
         try:
             async with asyncio.timeout_at(deadline - clients_share):
-                # A snapshot round cut off here ends (its transactions aborted) before the
-                # final rounds use the same writers.
-                await asyncio.gather(*helpers, return_exceptions=True)
+                if helpers:
+                    # A snapshot round cut off here ends (its transactions aborted) before
+                    # the final rounds use the same writers; a stuck one gets a short wait.
+                    await asyncio.wait(helpers, timeout=HELPERS_STOP_S)
                 await self._drain(pipeline)
         except TimeoutError:
             logger.warning(

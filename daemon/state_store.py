@@ -210,41 +210,55 @@ class SharedStateProducer:
 # aiokafka retries InitProducerId for good while no transaction coordinator answers (e.g.
 # fewer brokers than transaction.state.log.replication.factor): give up and say why.
 START_TIMEOUT_S = 30.0
-# An abort waits for the producer's sender; a stuck one must not stall the writer.
-ABORT_TIMEOUT_S = 5.0
+# A commit or an abort waits for the producer's sender, and for good once the producer is
+# stopped: a stuck one must not stall the writer.
+END_TIMEOUT_S = 5.0
+DROPPED_STOP_S = 1.0  # a dropped writer is broken anyway: do not wait for its flush
 
 
 class FencedStateProducers:
     """One transactional producer per state partition held, ``make(partition)`` built with
     a transactional id that every owner of that partition shares (see module doc).
 
-    A writer that fails (fenced by a newer owner, or broken) is dropped, never started
-    again here: re-initialising it could fence the partition's rightful owner. Until the
-    partition is assigned here again its state stays as last committed, consistent
-    snapshots and marker from which the next owner replays."""
+    A writer that fails (fenced by a newer owner, or broken) is dropped and counted
+    (``on_drop``), never started again here: re-initialising it could fence the
+    partition's rightful owner and let this instance commit a stale round. Until the
+    partition is assigned here again, its state stays as last committed (consistent
+    snapshots and marker, from which the next owner replays)."""
 
     def __init__(
         self,
         make: Callable[[int], AIOKafkaProducer],
         *,
+        on_drop: Callable[[], None] = lambda: None,
         start_timeout_s: float = START_TIMEOUT_S,
-        abort_timeout_s: float = ABORT_TIMEOUT_S,
+        end_timeout_s: float = END_TIMEOUT_S,
     ) -> None:
         self._make = make
+        self._on_drop = on_drop
         self._start_timeout_s = start_timeout_s
-        self._abort_timeout_s = abort_timeout_s
+        self._end_timeout_s = end_timeout_s
         self._held: dict[int, tuple[AIOKafkaProducer, BatchPublisher]] = {}
 
     def publisher(self, partition: int) -> BatchPublisher:
+        return self._holding(partition)[1]
+
+    def _holding(self, partition: int) -> tuple[AIOKafkaProducer, BatchPublisher]:
         held = self._held.get(partition)
         if held is None:
             raise PartitionNotHeldError(f"state partition {partition} is not held here")
-        return held[1]
+        return held
+
+    def _still_holds(self, partition: int, producer: AIOKafkaProducer) -> bool:
+        held = self._held.get(partition)
+        return held is not None and held[0] is producer
 
     @contextlib.asynccontextmanager
     async def transactions(self, partitions: Iterable[int]) -> AsyncIterator[set[int]]:
         """One transaction per partition held, committed together on success, aborted on
-        failure; partitions not held, or whose writer is fenced, are left out."""
+        failure; partitions not held, or whose writer is fenced, are left out. Once the
+        commits have begun they are seen through even when the round is cancelled, so
+        its writers are ready for the next round (or dropped) when it ends."""
         begun: dict[int, AIOKafkaProducer] = {}
         try:
             for partition in sorted(set(partitions)):
@@ -258,44 +272,59 @@ class FencedStateProducers:
                     continue
                 begun[partition] = held[0]
             yield set(begun)
-            results = await asyncio.gather(
-                *(producer.commit_transaction() for producer in begun.values()),
-                return_exceptions=True,
-            )
-            failed = [r for r in results if isinstance(r, BaseException)]
-            # Each partition carries its own symbols and marker: the committed ones stand.
-            begun = {
-                p: producer
-                for (p, producer), r in zip(begun.items(), results, strict=True)
-                if isinstance(r, BaseException)
-            }
-            if failed:
-                raise failed[0]
         except BaseException:
-            for partition, producer in begun.items():
-                await self._abort(partition, producer)
+            await asyncio.gather(*(self._abort(p, producer) for p, producer in begun.items()))
+            raise
+        commits = asyncio.ensure_future(self._commit_all(begun))
+        try:
+            await asyncio.shield(commits)
+        except asyncio.CancelledError:
+            await asyncio.wait({commits})  # bounded: each commit has END_TIMEOUT_S
             raise
 
+    async def _commit_all(self, producers: dict[int, AIOKafkaProducer]) -> None:
+        """Each partition carries its own symbols and marker: the commits that succeed
+        stand. A partition released meanwhile is skipped (the next owner aborts its
+        transaction); a failed commit drops its writer and fails the round."""
+
+        async def commit(partition: int, producer: AIOKafkaProducer) -> None:
+            if not self._still_holds(partition, producer):
+                return
+            try:
+                async with asyncio.timeout(self._end_timeout_s):
+                    await producer.commit_transaction()
+            except Exception as exc:
+                await self._drop(partition, exc)
+                raise
+
+        results = await asyncio.gather(
+            *(commit(p, producer) for p, producer in producers.items()), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
     async def _abort(self, partition: int, producer: AIOKafkaProducer) -> None:
-        held = self._held.get(partition)
-        if held is None or held[0] is not producer:
+        if not self._still_holds(partition, producer):
             return  # released meanwhile: the next owner's InitProducerId aborts it
         try:
-            async with asyncio.timeout(self._abort_timeout_s):
+            async with asyncio.timeout(self._end_timeout_s):
                 await producer.abort_transaction()
         except Exception as exc:
             await self._drop(partition, exc)
 
     async def _drop(self, partition: int, exc: BaseException) -> None:
+        held = self._held.pop(partition, None)
+        if held is None:
+            return
+        self._on_drop()
         logger.warning(
             "state partition %d: its writer failed (%r); no snapshots of it until it is "
-            "assigned here again",
+            "assigned here again (tickcast_state_writers_dropped_total)",
             partition,
             exc,
         )
-        held = self._held.pop(partition, None)
-        if held is not None:
-            await stop_client(held[0], self._abort_timeout_s)
+        await stop_client(held[0], DROPPED_STOP_S)
 
     async def acquire(self, partitions: Iterable[int]) -> None:
         todo = sorted(set(partitions) - set(self._held))
@@ -303,7 +332,9 @@ class FencedStateProducers:
             async with asyncio.TaskGroup() as group:
                 for partition in todo:
                     group.create_task(self._acquire_one(partition))
-        except ExceptionGroup as failed:  # the others were cancelled and closed
+        except ExceptionGroup as failed:
+            # Starts still running were cancelled and closed; those done stay held until
+            # released (the failed restore stops the daemon).
             raise failed.exceptions[0] from None
 
     async def _acquire_one(self, partition: int) -> None:
@@ -314,7 +345,7 @@ class FencedStateProducers:
                 # the previous owner's open write is aborted and its producer fenced.
                 await producer.start()
         except BaseException as exc:
-            await stop_client(producer, self._abort_timeout_s)
+            await stop_client(producer, DROPPED_STOP_S)
             if isinstance(exc, Exception):
                 raise KafkaError(
                     f"state partition {partition}: its transactional writer did not start "
@@ -393,8 +424,10 @@ class StateWriter:
                 await write
             except asyncio.CancelledError:
                 # Stopped mid-write (shutdown), or the write abandoned: its symbols may not
-                # be on the topic; later rounds carry them.
-                self.give_up(pending)
+                # be on the topic; later rounds carry them. (A write that did finish
+                # just before the stop stands.)
+                if not (write.done() and not write.cancelled() and write.exception() is None):
+                    self.give_up(pending)
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise

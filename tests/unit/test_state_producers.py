@@ -8,10 +8,11 @@ previous owner's open write) runs on the real broker in tests/integration/test_s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import numpy as np
 import pytest
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import KafkaError, ProducerFenced, TransactionalIdAuthorizationFailed
 
 from daemon.state_store import (
     MARKER_KEY,
@@ -34,46 +35,67 @@ class FakeBatch:
 
 
 class FakeProducer:
-    """Records calls; ``hang_start``/``hang_sends`` never finish, ``fenced`` refuses."""
+    """aiokafka's transactional producer as far as the writers use it: the same states and
+    refused transitions (AssertionError), a commit that goes on when its caller is
+    cancelled (aiokafka shields it), and a commit or abort that never ends once the
+    producer is stopped (its sender is gone)."""
 
-    def __init__(self, partition: int, log: Log, *, hang_start: bool = False) -> None:
+    def __init__(
+        self, partition: int, log: Log, *, hang_start: bool = False, fail_start: bool = False
+    ) -> None:
         self.partition = partition
         self.log = log
         self.hang_start = hang_start
+        self.fail_start = fail_start
         self.hang_sends = False
-        self.fenced = False
-        self.fail_commit = False
-        self._closed = False
+        self.fenced = False  # a newer owner initialised this transactional id
+        self.commit_s = 0.0
+        self.state = "READY"
+        self.stopped = False
         self.sent: list[bytes | None] = []
 
     async def start(self) -> None:
+        if self.fail_start:
+            raise TransactionalIdAuthorizationFailed()
         if self.hang_start:
             await asyncio.Event().wait()  # no transaction coordinator answers
         self.log.append(("start", self.partition))
 
     async def stop(self) -> None:
-        self._closed = True
+        self.stopped = True
         self.log.append(("stop", self.partition))
 
+    def _to(self, target: str, *sources: str) -> None:
+        assert self.state in sources, f"Invalid state transition {self.state} -> {target}"
+        self.state = target
+
     async def begin_transaction(self) -> None:
-        if self.fenced:
-            raise AssertionError("Invalid state transition FATAL_ERROR -> IN_TRANSACTION")
+        self._to("IN_TRANSACTION", "READY")
         self.log.append(("begin", self.partition))
 
-    async def commit_transaction(self) -> None:
-        if self.fail_commit:
+    async def _end(self, what: str, seconds: float) -> None:
+        if self.stopped:
+            await asyncio.Event().wait()
+        await asyncio.sleep(seconds)
+        if self.fenced:
+            self.state = "FATAL"
             raise ProducerFenced()
-        self.log.append(("commit", self.partition))
+        self.state = "READY"
+        self.log.append((what, self.partition))
+
+    async def commit_transaction(self) -> None:
+        self._to("COMMITTING", "IN_TRANSACTION")
+        await asyncio.shield(asyncio.ensure_future(self._end("commit", self.commit_s)))
 
     async def abort_transaction(self) -> None:
-        if self._closed:
-            await asyncio.Event().wait()  # aiokafka: the sender that would end it is gone
-        self.log.append(("abort", self.partition))
+        self._to("ABORTING", "IN_TRANSACTION")
+        await asyncio.shield(asyncio.ensure_future(self._end("abort", 0.0)))
 
     def create_batch(self) -> FakeBatch:
         return FakeBatch()
 
     async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> asyncio.Future:
+        assert self.state == "IN_TRANSACTION", "aiokafka sends only inside a transaction"
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if not self.hang_sends:
             self.sent += batch.keys
@@ -84,19 +106,38 @@ class FakeProducer:
 class Fleet:
     """The producers made so far, by partition."""
 
-    def __init__(self, hang_start: frozenset[int] = frozenset()) -> None:
+    def __init__(
+        self, hang_start: frozenset[int] = frozenset(), fail_start: frozenset[int] = frozenset()
+    ) -> None:
         self.log: Log = []
         self.made: dict[int, FakeProducer] = {}
         self.hang_start = hang_start
+        self.fail_start = fail_start
+        self.dropped: list[None] = []
+
+    def drop(self) -> None:
+        self.dropped.append(None)
 
     def make(self, partition: int) -> FakeProducer:
-        producer = FakeProducer(partition, self.log, hang_start=partition in self.hang_start)
+        producer = FakeProducer(
+            partition,
+            self.log,
+            hang_start=partition in self.hang_start,
+            fail_start=partition in self.fail_start,
+        )
         self.made[partition] = producer
         return producer
 
 
-def fenced_producers(fleet: Fleet, **timeouts: float) -> FencedStateProducers:
-    return FencedStateProducers(fleet.make, **timeouts)
+def fenced_producers(
+    fleet: Fleet, *, start_timeout_s: float = 30.0, end_timeout_s: float = 5.0
+) -> FencedStateProducers:
+    return FencedStateProducers(
+        fleet.make,
+        on_drop=fleet.drop,
+        start_timeout_s=start_timeout_s,
+        end_timeout_s=end_timeout_s,
+    )
 
 
 async def test_acquiring_starts_one_writer_per_partition_once() -> None:
@@ -132,33 +173,80 @@ async def test_a_fenced_writer_is_dropped_and_the_round_goes_on_without_it(
     fleet = Fleet()
     producers = fenced_producers(fleet)
     await producers.acquire([0, 1])
-    fleet.made[1].fenced = True  # a newer owner initialised partition 1's id
+    fleet.made[1].state = "FATAL"  # an earlier round found it fenced by a newer owner
     async with producers.transactions([0, 1]) as writable:
         assert writable == {0}
-    assert ("stop", 1) in fleet.log
+    assert ("stop", 1) in fleet.log and len(fleet.dropped) == 1
     assert "state partition 1: its writer failed" in caplog.text
     with pytest.raises(PartitionNotHeldError):
         producers.publisher(1)
 
 
-async def test_a_failed_commit_aborts_only_that_partition() -> None:
+async def test_a_fenced_commit_drops_that_writer_and_the_others_stand() -> None:
     fleet = Fleet()
     producers = fenced_producers(fleet)
     await producers.acquire([0, 1])
-    fleet.made[0].fail_commit = True
+    fleet.made[0].fenced = True  # found out by the broker at the commit
     fleet.log.clear()
     with pytest.raises(ProducerFenced):
         async with producers.transactions([0, 1]):
             pass
-    assert ("commit", 1) in fleet.log and ("abort", 0) in fleet.log
-    assert ("abort", 1) not in fleet.log, "partition 1's commit stands"
+    assert ("commit", 1) in fleet.log, "partition 1's commit stands"
+    assert not any(what == "abort" for what, _ in fleet.log), "nothing left to abort"
+    assert ("stop", 0) in fleet.log and len(fleet.dropped) == 1
+    async with producers.transactions([0, 1]) as writable:
+        assert writable == {1}, "the fenced writer is not started again"
+
+
+async def test_a_round_cancelled_during_its_commits_leaves_its_writers_ready() -> None:
+    """aiokafka goes on committing when the caller is cancelled (shutdown cancels the
+    writer): the round ends only once the commits did, so the final rounds can begin."""
+    fleet = Fleet()
+    producers = fenced_producers(fleet)
+    await producers.acquire([0, 1])
+    for producer in fleet.made.values():
+        producer.commit_s = 0.2
+    entered = asyncio.Event()
+
+    async def one_round() -> None:
+        async with producers.transactions([0, 1]):
+            entered.set()
+
+    task = asyncio.create_task(one_round())
+    await entered.wait()
+    await asyncio.sleep(0.05)  # the commits are under way
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert {p.state for p in fleet.made.values()} == {"READY"}
+    assert not fleet.dropped
+    async with producers.transactions([0, 1]) as writable:
+        assert writable == {0, 1}
+
+
+async def test_a_writer_fenced_mid_round_fails_the_round_and_is_dropped() -> None:
+    fleet = Fleet()
+    producers = fenced_producers(fleet)
+    await producers.acquire([0, 1])
+    fleet.made[1].fenced = True
+
+    async def round_whose_send_is_fenced() -> None:
+        async with producers.transactions([0, 1]):
+            fleet.made[1].state = "FATAL"  # its send found the newer epoch
+            raise ProducerFenced()
+
+    with pytest.raises(ProducerFenced):
+        await round_whose_send_is_fenced()
+    assert ("abort", 0) in fleet.log and len(fleet.dropped) == 1
+    with pytest.raises(PartitionNotHeldError):
+        producers.publisher(1)
 
 
 async def test_a_round_whose_writer_was_released_ends_without_waiting_for_its_abort() -> None:
     """The revocation's drain timed out: the partition's writer is stopped under a round
     still open on it. aiokafka's abort would wait for good for the stopped sender."""
     fleet = Fleet()
-    producers = fenced_producers(fleet, abort_timeout_s=60)  # not what ends it
+    producers = fenced_producers(fleet, end_timeout_s=60)  # not what ends it
     await producers.acquire([0, 1])
 
     async def round_cut_short() -> None:
@@ -170,15 +258,44 @@ async def test_a_round_whose_writer_was_released_ends_without_waiting_for_its_ab
         await asyncio.wait_for(round_cut_short(), timeout=5)
     assert ("abort", 1) in fleet.log and ("abort", 0) not in fleet.log
 
+    # Released under a round that goes on to commit (a rebalance during the final
+    # rounds): its commit, which would wait for good, is skipped.
+    await producers.acquire([0])
+    fleet.log.clear()
 
-async def test_a_writer_that_does_not_start_says_how_to_run_unfenced() -> None:
-    fleet = Fleet(hang_start=frozenset({1}))
+    async def round_released_then_committed() -> None:
+        async with producers.transactions([0, 1]):
+            await producers.release([0], timeout_s=1.0)
+
+    await asyncio.wait_for(round_released_then_committed(), timeout=5)
+    assert ("commit", 1) in fleet.log and ("commit", 0) not in fleet.log
+
+
+async def test_a_writer_that_does_not_start_in_time_says_how_to_run_unfenced() -> None:
+    fleet = Fleet(hang_start=frozenset({1}))  # no transaction coordinator answers
     producers = fenced_producers(fleet, start_timeout_s=0.2)
     with pytest.raises(KafkaError, match="TICKCAST_STATE_FENCING=false"):
-        await asyncio.wait_for(producers.acquire([0, 1]), timeout=5)
-    assert ("stop", 1) in fleet.log, "the half-started producer is closed"
+        await asyncio.wait_for(producers.acquire([1]), timeout=5)
+    assert fleet.log == [("stop", 1)], "the half-started producer is closed"
     with pytest.raises(PartitionNotHeldError):
         producers.publisher(1)
+
+
+async def test_one_refused_writer_cancels_and_closes_the_starts_still_running() -> None:
+    fleet = Fleet(hang_start=frozenset({2}), fail_start=frozenset({1}))
+    producers = fenced_producers(fleet)
+    with pytest.raises(KafkaError, match="TransactionalIdAuthorizationFailed"):
+        await asyncio.wait_for(producers.acquire([0, 1, 2]), timeout=5)
+    assert ("stop", 1) in fleet.log and ("stop", 2) in fleet.log
+    for partition in (1, 2):
+        with pytest.raises(PartitionNotHeldError):
+            producers.publisher(partition)
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def changed_windows() -> SymbolWindows:
@@ -194,7 +311,7 @@ async def test_the_writer_leaves_out_a_fenced_partition_and_writes_the_rest() ->
     fleet = Fleet()
     producers = fenced_producers(fleet)
     await producers.acquire([0, 1])
-    fleet.made[1].fenced = True
+    fleet.made[1].state = "FATAL"
     windows = changed_windows()
     writer = StateWriter(producers, "ticks.state", windows)
     pending = writer.take({0: 3, 1: 3})
@@ -202,7 +319,7 @@ async def test_the_writer_leaves_out_a_fenced_partition_and_writes_the_rest() ->
     writer.submit(pending)
     running = asyncio.create_task(writer.run())
     await asyncio.wait_for(writer.wait_idle(), timeout=5)
-    running.cancel()
+    await stop(running)
     assert fleet.made[0].sent == [b"A", b"B", MARKER_KEY]
     assert fleet.made[1].sent == [], "partition 1's state stays as its last owner left it"
     assert pending.written
@@ -234,4 +351,4 @@ async def test_an_abandoned_round_is_given_up_and_the_writer_goes_on() -> None:
     writer.submit(again)
     await asyncio.wait_for(writer.wait_idle(), timeout=5)
     assert again.written
-    running.cancel()
+    await stop(running)
