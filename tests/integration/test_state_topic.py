@@ -226,6 +226,17 @@ async def committed_state(bootstrap: str, topic: str) -> dict[bytes, bytes]:
     return latest
 
 
+async def one_partition_topics(topic_factory) -> dict[str, str]:
+    return {
+        "input": await topic_factory(partitions=1, prefix="ticks"),
+        "output": await topic_factory(partitions=1, prefix="predictions"),
+        "dlq": await topic_factory(partitions=1, prefix="dlq"),
+        "state": await topic_factory(
+            partitions=1, prefix="state", config={"cleanup.policy": "compact"}
+        ),
+    }
+
+
 @pytest.mark.parametrize("fencing", [True, False], ids=["fenced", "unfenced"])
 async def test_a_previous_owners_late_snapshot_write_is_fenced_off(
     kafka_bootstrap, topic_factory, checkpoint_dir, unique_group, fencing
@@ -236,14 +247,7 @@ async def test_a_previous_owners_late_snapshot_write_is_fenced_off(
     the daemon's writer aborts that write when it takes the partition and the zombie's
     commit fails; unfenced (TICKCAST_STATE_FENCING=false, a documented limit) the stale
     window lands after the daemon's and is what a restore would load."""
-    topics = {
-        "input": await topic_factory(partitions=1, prefix="ticks"),
-        "output": await topic_factory(partitions=1, prefix="predictions"),
-        "dlq": await topic_factory(partitions=1, prefix="dlq"),
-        "state": await topic_factory(
-            partitions=1, prefix="state", config={"cleanup.policy": "compact"}
-        ),
-    }
+    topics = await one_partition_topics(topic_factory)
     settings = settings_for(
         kafka_bootstrap, topics, checkpoint_dir, unique_group, state_fencing=fencing
     )
@@ -306,3 +310,39 @@ async def test_a_previous_owners_late_snapshot_write_is_fenced_off(
     else:
         assert latest[key] == stale_value, "unfenced, the late stale window wins"
         assert state.marker == 0
+
+
+async def test_a_daemon_whose_writer_is_fenced_drops_it_and_keeps_scoring(
+    kafka_bootstrap, topic_factory, checkpoint_dir, unique_group
+):
+    """Another instance initialises partition 0's writer id while the daemon still holds
+    the partition (as a new owner would, with this daemon the zombie): aiokafka's writer
+    is fenced for real, and the daemon drops it, counts it and goes on predicting."""
+    topics = await one_partition_topics(topic_factory)
+    settings = settings_for(kafka_bootstrap, topics, checkpoint_dir, unique_group)
+    stream = long_real_stream()
+    first, second = stream.split(len(stream) // 2)
+    async with running_daemon(settings) as daemon:
+        registry = daemon.metrics.registry
+        await produce_stream(kafka_bootstrap, topics["input"], first)
+        await consume(kafka_bootstrap, topics["output"], expected_count(first))
+        await wait_until(
+            lambda: registry.get_sample_value("tickcast_snapshot_symbols_total"),
+            "a first snapshot round",
+        )
+        usurper = make_producer(
+            settings, "usurper", transactional_id=state_transactional_id(settings, 0)
+        )
+        await usurper.start()  # InitProducerId: the daemon's writer is fenced
+        try:
+            await produce_stream(kafka_bootstrap, topics["input"], second)
+            predictions = await consume(kafka_bootstrap, topics["output"], expected_count(stream))
+            await wait_until(
+                lambda: registry.get_sample_value("tickcast_state_writers_dropped_total"),
+                "the fenced writer to be dropped",
+            )
+        finally:
+            await usurper.stop()
+        assert registry.get_sample_value("tickcast_state_writers_dropped_total") == 1
+        assert not daemon.failed
+    check_complete(predictions, stream, checkpoint_dir, allow_duplicates=False)
