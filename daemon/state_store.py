@@ -38,7 +38,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
@@ -210,10 +210,20 @@ class SharedStateProducer:
 # aiokafka retries InitProducerId for good while no transaction coordinator answers (e.g.
 # fewer brokers than transaction.state.log.replication.factor): give up and say why.
 START_TIMEOUT_S = 30.0
-# A commit or an abort waits for the producer's sender, and for good once the producer is
-# stopped: a stuck one must not stall the writer.
+# How long a round waits for a commit or an abort. aiokafka sees one through even when
+# its caller stops waiting (and never, once the producer is stopped): past this the round
+# fails and the next one waits for it again, before it begins on that writer.
 END_TIMEOUT_S = 5.0
 DROPPED_STOP_S = 1.0  # a dropped writer is broken anyway: do not wait for its flush
+
+
+@dataclass(eq=False)
+class _Writer:
+    """One state partition's transactional producer."""
+
+    producer: AIOKafkaProducer
+    publisher: BatchPublisher
+    ending: asyncio.Future[None] | None = None  # its last commit or abort, until seen done
 
 
 class FencedStateProducers:
@@ -224,7 +234,8 @@ class FencedStateProducers:
     (``on_drop``), never started again here: re-initialising it could fence the
     partition's rightful owner and let this instance commit a stale round. Until the
     partition is assigned here again, its state stays as last committed (consistent
-    snapshots and marker, from which the next owner replays)."""
+    snapshots and marker, from which the next owner replays). A commit or abort that is
+    merely slow fails its round (given up, written again later) but keeps the writer."""
 
     def __init__(
         self,
@@ -238,93 +249,88 @@ class FencedStateProducers:
         self._on_drop = on_drop
         self._start_timeout_s = start_timeout_s
         self._end_timeout_s = end_timeout_s
-        self._held: dict[int, tuple[AIOKafkaProducer, BatchPublisher]] = {}
+        self._held: dict[int, _Writer] = {}
 
     def publisher(self, partition: int) -> BatchPublisher:
-        return self._holding(partition)[1]
-
-    def _holding(self, partition: int) -> tuple[AIOKafkaProducer, BatchPublisher]:
-        held = self._held.get(partition)
-        if held is None:
+        writer = self._held.get(partition)
+        if writer is None:
             raise PartitionNotHeldError(f"state partition {partition} is not held here")
-        return held
+        return writer.publisher
 
-    def _still_holds(self, partition: int, producer: AIOKafkaProducer) -> bool:
-        held = self._held.get(partition)
-        return held is not None and held[0] is producer
+    def _still_holds(self, partition: int, writer: _Writer) -> bool:
+        return self._held.get(partition) is writer
 
     @contextlib.asynccontextmanager
     async def transactions(self, partitions: Iterable[int]) -> AsyncIterator[set[int]]:
         """One transaction per partition held, committed together on success, aborted on
-        failure; partitions not held, or whose writer is fenced, are left out. Once the
-        commits have begun they are seen through even when the round is cancelled, so
-        its writers are ready for the next round (or dropped) when it ends."""
-        begun: dict[int, AIOKafkaProducer] = {}
+        failure; partitions not held, or whose writer is fenced, are left out. A writer
+        whose last commit or abort is still running fails the round (KafkaError)."""
+        begun: dict[int, _Writer] = {}
         try:
             for partition in sorted(set(partitions)):
-                held = self._held.get(partition)
-                if held is None:
+                writer = self._held.get(partition)
+                if writer is None or not await self._settled(partition, writer):
                     continue
                 try:
-                    await held[0].begin_transaction()
+                    await writer.producer.begin_transaction()
                 except Exception as exc:  # fenced (aiokafka asserts a ready producer)
-                    await self._drop(partition, exc)
+                    await self._drop(partition, writer, exc)
                     continue
-                begun[partition] = held[0]
+                begun[partition] = writer
             yield set(begun)
         except BaseException:
-            await asyncio.gather(*(self._abort(p, producer) for p, producer in begun.items()))
+            # The round's own error (or cancellation) is what goes on, not the aborts'.
+            await asyncio.gather(
+                *(self._end(p, w, "abort") for p, w in begun.items()), return_exceptions=True
+            )
             raise
-        commits = asyncio.ensure_future(self._commit_all(begun))
-        try:
-            await asyncio.shield(commits)
-        except asyncio.CancelledError:
-            await asyncio.wait({commits})  # bounded: each commit has END_TIMEOUT_S
-            raise
-
-    async def _commit_all(self, producers: dict[int, AIOKafkaProducer]) -> None:
-        """Each partition carries its own symbols and marker: the commits that succeed
-        stand. A partition released meanwhile is skipped (the next owner aborts its
-        transaction); a failed commit drops its writer and fails the round."""
-
-        async def commit(partition: int, producer: AIOKafkaProducer) -> None:
-            if not self._still_holds(partition, producer):
-                return
-            try:
-                async with asyncio.timeout(self._end_timeout_s):
-                    await producer.commit_transaction()
-            except Exception as exc:
-                await self._drop(partition, exc)
-                raise
-
+        # Each partition carries its own symbols and marker: the commits that succeed stand.
         results = await asyncio.gather(
-            *(commit(p, producer) for p, producer in producers.items()), return_exceptions=True
+            *(self._end(p, w, "commit") for p, w in begun.items()), return_exceptions=True
         )
         for result in results:
-            if isinstance(result, BaseException):
+            if result is not None:
                 raise result
 
-    async def _abort(self, partition: int, producer: AIOKafkaProducer) -> None:
-        if not self._still_holds(partition, producer):
-            return  # released meanwhile: the next owner's InitProducerId aborts it
-        try:
-            async with asyncio.timeout(self._end_timeout_s):
-                await producer.abort_transaction()
-        except Exception as exc:
-            await self._drop(partition, exc)
+    async def _settled(self, partition: int, writer: _Writer) -> bool:
+        """Wait for the writer's last commit or abort: True once it ended well, False when
+        it failed (the writer is dropped); KafkaError while it still runs."""
+        ending = writer.ending
+        if ending is None:
+            return True
+        await asyncio.wait({ending}, timeout=self._end_timeout_s)
+        if not ending.done():
+            raise KafkaError(f"state partition {partition}: its last transaction has not ended")
+        writer.ending = None
+        failure = ending.exception()
+        if failure is not None:
+            await self._drop(partition, writer, failure)
+            return False
+        return True
 
-    async def _drop(self, partition: int, exc: BaseException) -> None:
-        held = self._held.pop(partition, None)
-        if held is None:
-            return
-        self._on_drop()
-        logger.warning(
-            "state partition %d: its writer failed (%r); no snapshots of it until it is "
-            "assigned here again (tickcast_state_writers_dropped_total)",
-            partition,
-            exc,
-        )
-        await stop_client(held[0], DROPPED_STOP_S)
+    async def _end(self, partition: int, writer: _Writer, how: str) -> BaseException | None:
+        """Commit or abort the writer's transaction; the error that fails the round, if
+        any. A writer released meanwhile is left alone: the next owner aborts it."""
+        if not self._still_holds(partition, writer):
+            return None
+        producer = writer.producer
+        end = producer.commit_transaction if how == "commit" else producer.abort_transaction
+        writer.ending = ending = asyncio.ensure_future(end())
+        if not await self._settled(partition, writer):
+            return ending.exception()  # the writer is dropped
+        return None
+
+    async def _drop(self, partition: int, writer: _Writer, exc: BaseException) -> None:
+        if self._still_holds(partition, writer):
+            del self._held[partition]
+            self._on_drop()
+            logger.warning(
+                "state partition %d: its writer failed (%r); no snapshots of it until it is "
+                "assigned here again (tickcast_state_writers_dropped_total)",
+                partition,
+                exc,
+            )
+        await stop_client(writer.producer, DROPPED_STOP_S)
 
     async def acquire(self, partitions: Iterable[int]) -> None:
         todo = sorted(set(partitions) - set(self._held))
@@ -353,14 +359,24 @@ class FencedStateProducers:
                     "writes snapshots unfenced)"
                 ) from exc
             raise
-        self._held[partition] = (producer, BatchPublisher(producer))
+        self._held[partition] = _Writer(producer, BatchPublisher(producer))
 
     async def release(self, partitions: Iterable[int], timeout_s: float) -> None:
-        gone = [self._held.pop(p)[0] for p in set(partitions) if p in self._held]
+        gone = [self._held.pop(p).producer for p in set(partitions) if p in self._held]
         await asyncio.gather(*(stop_client(producer, timeout_s) for producer in gone))
 
     async def stop(self, timeout_s: float) -> None:
         await self.release(list(self._held), timeout_s)
+
+
+async def acknowledged(futures: list[asyncio.Future[Any]]) -> None:
+    """Wait for every delivery and raise the first failure. Unlike gather, a wait that is
+    cancelled leaves the producer's futures alone: an abort still sees its batches through
+    before it ends the transaction."""
+    if futures:
+        await asyncio.wait(futures)
+        for future in futures:
+            future.result()
 
 
 class StateWriter:
@@ -461,7 +477,7 @@ class StateWriter:
                     publisher = self._producers.publisher(partition)
                     deliveries += await publisher.send_to_partition(self._topic, partition, items)
                     written += len(items)
-                await asyncio.gather(*(d.future for d in deliveries))
+                await acknowledged([d.future for d in deliveries])
             # A round given up after this one was taken (its write included): these
             # markers would count on it. The next round taken since then writes correct ones.
             counted_on_lost = pending.generation != self._generation
@@ -472,6 +488,6 @@ class StateWriter:
                 sent += await self._producers.publisher(partition).send_to_partition(
                     self._topic, partition, [encode_marker(offset)]
                 )
-            await asyncio.gather(*(d.future for d in sent))
+            await acknowledged([d.future for d in sent])
         self.written += written
         pending.settled = pending.written = True

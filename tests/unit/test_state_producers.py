@@ -36,9 +36,10 @@ class FakeBatch:
 
 class FakeProducer:
     """aiokafka's transactional producer as far as the writers use it: the same states and
-    refused transitions (AssertionError), a commit that goes on when its caller is
-    cancelled (aiokafka shields it), and a commit or abort that never ends once the
-    producer is stopped (its sender is gone)."""
+    refused transitions (AssertionError); a commit or abort first waits for the batches
+    sent in the transaction (they never expire), goes on when its caller stops waiting
+    (aiokafka shields it), and never ends once the producer is stopped (its sender is
+    gone)."""
 
     def __init__(
         self, partition: int, log: Log, *, hang_start: bool = False, fail_start: bool = False
@@ -47,7 +48,8 @@ class FakeProducer:
         self.log = log
         self.hang_start = hang_start
         self.fail_start = fail_start
-        self.hang_sends = False
+        self.hang_sends = False  # the broker stopped answering produce requests
+        self.pending: list[asyncio.Future[None]] = []
         self.fenced = False  # a newer owner initialised this transactional id
         self.commit_s = 0.0
         self.state = "READY"
@@ -65,18 +67,28 @@ class FakeProducer:
         self.stopped = True
         self.log.append(("stop", self.partition))
 
+    def deliver(self) -> None:
+        """The broker answers again: the batches held up are acknowledged."""
+        self.hang_sends = False
+        for future in self.pending:
+            if not future.done():
+                future.set_result(None)
+
     def _to(self, target: str, *sources: str) -> None:
         assert self.state in sources, f"Invalid state transition {self.state} -> {target}"
         self.state = target
 
     async def begin_transaction(self) -> None:
+        await asyncio.sleep(0)  # aiokafka waits for the producer id first
         self._to("IN_TRANSACTION", "READY")
         self.log.append(("begin", self.partition))
 
     async def _end(self, what: str, seconds: float) -> None:
         if self.stopped:
             await asyncio.Event().wait()
+        await asyncio.wait(self.pending) if self.pending else None
         await asyncio.sleep(seconds)
+        self.pending = []
         if self.fenced:
             self.state = "FATAL"
             raise ProducerFenced()
@@ -97,6 +109,7 @@ class FakeProducer:
     async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> asyncio.Future:
         assert self.state == "IN_TRANSACTION", "aiokafka sends only inside a transaction"
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending.append(done)
         if not self.hang_sends:
             self.sent += batch.keys
             done.set_result(None)
@@ -198,9 +211,10 @@ async def test_a_fenced_commit_drops_that_writer_and_the_others_stand() -> None:
         assert writable == {1}, "the fenced writer is not started again"
 
 
-async def test_a_round_cancelled_during_its_commits_leaves_its_writers_ready() -> None:
+async def test_a_round_cancelled_during_its_commits_leaves_its_writers_usable() -> None:
     """aiokafka goes on committing when the caller is cancelled (shutdown cancels the
-    writer): the round ends only once the commits did, so the final rounds can begin."""
+    writer, here twice): the next round waits for those commits before it begins, so no
+    healthy writer is refused or dropped."""
     fleet = Fleet()
     producers = fenced_producers(fleet)
     await producers.acquire([0, 1])
@@ -216,12 +230,65 @@ async def test_a_round_cancelled_during_its_commits_leaves_its_writers_ready() -
     await entered.wait()
     await asyncio.sleep(0.05)  # the commits are under way
     task.cancel()
+    await asyncio.sleep(0)
+    task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert {p.state for p in fleet.made.values()} == {"READY"}
-    assert not fleet.dropped
+    assert {p.state for p in fleet.made.values()} == {"COMMITTING"}
     async with producers.transactions([0, 1]) as writable:
         assert writable == {0, 1}
+    assert not fleet.dropped
+    assert fleet.log.count(("commit", 0)) == fleet.log.count(("commit", 1)) == 2
+
+
+async def test_a_slow_commit_fails_the_round_but_keeps_the_writer() -> None:
+    """A commit past END_TIMEOUT_S (a transaction coordinator moving) is not a broken
+    writer: the round fails and is written again later; the writer stays."""
+    fleet = Fleet()
+    producers = fenced_producers(fleet, end_timeout_s=0.1)
+    await producers.acquire([0])
+    fleet.made[0].commit_s = 0.3
+    with pytest.raises(KafkaError, match="has not ended"):
+        async with producers.transactions([0]):
+            pass
+    assert not fleet.dropped
+    await asyncio.sleep(0.3)  # the commit ends meanwhile
+    fleet.made[0].commit_s = 0.0
+    async with producers.transactions([0]) as writable:
+        assert writable == {0}
+    assert fleet.log.count(("commit", 0)) == 2 and not fleet.dropped
+
+
+async def test_an_old_writers_failure_never_drops_the_new_one() -> None:
+    """A round's abort outlives its writer: it waits for batches the broker holds up while
+    the partition is released and comes straight back (an eager rebalance) with a new
+    writer, whose start fences the old one. The old abort then fails: only the old
+    writer may go."""
+    fleet = Fleet()
+    producers = fenced_producers(fleet)
+    await producers.acquire([0])
+    old = fleet.made[0]
+    old.hang_sends = True
+
+    async def round_that_fails() -> None:
+        async with producers.transactions([0]):
+            await producers.publisher(0).send_to_partition("ticks.state", 0, [(b"A", b"x", [])])
+            raise KafkaError("a send timed out")
+
+    failing = asyncio.create_task(round_that_fails())
+    await asyncio.sleep(0.05)  # its abort waits for the held-up batch
+    await producers.release([0], timeout_s=1.0)
+    await producers.acquire([0])
+    new = fleet.made[0]
+    old.fenced = True
+    old.deliver()
+    with pytest.raises(KafkaError, match="a send timed out"):
+        await asyncio.wait_for(failing, timeout=5)
+    assert new is not old and not fleet.dropped
+    assert producers.publisher(0) is not None
+    async with producers.transactions([0]) as writable:
+        assert writable == {0}
+    assert new.state == "READY" and ("commit", 0) in fleet.log
 
 
 async def test_a_writer_fenced_mid_round_fails_the_round_and_is_dropped() -> None:
@@ -327,7 +394,7 @@ async def test_the_writer_leaves_out_a_fenced_partition_and_writes_the_rest() ->
 
 async def test_an_abandoned_round_is_given_up_and_the_writer_goes_on() -> None:
     fleet = Fleet()
-    producers = fenced_producers(fleet)
+    producers = fenced_producers(fleet, end_timeout_s=0.2)
     await producers.acquire([0, 1])
     fleet.made[0].hang_sends = True  # the broker stopped answering
     windows = changed_windows()
@@ -342,13 +409,16 @@ async def test_an_abandoned_round_is_given_up_and_the_writer_goes_on() -> None:
     writer.abandon_current()  # what a revocation whose drain timed out does
     await asyncio.wait_for(writer.wait_idle(), timeout=5)
     assert stuck.settled and not stuck.written
-    assert ("abort", 0) in fleet.log and ("abort", 1) in fleet.log
+    assert ("abort", 1) in fleet.log
+    # The abort of partition 0 waits for its batches, which the cut-off round left alone.
+    assert fleet.made[0].pending and not any(f.cancelled() for f in fleet.made[0].pending)
     assert not running.done(), "the writer itself keeps running"
 
-    fleet.made[0].hang_sends = False
+    fleet.made[0].deliver()  # the broker is back: the abort goes through
     again = writer.take({0: 3, 1: 3})
     assert again is not None and sorted(again.snapshot.symbols) == ["A", "B", "C"]
     writer.submit(again)
     await asyncio.wait_for(writer.wait_idle(), timeout=5)
-    assert again.written
+    assert again.written and not fleet.dropped
+    assert ("abort", 0) in fleet.log and fleet.made[0].sent[-3:] == [b"A", b"B", MARKER_KEY]
     await stop(running)
