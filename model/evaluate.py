@@ -32,7 +32,8 @@ from torch import nn
 
 from model.gru import predict_prices
 
-PREDICT_BATCH_SIZE = 8192
+# Windows per forward pass: see model.train.EVAL_BATCH_SIZE.
+PREDICT_BATCH_SIZE = 1024
 # Relative to the last price: below it a forecast calls no direction (see the module doc).
 DIRECTION_TOLERANCE = 1e-6
 # Windows a series needs to enter a pooled, per-series-scaled figure (naive_scale).

@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,7 +27,7 @@ import pandas as pd
 
 from model.data import DataError, PriceSeries
 from model.kafka_access import KafkaAccess
-from model.tick_rules import MAX_TICK_BYTES, InvalidTickError, validate_tick
+from model.tick_rules import MAX_TICK_BYTES, MAX_TS_MS, InvalidTickError, validate_tick
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +43,16 @@ class KafkaTicks:
     duplicates: int = 0  # a (symbol, ts) seen before: the first one is kept
     too_short: dict[str, int] = field(default_factory=dict)  # symbol -> ticks, skipped
     since_ms: int | None = None
+    in_range: int | None = None  # records written since since_ms (offsets, markers too)
+    cut_ms: int | None = None  # a later start, set when in_range was over the read's limit
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly counts for the retrain report and checkpoint meta."""
         return {
             "topic": self.topic,
             "records": self.records,
+            "in_range": self.in_range,
+            "cut_to_newest_since": _iso(self.cut_ms) if self.cut_ms is not None else None,
             "invalid": dict(self.invalid),
             "duplicates": self.duplicates,
             "symbols": {s.symbol: len(s) for s in self.series},
@@ -131,6 +135,86 @@ def decode_tick(value: bytes | None) -> tuple[str, float, int] | str:
         return invalid.reason
 
 
+class TickColumns:
+    """Decoded ticks as columns, filled one fetch at a time.
+
+    Each tick is kept as a symbol code, a ts and a price (20 bytes) rather than as Python
+    objects (~200 bytes), so a long read fits the retrain job's memory; the record values
+    of a fetch are dropped once decoded.
+    """
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.invalid: Counter[str] = Counter()
+        self._codes: dict[str, int] = {}  # symbol -> code, in order of first appearance
+        self._columns: tuple[list[np.ndarray], ...] = ([], [], [])  # codes, times, prices
+
+    def add(self, values: Iterable[bytes | None]) -> None:
+        """Decode one batch of record values (in consumption order)."""
+        codes: list[int] = []
+        times: list[int] = []
+        prices: list[float] = []
+        for value in values:
+            self.records += 1
+            decoded = decode_tick(value)
+            if isinstance(decoded, str):
+                self.invalid[decoded] += 1
+                continue
+            symbol, price, ts = decoded
+            codes.append(self._codes.setdefault(symbol, len(self._codes)))
+            times.append(ts)
+            prices.append(price)
+        if codes:
+            self._columns[0].append(np.array(codes, dtype=np.int32))
+            self._columns[1].append(np.array(times, dtype=np.int64))
+            self._columns[2].append(np.array(prices, dtype=np.float64))
+
+    def to_ticks(self, *, topic: str, min_ticks: int, since_ms: int | None = None) -> KafkaTicks:
+        """One sorted series per symbol (see :func:`build_series`); empties the columns."""
+        result = KafkaTicks(
+            topic=topic, series=[], records=self.records, invalid=self.invalid, since_ms=since_ms
+        )
+        codes, times, prices = (
+            np.concatenate(chunks) if chunks else np.empty(0, dtype)
+            for chunks, dtype in zip(self._columns, (np.int32, np.int64, np.float64), strict=True)
+        )
+        self._columns = ([], [], [])
+        # Stable: among equal (symbol, ts) the first one consumed comes first and is kept.
+        order = np.lexsort((times, codes))
+        codes, times, prices = codes[order], times[order], prices[order]
+        del order
+        repeated = np.zeros(len(codes), dtype=bool)
+        repeated[1:] = (codes[1:] == codes[:-1]) & (times[1:] == times[:-1])
+        result.duplicates = int(repeated.sum())
+        if result.duplicates:
+            kept = ~repeated
+            codes, times, prices = codes[kept], times[kept], prices[kept]
+        bounds = np.searchsorted(codes, np.arange(len(self._codes) + 1))
+        source = f"kafka:{topic}"
+        for symbol in sorted(self._codes):
+            code = self._codes[symbol]
+            start, stop = int(bounds[code]), int(bounds[code + 1])
+            if stop - start < min_ticks:
+                result.too_short[symbol] = stop - start
+                logger.info(
+                    "skipping %s: %d ticks in %s, fewer than the %d needed to train",
+                    symbol,
+                    stop - start,
+                    topic,
+                    min_ticks,
+                )
+                continue
+            result.series.append(PriceSeries(symbol, source, times[start:stop], prices[start:stop]))
+        if result.invalid:
+            logger.warning(
+                "%s: skipped %d invalid ticks (%s)",
+                topic,
+                sum(result.invalid.values()),
+                ", ".join(f"{reason}: {n}" for reason, n in sorted(result.invalid.items())),
+            )
+        return result
+
+
 def build_series(
     values: Iterable[bytes | None], *, topic: str, min_ticks: int, since_ms: int | None = None
 ) -> KafkaTicks:
@@ -140,58 +224,51 @@ def build_series(
     first occurrence (a redelivered or replayed tick); each symbol is sorted by ts; a
     symbol with fewer than ``min_ticks`` ticks is left out with a log line.
     """
-    result = KafkaTicks(topic=topic, series=[], since_ms=since_ms)
-    ticks: dict[str, dict[int, float]] = {}
-    for value in values:
-        result.records += 1
-        decoded = decode_tick(value)
-        if isinstance(decoded, str):
-            result.invalid[decoded] += 1
-            continue
-        symbol, price, ts = decoded
-        prices = ticks.setdefault(symbol, {})
-        if ts in prices:
-            result.duplicates += 1
-            continue
-        prices[ts] = price
-    source = f"kafka:{topic}"
-    for symbol in sorted(ticks):
-        by_ts = ticks[symbol]
-        if len(by_ts) < min_ticks:
-            result.too_short[symbol] = len(by_ts)
-            logger.info(
-                "skipping %s: %d ticks in %s, fewer than the %d needed to train",
-                symbol,
-                len(by_ts),
-                topic,
-                min_ticks,
-            )
-            continue
-        times = np.fromiter(sorted(by_ts), dtype=np.int64, count=len(by_ts))
-        values_by_time = (by_ts[t] for t in times.tolist())
-        prices_sorted = np.fromiter(values_by_time, dtype=np.float64, count=len(times))
-        result.series.append(PriceSeries(symbol, source, times, prices_sorted))
-    if result.invalid:
-        logger.warning(
-            "%s: skipped %d invalid ticks (%s)",
-            topic,
-            sum(result.invalid.values()),
-            ", ".join(f"{reason}: {n}" for reason, n in sorted(result.invalid.items())),
-        )
-    return result
+    columns = TickColumns()
+    columns.add(values)
+    return columns.to_ticks(topic=topic, min_ticks=min_ticks, since_ms=since_ms)
 
 
-async def read_topic_values(
+async def newest_start(
+    count_since: Callable[[int], Awaitable[int]], low_ms: int, high_ms: int, limit: int
+) -> int:
+    """The earliest time in [low_ms, high_ms] since which at most ``limit`` records were
+    written, by bisection. ``count_since`` must not increase with its argument and must
+    be at most ``limit`` at ``high_ms``."""
+    while low_ms < high_ms:
+        middle = (low_ms + high_ms) // 2
+        if await count_since(middle) <= limit:
+            high_ms = middle
+        else:
+            low_ms = middle + 1
+    return low_ms
+
+
+@dataclass(frozen=True)
+class TopicRead:
+    """Where a read of the topic began: ``cut_ms`` is set when ``max_records`` moved the
+    start later than ``since`` (the topic held ``in_range`` records from there)."""
+
+    in_range: int
+    cut_ms: int | None = None
+
+
+async def read_topic(
     bootstrap_servers: str,
     topic: str,
+    into: TickColumns,
     *,
     since_ms: int | None = None,
+    max_records: int | None = None,
     consumer_kwargs: dict[str, Any] | None = None,
     timeout_s: float = 60.0,
-) -> list[bytes | None]:
-    """Every record value of ``topic`` from the beginning (or ``since_ms``, by record
-    timestamp) up to the end offsets at the start, partition by partition in offset order.
+) -> TopicRead:
+    """Decode every record of ``topic`` from the beginning (or ``since_ms``, by record
+    timestamp) up to the end offsets at the start into ``into``, one fetch at a time.
 
+    With ``max_records``, only the newest records are read: if more were written since
+    ``since_ms``, every partition starts at the same later time instead, the earliest one
+    that leaves at most ``max_records`` (found by asking the broker for offsets by time).
     ``timeout_s`` bounds each wait without progress, not the whole read: a long topic
     takes as long as it takes to read.
     """
@@ -208,7 +285,6 @@ async def read_topic_values(
         request_timeout_ms=int(timeout_s * 1000),
         **(consumer_kwargs or {}),
     )
-    values: list[bytes | None] = []
     started = time.monotonic()
     try:
         await consumer.start()  # inside the try: a failed start (wrong password) still stops
@@ -223,13 +299,35 @@ async def read_topic_values(
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         ends: dict[TopicPartition, int] = await consumer.end_offsets(tps)
-        starts: dict[TopicPartition, int] = await consumer.beginning_offsets(tps)
-        if since_ms is not None:
-            found = await consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
-            for tp in tps:
-                hit = found.get(tp)
-                # No record at or after since_ms: nothing of this partition is wanted.
-                starts[tp] = hit.offset if hit is not None else ends[tp]
+
+        async def starts_at(moment_ms: int | None) -> dict[TopicPartition, int]:
+            if moment_ms is None:
+                return dict(await consumer.beginning_offsets(tps))
+            found = await consumer.offsets_for_times(dict.fromkeys(tps, moment_ms))
+            # No record at or after the moment: nothing of this partition is wanted.
+            return {tp: hit.offset if (hit := found.get(tp)) else ends[tp] for tp in tps}
+
+        async def count_since(moment_ms: int) -> int:
+            return sum(ends[tp] - offset for tp, offset in (await starts_at(moment_ms)).items())
+
+        starts = await starts_at(since_ms)
+        # Offsets, not records: transaction markers and compacted gaps count too, so a
+        # cut is conservative.
+        read = TopicRead(in_range=sum(ends[tp] - starts[tp] for tp in tps))
+        if max_records is not None and read.in_range > max_records:
+            cut_ms = await newest_start(count_since, since_ms or 0, MAX_TS_MS, max_records)
+            starts = await starts_at(cut_ms)
+            read = TopicRead(in_range=read.in_range, cut_ms=cut_ms)
+            logger.warning(
+                "%s holds %d records%s, more than the %d allowed (--max-ticks): "
+                "reading the newest %d, written since %s",
+                topic,
+                read.in_range,
+                f" since {_iso(since_ms)}" if since_ms is not None else "",
+                max_records,
+                sum(ends[tp] - starts[tp] for tp in tps),
+                _iso(cut_ms),
+            )
         # Explicit seeks, checked: a fresh assignment also triggers aiokafka's own offset
         # reset in the background, which can land after a seek_to_beginning() and move
         # the position to the end (seen as a second read in one process finding nothing).
@@ -254,7 +352,7 @@ async def read_topic_values(
             for tp, batch in fetched.items():
                 end = todo.get(tp)
                 if end is not None:
-                    values.extend(r.value for r in batch if starts[tp] <= r.offset < end)
+                    into.add(r.value for r in batch if starts[tp] <= r.offset < end)
             for tp in list(todo):
                 # Positions pass transaction markers and compacted gaps too.
                 if await consumer.position(tp) >= todo[tp]:
@@ -263,12 +361,12 @@ async def read_topic_values(
         await consumer.stop()
     logger.info(
         "read %d records of %s in %.2fs%s",
-        len(values),
+        into.records,
         topic,
         time.monotonic() - started,
         f" (since {_iso(since_ms)})" if since_ms is not None else "",
     )
-    return values
+    return read
 
 
 def load_kafka_series(
@@ -276,17 +374,22 @@ def load_kafka_series(
     *,
     min_ticks: int,
     since_ms: int | None = None,
+    max_records: int | None = None,
     timeout_s: float = 60.0,
 ) -> KafkaTicks:
     """Read ``access.input_topic`` and build the training series (blocking; runs its own
-    event loop), connecting with ``access``'s security settings."""
+    event loop), connecting with ``access``'s security settings. ``max_records`` keeps
+    the read to the newest records (see :func:`read_topic`)."""
     bootstrap, topic = access.bootstrap_servers, access.input_topic
+    columns = TickColumns()
     try:
-        values = asyncio.run(
-            read_topic_values(
+        read = asyncio.run(
+            read_topic(
                 bootstrap,
                 topic,
+                columns,
                 since_ms=since_ms,
+                max_records=max_records,
                 consumer_kwargs=access.client_kwargs(),
                 timeout_s=timeout_s,
             )
@@ -296,11 +399,13 @@ def load_kafka_series(
     except Exception as exc:  # KafkaError, connection refused, ...: a clear message, exit 2
         reason = f"{type(exc).__name__}: {exc}"
         raise DataError(f"cannot read {topic} from {bootstrap}: {reason}") from exc
-    result = build_series(values, topic=topic, min_ticks=min_ticks, since_ms=since_ms)
+    result = columns.to_ticks(topic=topic, min_ticks=min_ticks, since_ms=since_ms)
+    result.in_range, result.cut_ms = read.in_range, read.cut_ms
     if not result.series:
+        cut = f", only those since {_iso(read.cut_ms)}" if read.cut_ms is not None else ""
         raise DataError(
             f"{topic} holds no symbol with at least {min_ticks} valid ticks "
-            f"({result.records} records read, {sum(result.invalid.values())} invalid, "
+            f"({result.records} records read{cut}, {sum(result.invalid.values())} invalid, "
             f"too short: {result.too_short or 'none'})"
         )
     return result

@@ -84,6 +84,9 @@ EXIT_FAILURE = 1
 # The loss the retrain job trains with unless --loss says otherwise: it beat "scaled" on the
 # development walk-forward (README.md, "Model quality").
 RETRAIN_LOSS = "relative"
+# --from-kafka reads at most this many records by default: ~1 KB of memory each, from the
+# read to the scaled training windows (README, "Retraining").
+DEFAULT_MAX_TICKS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -466,6 +469,15 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
         help="only records written since WHEN: a duration back from each run (7d, 12h) or "
         "an ISO time (2024-05-01T00:00Z); by Kafka record timestamp",
     )
+    kafka.add_argument(
+        "--max-ticks",
+        type=_max_ticks_arg,
+        default=DEFAULT_MAX_TICKS,
+        metavar="N",
+        help="read at most the newest N records (all partitions cut at one record time; "
+        f"0: no limit; default {DEFAULT_MAX_TICKS:,}): about 1 KB of memory per tick read, "
+        "and training time in proportion",
+    )
     parser.add_argument(
         "--every",
         type=parse_duration,
@@ -593,6 +605,17 @@ def _since_arg(text: str) -> str:
     return text
 
 
+def _max_ticks_arg(text: str) -> int | None:
+    """argparse type for --max-ticks: a count, 0 for no limit (None)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more, got {value}")
+    return value or None
+
+
 def kafka_training_data(args: argparse.Namespace, window_length: int) -> list[PriceSeries]:
     """--from-kafka: the ticks retained in the input topic, one series per symbol."""
     flags = {"bootstrap_servers": args.bootstrap_servers, "input_topic": args.input_topic}
@@ -606,7 +629,12 @@ def kafka_training_data(args: argparse.Namespace, window_length: int) -> list[Pr
         raise DataError(f"invalid Kafka setting: {problems}") from exc
     since_ms = parse_since(args.since) if args.since else None
     # chronological_split needs a window, a next price, and one row each for val and test.
-    ticks = load_kafka_series(access, min_ticks=window_length + 3, since_ms=since_ms)
+    ticks = load_kafka_series(
+        access,
+        min_ticks=window_length + 3,
+        since_ms=since_ms,
+        max_records=args.max_ticks,
+    )
     logger.info("training data from %s: %s", access.input_topic, json.dumps(ticks.summary()))
     folds = getattr(args, "walk_forward", None)
     if folds is None or args.split == "time":

@@ -18,6 +18,7 @@ import pytest
 from model.__main__ import main as retrain_main
 from model.checkpoint import load_latest, read_latest, read_meta
 from model.data import PriceSeries, load_many
+from model.kafka_source import TickColumns, read_topic
 from tests.support.daemon import produce
 
 pytestmark = pytest.mark.kafka
@@ -168,6 +169,62 @@ def test_a_common_time_split_leaves_out_a_symbol_that_joined_late(
     assert fitted_until < min(r["start"] for r in meta.evaluation["test_data"])
 
 
+def test_max_ticks_reads_only_the_newest_records(
+    kafka_bootstrap: str,
+    topic_factory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two real series written in two rounds, the older 150 days of each first: with
+    --max-ticks set to the second round's size, every partition starts at one record time,
+    and the checkpoint is trained and tested on the newer days alone."""
+    half = PER_SYMBOL // 2
+    older = [
+        tick(s.symbol, p, t)
+        for s in real_series()
+        for p, t in zip(s.prices[:half].tolist(), s.ts[:half].tolist(), strict=True)
+    ]
+    newer = [
+        tick(s.symbol, p, t)
+        for s in real_series()
+        for p, t in zip(s.prices[half:].tolist(), s.ts[half:].tolist(), strict=True)
+    ]
+
+    async def fill() -> str:
+        topic = await topic_factory(partitions=3, prefix="ticks")
+        await produce(kafka_bootstrap, topic, older)
+        await asyncio.sleep(0.05)  # every newer record timestamp is later than every older
+        await produce(kafka_bootstrap, topic, newer)
+        return topic
+
+    topic = asyncio.run(fill())
+    caplog.set_level(logging.INFO, logger="model.retrain")
+    common = ["--from-kafka", "--bootstrap-servers", kafka_bootstrap, "--input-topic", topic]
+    argv = [*common, "--split", "time", "--max-ticks", str(len(newer))]
+    code = retrain_main([*argv, "--checkpoint-dir", str(tmp_path), "--json", *TINY])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    [summary_line] = [r.getMessage() for r in caplog.records if "training data from" in r.msg]
+    summary = json.loads(summary_line.split(": ", 1)[1])
+    assert summary["in_range"] == len(older) + len(newer)
+    assert summary["cut_to_newest_since"] is not None
+    assert summary["records"] == len(newer)
+    assert summary["symbols"] == {"NASDAQ": PER_SYMBOL - half, "SP500": PER_SYMBOL - half}
+    meta = read_meta(tmp_path / report["version"])
+    series = {s.symbol: s for s in real_series()}
+    for r in meta.training_data:
+        assert r.start == series[r.symbol].iso_range(half)[0]  # the newer days' first
+
+    # One record less: the cut moves later still, and what is read is the newest of each.
+    columns = TickColumns()
+    read = asyncio.run(read_topic(kafka_bootstrap, topic, columns, max_records=len(newer) - 1))
+    assert read.in_range == len(older) + len(newer) and read.cut_ms is not None
+    assert columns.records < len(newer)
+    for one in columns.to_ticks(topic=topic, min_ticks=1).series:
+        assert one.ts.tolist() == series[one.symbol].ts[-len(one) :].tolist()
+
+
 def test_since_after_every_record_finds_nothing(
     kafka_bootstrap: str, tick_topic: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -198,6 +255,8 @@ def test_since_after_every_record_finds_nothing(
         ["--from-kafka", "--every", "soon"],
         ["--from-kafka", "--every", "0s"],
         ["--from-kafka", "--since", "last tuesday"],
+        ["--from-kafka", "--max-ticks", "-1"],
+        ["--from-kafka", "--max-ticks", "many"],
     ],
 )
 def test_source_and_schedule_flags_are_checked(

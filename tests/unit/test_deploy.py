@@ -673,6 +673,8 @@ def test_k8s_daemon_deployment_is_hardened(k8s_docs: list[dict[str, Any]]) -> No
     assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
     args = job_pod["containers"][0]["args"]
     assert "--from-kafka" in args and args[args.index("--split") + 1] == "time"
+    retrain = build_parser().parse_args(args)  # every flag is one the job knows
+    assert retrain.max_ticks is not None and retrain.max_ticks <= 500_000
 
     service = k8s_kind(k8s_docs, "Service")
     # Pods are scraped through their own annotations; the Service's would scrape them twice.

@@ -6,6 +6,7 @@ Covers ``parse_duration``, ``parse_since``, ``decode_tick`` and ``build_series``
 
 from __future__ import annotations
 
+import asyncio
 import random
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -16,7 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model.data import PriceSeries, load_series
-from model.kafka_source import build_series, decode_tick, parse_duration, parse_since
+from model.kafka_source import (
+    TickColumns,
+    build_series,
+    decode_tick,
+    newest_start,
+    parse_duration,
+    parse_since,
+)
 from model.tick_rules import MAX_SYMBOL_LENGTH, MAX_TICK_BYTES, MAX_TS_MS
 
 NOW = datetime(2024, 5, 8, 12, 0, tzinfo=UTC)
@@ -354,6 +362,8 @@ def test_build_series_of_nothing() -> None:
     assert result.summary() == {
         "topic": "empty",
         "records": 0,
+        "in_range": None,
+        "cut_to_newest_since": None,
         "invalid": {},
         "duplicates": 0,
         "symbols": {},
@@ -374,3 +384,48 @@ def test_build_series_any_order_with_redeliveries(data: st.DataObject) -> None:
     np.testing.assert_array_equal(built.ts, series.ts)
     np.testing.assert_array_equal(built.prices, series.prices)
     assert result.duplicates == len(repeats)
+
+
+def test_tick_columns_across_fetches_keep_the_first_of_a_repeat(goog: PriceSeries) -> None:
+    """A repeat in a later fetch than its first copy is still the one dropped."""
+    values = ticks_of(goog, slice(0, 100))
+    repeat = tick(goog.symbol, 1.0, int(goog.ts[10]))  # same ts, another price
+    columns = TickColumns()
+    for fetch in (values[:40], [repeat, b"garbage"], values[40:], []):
+        columns.add(fetch)
+    result = columns.to_ticks(topic="t", min_ticks=2)
+    (series,) = result.series
+    np.testing.assert_array_equal(series.prices, goog.prices[:100])
+    assert (result.records, result.duplicates, dict(result.invalid)) == (
+        102,
+        1,
+        {"not_json": 1},
+    )
+
+
+# --------------------------------------------------------------------------- newest_start
+
+
+@pytest.mark.parametrize("limit", [0, 1, 4, 5, 6, 9, 10, 100])
+def test_newest_start_is_the_earliest_time_within_the_limit(limit: int) -> None:
+    """Records at times 10, 20, 20, 30, ... (several at one time): the start found keeps
+    at most ``limit`` records, and one millisecond earlier would keep more."""
+    stamps = np.array([10, 20, 20, 30, 40, 40, 40, 50, 60, 70])
+    calls: list[int] = []
+
+    async def count_since(moment: int) -> int:
+        calls.append(moment)
+        return int((stamps >= moment).sum())
+
+    start = asyncio.run(newest_start(count_since, 0, MAX_TS_MS, limit))
+    assert (stamps >= start).sum() <= limit
+    if start > 0:
+        assert (stamps >= start - 1).sum() > limit
+    assert len(calls) <= 45  # bisection over the whole ts range, not a scan
+
+
+def test_newest_start_from_since_when_all_fit() -> None:
+    async def count_since(moment: int) -> int:
+        return 3
+
+    assert asyncio.run(newest_start(count_since, 1_000, MAX_TS_MS, 3)) == 1_000

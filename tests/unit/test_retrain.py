@@ -275,6 +275,30 @@ def test_from_kafka_walk_forward_skips_symbols_too_short_for_the_folds(
     assert len(retrain_module.kafka_training_data(single, WINDOW)) == 2
 
 
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [((), 1_000_000), (("--max-ticks", "500"), 500), (("--max-ticks", "0"), None)],
+)
+def test_from_kafka_reads_at_most_max_ticks(
+    monkeypatch: pytest.MonkeyPatch, goog: Any, flags: tuple[str, ...], expected: int | None
+) -> None:
+    """--max-ticks reaches the read: a default limit, a given one, or none for 0."""
+    import model.retrain as retrain_module
+    from model.data import PriceSeries
+    from model.kafka_source import KafkaTicks
+
+    asked: list[int | None] = []
+
+    def fake_load(*_args: Any, max_records: int | None, **_kwargs: Any) -> KafkaTicks:
+        asked.append(max_records)
+        return KafkaTicks(topic="ticks", series=[PriceSeries("GOOG", "k", goog.ts, goog.prices)])
+
+    monkeypatch.setattr(retrain_module, "load_kafka_series", fake_load)
+    retrain_module.kafka_training_data(parse("--from-kafka", *flags, *FAST), WINDOW)
+    assert asked == [expected]
+    assert retrain_module.DEFAULT_MAX_TICKS == 1_000_000
+
+
 def nasdaq_csv(path: Path, start: str, stop: str) -> Path:
     """Real NASDAQ closes between two dates, in the seed's Date/Close layout."""
     import arch.data.nasdaq

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from model import train as train_module
 from model.data import WindowSet, chronological_split, load_series
 from model.features import scale_targets, scale_windows
 from model.gru import ModelConfig, PriceGRU, predict_prices
@@ -121,3 +122,20 @@ def test_resolve_device() -> None:
     else:
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("loss", ["scaled", "relative"])
+def test_scaling_in_chunks_gives_what_scaling_at_once_does(
+    nasdaq_split: tuple[WindowSet, WindowSet], monkeypatch: pytest.MonkeyPatch, loss: str
+) -> None:
+    train, _ = nasdaq_split
+    cpu = torch.device("cpu")
+    whole = train_module._scaled_tensors(train.windows, train.targets, cpu, loss)
+    monkeypatch.setattr(train_module, "SCALE_CHUNK", 97)  # not a divisor of the row count
+    assert len(train) % 97
+    chunked = train_module._scaled_tensors(train.windows, train.targets, cpu, loss)
+    for at_once, in_chunks in zip(whole, chunked, strict=True):
+        assert torch.equal(at_once, in_chunks)
+    scaled = scale_windows(train.windows)
+    assert torch.equal(chunked[0], scaled.inputs)
+    assert torch.equal(chunked[1], scale_targets(train.targets, scaled))
