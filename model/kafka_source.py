@@ -16,10 +16,10 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -30,6 +30,8 @@ from model.kafka_access import KafkaAccess
 from model.tick_rules import MAX_TICK_BYTES, MAX_TS_MS, InvalidTickError, validate_tick
 
 logger = logging.getLogger(__name__)
+
+P = TypeVar("P", bound=Hashable)  # a partition, as the caller names it
 
 
 @dataclass
@@ -44,7 +46,8 @@ class KafkaTicks:
     too_short: dict[str, int] = field(default_factory=dict)  # symbol -> ticks, skipped
     since_ms: int | None = None
     in_range: int | None = None  # records written since since_ms (offsets, markers too)
-    cut_ms: int | None = None  # a later start, set when in_range was over the read's limit
+    cut: bool = False  # starts moved later: in_range was over the read's limit
+    cut_ms: int | None = None  # the record time of that cut (None: cut by offsets)
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly counts for the retrain report and checkpoint meta."""
@@ -52,6 +55,7 @@ class KafkaTicks:
             "topic": self.topic,
             "records": self.records,
             "in_range": self.in_range,
+            "cut_to_newest": self.cut,
             "cut_to_newest_since": _iso(self.cut_ms) if self.cut_ms is not None else None,
             "invalid": dict(self.invalid),
             "duplicates": self.duplicates,
@@ -244,12 +248,52 @@ async def newest_start(
     return low_ms
 
 
+async def newest_starts(
+    starts: Mapping[P, int],
+    ends: Mapping[P, int],
+    offsets_at: Callable[[int], Awaitable[Mapping[P, int]]],
+    *,
+    low_ms: int,
+    limit: int,
+) -> tuple[dict[P, int], int | None]:
+    """Later start offsets per partition that leave at most ``limit`` of the newest records
+    in [starts, ends), and the record time they were cut at.
+
+    ``offsets_at(t)`` is each partition's first offset with a record time at or after
+    ``t`` (the broker's offsets by time). Every partition is cut at the same time, the
+    earliest that leaves at most ``limit``. Record times out of order can defeat that: one
+    record stamped ahead of the others (a producer's clock) keeps the count above the limit
+    until its own time, and then almost nothing is left. When the time cut keeps fewer than
+    half of ``limit`` (or more than it), each partition instead keeps its share of
+    ``limit`` by offset, and the cut time is None.
+    """
+
+    async def starts_from(moment_ms: int) -> dict[P, int]:
+        found = await offsets_at(moment_ms)
+        return {p: min(max(found[p], starts[p]), ends[p]) for p in starts}
+
+    async def count_since(moment_ms: int) -> int:
+        cut = await starts_from(moment_ms)
+        return sum(ends[p] - cut[p] for p in cut)
+
+    cut_ms = await newest_start(count_since, low_ms, MAX_TS_MS, limit)
+    cut = await starts_from(cut_ms)
+    if limit // 2 <= sum(ends[p] - cut[p] for p in cut) <= limit:
+        return cut, cut_ms
+    total = sum(ends[p] - starts[p] for p in starts)
+    return {
+        p: max(starts[p], ends[p] - limit * (ends[p] - starts[p]) // total) for p in starts
+    }, None
+
+
 @dataclass(frozen=True)
 class TopicRead:
-    """Where a read of the topic began: ``cut_ms`` is set when ``max_records`` moved the
-    start later than ``since`` (the topic held ``in_range`` records from there)."""
+    """Where a read of the topic began: ``cut`` is set when ``max_records`` moved the
+    starts later than ``since`` (the topic held ``in_range`` records from there), at the
+    record time ``cut_ms``, or by offsets when that is None."""
 
     in_range: int
+    cut: bool = False
     cut_ms: int | None = None
 
 
@@ -300,33 +344,37 @@ async def read_topic(
         consumer.assign(tps)
         ends: dict[TopicPartition, int] = await consumer.end_offsets(tps)
 
-        async def starts_at(moment_ms: int | None) -> dict[TopicPartition, int]:
-            if moment_ms is None:
-                return dict(await consumer.beginning_offsets(tps))
+        async def offsets_at(moment_ms: int) -> dict[TopicPartition, int]:
             found = await consumer.offsets_for_times(dict.fromkeys(tps, moment_ms))
-            # No record at or after the moment: nothing of this partition is wanted.
-            return {tp: hit.offset if (hit := found.get(tp)) else ends[tp] for tp in tps}
+            # No record at or after the moment: nothing of this partition is wanted; and
+            # never past the end taken at the start (a live topic moves on).
+            return {
+                tp: min(hit.offset, ends[tp]) if (hit := found.get(tp)) else ends[tp] for tp in tps
+            }
 
-        async def count_since(moment_ms: int) -> int:
-            return sum(ends[tp] - offset for tp, offset in (await starts_at(moment_ms)).items())
-
-        starts = await starts_at(since_ms)
+        if since_ms is None:
+            starts = dict(await consumer.beginning_offsets(tps))
+        else:
+            starts = await offsets_at(since_ms)
         # Offsets, not records: transaction markers and compacted gaps count too, so a
         # cut is conservative.
         read = TopicRead(in_range=sum(ends[tp] - starts[tp] for tp in tps))
         if max_records is not None and read.in_range > max_records:
-            cut_ms = await newest_start(count_since, since_ms or 0, MAX_TS_MS, max_records)
-            starts = await starts_at(cut_ms)
-            read = TopicRead(in_range=read.in_range, cut_ms=cut_ms)
+            starts, cut_ms = await newest_starts(
+                starts, ends, offsets_at, low_ms=since_ms or 0, limit=max_records
+            )
+            read = TopicRead(in_range=read.in_range, cut=True, cut_ms=cut_ms)
             logger.warning(
                 "%s holds %d records%s, more than the %d allowed (--max-ticks): "
-                "reading the newest %d, written since %s",
+                "reading the newest %d, %s",
                 topic,
                 read.in_range,
                 f" since {_iso(since_ms)}" if since_ms is not None else "",
                 max_records,
                 sum(ends[tp] - starts[tp] for tp in tps),
-                _iso(cut_ms),
+                f"written since {_iso(cut_ms)}"
+                if cut_ms is not None
+                else "each partition's share by offset (record times out of order)",
             )
         # Explicit seeks, checked: a fresh assignment also triggers aiokafka's own offset
         # reset in the background, which can land after a seek_to_beginning() and move
@@ -400,9 +448,9 @@ def load_kafka_series(
         reason = f"{type(exc).__name__}: {exc}"
         raise DataError(f"cannot read {topic} from {bootstrap}: {reason}") from exc
     result = columns.to_ticks(topic=topic, min_ticks=min_ticks, since_ms=since_ms)
-    result.in_range, result.cut_ms = read.in_range, read.cut_ms
+    result.in_range, result.cut, result.cut_ms = read.in_range, read.cut, read.cut_ms
     if not result.series:
-        cut = f", only those since {_iso(read.cut_ms)}" if read.cut_ms is not None else ""
+        cut = f", the newest of {read.in_range}" if read.cut else ""
         raise DataError(
             f"{topic} holds no symbol with at least {min_ticks} valid ticks "
             f"({result.records} records read{cut}, {sum(result.invalid.values())} invalid, "

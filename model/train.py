@@ -32,7 +32,7 @@ from model.gru import ModelConfig, PriceGRU
 logger = logging.getLogger(__name__)
 
 # Windows per forward pass when only scoring (no gradients). A pass over 8,192 windows held
-# ~450 MiB of GRU workspace, the retrain's peak; 1,024 holds about an eighth and ran 1.4-1.9x faster
+# ~450 MiB of GRU workspace, the retrain's peak; 1,024 holds about an eighth and ran 1.7-1.9x faster
 # on 2 cores (model.evaluate.PREDICT_BATCH_SIZE likewise).
 EVAL_BATCH_SIZE = 1024
 # Windows scaled at once: scaling holds several float64 copies of what it scales.
@@ -172,6 +172,8 @@ def _scaled_tensors(
         raise ValueError(f"{len(windows)} windows but {len(targets)} targets")
     if len(windows) == 0:
         raise ValueError("no windows to train or validate on")
+    if windows.ndim != 2:
+        raise ValueError(f"expected [n, window] prices, got shape {windows.shape}")
     inputs = torch.empty((len(windows), windows.shape[1], 1), dtype=torch.float32)
     scaled_targets = torch.empty(len(windows), dtype=torch.float32)
     weights = torch.ones(len(windows), dtype=torch.float32)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import resource
+import os
 import subprocess
 import sys
 import tempfile
@@ -59,14 +59,15 @@ def peak_rss_of_retrain(bootstrap: str, topic: str, checkpoint_dir: Path) -> tup
     argv = [sys.executable, "-m", "model", "--from-kafka", "--bootstrap-servers", bootstrap]
     argv += ["--input-topic", topic, "--checkpoint-dir", str(checkpoint_dir), "--max-ticks", "0"]
     argv += ["--split", "time", "--epochs", "1", "--no-progress", "--device", "cpu"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.monotonic()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
-    seconds = time.monotonic() - started
-    # ru_maxrss of the children is the largest of any child so far (KiB on Linux); the
-    # sizes run in increasing order, so each run's peak is the newest maximum.
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(after, before) / 1024, seconds
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    # wait4 gives this child's own rusage: RUSAGE_CHILDREN would be the largest of every
+    # child so far, the broker's storage formatter included.
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise subprocess.CalledProcessError(child.returncode, argv)
+    return usage.ru_maxrss / 1024, time.monotonic() - started  # ru_maxrss: KiB on Linux
 
 
 def main() -> None:

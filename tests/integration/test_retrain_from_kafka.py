@@ -208,7 +208,7 @@ def test_max_ticks_reads_only_the_newest_records(
     [summary_line] = [r.getMessage() for r in caplog.records if "training data from" in r.msg]
     summary = json.loads(summary_line.split(": ", 1)[1])
     assert summary["in_range"] == len(older) + len(newer)
-    assert summary["cut_to_newest_since"] is not None
+    assert summary["cut_to_newest"] is True and summary["cut_to_newest_since"] is not None
     assert summary["records"] == len(newer)
     assert summary["symbols"] == {"NASDAQ": PER_SYMBOL - half, "SP500": PER_SYMBOL - half}
     meta = read_meta(tmp_path / report["version"])
@@ -219,7 +219,7 @@ def test_max_ticks_reads_only_the_newest_records(
     # One record less: the cut moves later still, and what is read is the newest of each.
     columns = TickColumns()
     read = asyncio.run(read_topic(kafka_bootstrap, topic, columns, max_records=len(newer) - 1))
-    assert read.in_range == len(older) + len(newer) and read.cut_ms is not None
+    assert read.in_range == len(older) + len(newer) and read.cut
     assert columns.records < len(newer)
     for one in columns.to_ticks(topic=topic, min_ticks=1).series:
         assert one.ts.tolist() == series[one.symbol].ts[-len(one) :].tolist()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
 
 import numpy as np
@@ -22,6 +23,7 @@ from model.kafka_source import (
     build_series,
     decode_tick,
     newest_start,
+    newest_starts,
     parse_duration,
     parse_since,
 )
@@ -363,6 +365,7 @@ def test_build_series_of_nothing() -> None:
         "topic": "empty",
         "records": 0,
         "in_range": None,
+        "cut_to_newest": False,
         "cut_to_newest_since": None,
         "invalid": {},
         "duplicates": 0,
@@ -429,3 +432,51 @@ def test_newest_start_from_since_when_all_fit() -> None:
         return 3
 
     assert asyncio.run(newest_start(count_since, 1_000, MAX_TS_MS, 3)) == 1_000
+
+
+def offsets_by_time(times: dict[str, list[int]]) -> Callable[[int], Awaitable[dict[str, int]]]:
+    """The broker's offsets by time over partitions of record times: the first offset
+    whose record time is at or after the moment, else the end."""
+
+    async def offsets_at(moment: int) -> dict[str, int]:
+        return {
+            p: next((i for i, t in enumerate(ts) if t >= moment), len(ts))
+            for p, ts in times.items()
+        }
+
+    return offsets_at
+
+
+def test_newest_starts_cut_every_partition_at_one_time() -> None:
+    times = {"a": list(range(0, 1000, 2)), "b": list(range(1, 1000, 2))}  # interleaved
+    starts, ends = {"a": 10, "b": 0}, {"a": 500, "b": 500}
+    cut, cut_ms = asyncio.run(
+        newest_starts(starts, ends, offsets_by_time(times), low_ms=0, limit=300)
+    )
+    assert cut_ms is not None
+    kept = [t for p in times for t in times[p][cut[p] : ends[p]]]
+    dropped = [t for p in times for t in times[p][starts[p] : cut[p]]]
+    assert 150 <= len(kept) <= 300
+    assert min(kept) >= cut_ms > max(dropped)  # the newest records, whatever the partition
+
+
+def test_newest_starts_fall_back_to_offsets_when_a_record_is_stamped_ahead() -> None:
+    """One record whose producer's clock ran a minute ahead, early in partition a: every
+    time cut before its stamp keeps too many records, the one after it almost none. Each
+    partition keeps its share of the limit by offset instead."""
+    times = {"a": list(range(0, 2000, 2)), "b": list(range(1, 2000, 2))}
+    times["a"][5] = 60_000
+    starts, ends = {"a": 0, "b": 0}, {"a": 1000, "b": 600}
+    cut, cut_ms = asyncio.run(
+        newest_starts(starts, ends, offsets_by_time(times), low_ms=0, limit=400)
+    )
+    assert cut_ms is None
+    assert cut == {"a": 1000 - 250, "b": 600 - 150}  # 400 in proportion to 1000 : 600
+
+
+def test_newest_starts_never_before_the_given_starts() -> None:
+    times = {"a": list(range(100))}
+    cut, _ = asyncio.run(
+        newest_starts({"a": 90}, {"a": 100}, offsets_by_time(times), low_ms=0, limit=5)
+    )
+    assert 90 <= cut["a"] <= 100 and 100 - cut["a"] <= 5

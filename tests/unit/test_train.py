@@ -139,3 +139,8 @@ def test_scaling_in_chunks_gives_what_scaling_at_once_does(
     scaled = scale_windows(train.windows)
     assert torch.equal(chunked[0], scaled.inputs)
     assert torch.equal(chunked[1], scale_targets(train.targets, scaled))
+    if loss == "relative":  # (span / last price)^2, float32
+        last = torch.from_numpy(np.ascontiguousarray(train.windows[:, -1]))
+        np.testing.assert_allclose(chunked[2], ((scaled.span / last) ** 2).float(), rtol=1e-6)
+    else:
+        assert torch.equal(chunked[2], torch.ones(len(train)))
