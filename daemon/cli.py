@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pydantic import ValidationError
 
 from daemon.settings import Settings
+from model.arguments import non_negative_int
 
 logger = logging.getLogger("tickcast")
 
@@ -132,17 +133,6 @@ def rate_or_max(text: str) -> float | None:
         raise argparse.ArgumentTypeError(
             f"must be a finite positive number or 'max', got {text!r}"
         ) from None
-
-
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer of at least 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
 
 
 def add_replay_arguments(parser: argparse.ArgumentParser) -> None:

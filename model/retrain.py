@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
+from model.arguments import non_negative_int
 from model.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -607,13 +608,7 @@ def _since_arg(text: str) -> str:
 
 def _max_ticks_arg(text: str) -> int | None:
     """argparse type for --max-ticks: a count, 0 for no limit (None)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more, got {value}")
-    return value or None
+    return non_negative_int(text) or None
 
 
 def kafka_training_data(args: argparse.Namespace, window_length: int) -> list[PriceSeries]:
