@@ -314,8 +314,8 @@ async def read_topic(
     ``since_ms``, every partition starts at the same later time instead, the earliest one
     that leaves at most ``max_records`` (found by asking the broker for offsets by time),
     or each partition its share by offset when record times are out of order
-    (:func:`newest_starts`). ``timeout_s`` bounds each wait without progress, not the whole read: a long topic
-    takes as long as it takes to read.
+    (:func:`newest_starts`). ``timeout_s`` bounds each wait without progress, not the
+    whole read: a long topic takes as long as it takes to read.
     """
     from aiokafka import AIOKafkaConsumer
     from aiokafka.structs import TopicPartition

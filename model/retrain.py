@@ -499,6 +499,14 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--patience", type=int, help=f"early stopping (default {train_defaults.patience})"
     )
+    parser.add_argument(
+        "--max-train-time",
+        type=parse_duration,
+        metavar="DURATION",
+        help="stop training after the first epoch that ends this long (30m, 1h) into it, "
+        "keeping the best epoch so far (default: no limit; then runs no longer repeat "
+        "exactly)",
+    )
     parser.add_argument("--seed", type=int, help=f"default {train_defaults.seed}")
     parser.add_argument("--batch-size", type=int, help=f"default {train_defaults.batch_size}")
     parser.add_argument(
@@ -587,7 +595,12 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
                 "loss": "loss",
                 "device": "device",
             },
-        )
+        ),
+        **(
+            {"max_seconds": args.max_train_time.total_seconds()}
+            if getattr(args, "max_train_time", None)
+            else {}
+        ),
     )
     return model_config, train_config
 
@@ -820,6 +833,7 @@ def _checkpoint_meta(
             "training": {
                 "best_epoch": training.best_epoch,
                 "epochs_run": len(training.history) - 1,
+                "out_of_time": training.out_of_time,
                 "best_val_loss": training.best_val_loss,
                 "untrained_val_loss": training.history[0].val_loss,
                 "seconds": round(training.seconds, 3),

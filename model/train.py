@@ -62,6 +62,10 @@ class TrainConfig(BaseModel):
     # symbols. Weights are normalised to mean 1 on the training windows. The retrain job
     # uses "relative" (it won on the development walk-forward, README.md, "Model quality").
     loss: Literal["scaled", "relative"] = "scaled"
+    # Stop after the first epoch that ends this many seconds into training, keeping the
+    # best epoch so far: bounds a scheduled retrain's time on a slow or busy node. Where it
+    # stops then depends on the machine's speed, so such runs do not repeat exactly.
+    max_seconds: float | None = Field(default=None, gt=0)
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class TrainResult:
     best_val_loss: float
     device: str
     seconds: float
+    out_of_time: bool = False  # stopped by max_seconds before epochs or patience did
 
 
 def resolve_device(device: str) -> torch.device:
@@ -256,6 +261,7 @@ def train_model(
             )
         ]
         best_epoch, best_val = 0, history[0].val_loss
+        out_of_time = False
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         bar = tqdm(
             range(1, config.epochs + 1),
@@ -289,6 +295,20 @@ def train_model(
             if epoch - best_epoch >= config.patience:
                 logger.info("early stop after epoch %d (best %d)", epoch, best_epoch)
                 break
+            spent = time.perf_counter() - started
+            if config.max_seconds is not None and spent >= config.max_seconds:
+                out_of_time = epoch < config.epochs
+                if out_of_time:
+                    logger.warning(
+                        "stopping after epoch %d of %d (best %d): %.0f s spent, the "
+                        "training time limit is %.0f s",
+                        epoch,
+                        config.epochs,
+                        best_epoch,
+                        spent,
+                        config.max_seconds,
+                    )
+                break
         bar.close()
         model.load_state_dict(best_state)
         model.eval()
@@ -302,4 +322,4 @@ def train_model(
         best_val,
         history[0].val_loss,
     )
-    return TrainResult(model, history, best_epoch, best_val, str(device), seconds)
+    return TrainResult(model, history, best_epoch, best_val, str(device), seconds, out_of_time)

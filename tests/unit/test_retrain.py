@@ -299,6 +299,17 @@ def test_from_kafka_reads_at_most_max_ticks(
     assert retrain_module.DEFAULT_MAX_TICKS == 1_000_000
 
 
+def test_max_train_time_reaches_the_training_config() -> None:
+    from model.retrain import _configs
+
+    _, limited = _configs(parse("--data", "dataset:goog", "--max-train-time", "20m", *FAST))
+    assert limited.max_seconds == 1200.0
+    _, unlimited = _configs(parse("--data", "dataset:goog", *FAST))
+    assert unlimited.max_seconds is None
+    with pytest.raises(SystemExit):
+        parse("--data", "dataset:goog", "--max-train-time", "soon")
+
+
 def nasdaq_csv(path: Path, start: str, stop: str) -> Path:
     """Real NASDAQ closes between two dates, in the seed's Date/Close layout."""
     import arch.data.nasdaq

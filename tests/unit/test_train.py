@@ -144,3 +144,24 @@ def test_scaling_in_chunks_gives_what_scaling_at_once_does(
         np.testing.assert_allclose(chunked[2], ((scaled.span / last) ** 2).float(), rtol=1e-6)
     else:
         assert torch.equal(chunked[2], torch.ones(len(train)))
+
+
+def test_a_training_time_limit_stops_after_the_epoch_that_spends_it(
+    nasdaq_split: tuple[WindowSet, WindowSet],
+) -> None:
+    small = ModelConfig(hidden_size=8, window_length=WINDOW)
+    unlimited = fit(nasdaq_split, small, TrainConfig(epochs=3, patience=10, device="cpu"))
+    assert len(unlimited.history) == 4 and not unlimited.out_of_time
+    limited_config = TrainConfig(epochs=3, patience=10, device="cpu", max_seconds=1e-6)
+    limited = fit(nasdaq_split, small, limited_config)
+    assert len(limited.history) == 2 and limited.out_of_time  # epoch 0, then one epoch
+    assert limited.best_epoch in (0, 1)
+    assert limited.best_val_loss == min(h.val_loss for h in limited.history)
+
+
+def test_a_limit_reached_at_the_last_epoch_is_not_out_of_time(
+    nasdaq_split: tuple[WindowSet, WindowSet],
+) -> None:
+    config = TrainConfig(epochs=1, patience=10, device="cpu", max_seconds=1e-6)
+    result = fit(nasdaq_split, ModelConfig(hidden_size=8, window_length=WINDOW), config)
+    assert len(result.history) == 2 and not result.out_of_time
