@@ -248,6 +248,12 @@ async def newest_start(
     return low_ms
 
 
+def offsets_between(starts: Mapping[P, int], ends: Mapping[P, int]) -> int:
+    """Offsets from each partition's start to its end, summed: records, transaction
+    markers and compacted gaps alike, so an upper bound on the records there."""
+    return sum(ends[p] - starts[p] for p in starts)
+
+
 async def newest_starts(
     starts: Mapping[P, int],
     ends: Mapping[P, int],
@@ -273,14 +279,13 @@ async def newest_starts(
         return {p: min(max(found[p], starts[p]), ends[p]) for p in starts}
 
     async def count_since(moment_ms: int) -> int:
-        cut = await starts_from(moment_ms)
-        return sum(ends[p] - cut[p] for p in cut)
+        return offsets_between(await starts_from(moment_ms), ends)
 
     cut_ms = await newest_start(count_since, low_ms, MAX_TS_MS, limit)
     cut = await starts_from(cut_ms)
-    if limit // 2 <= sum(ends[p] - cut[p] for p in cut) <= limit:
+    if limit // 2 <= offsets_between(cut, ends) <= limit:
         return cut, cut_ms
-    total = sum(ends[p] - starts[p] for p in starts)
+    total = offsets_between(starts, ends)
     return {
         p: max(starts[p], ends[p] - limit * (ends[p] - starts[p]) // total) for p in starts
     }, None
@@ -357,9 +362,8 @@ async def read_topic(
             starts = dict(await consumer.beginning_offsets(tps))
         else:
             starts = await offsets_at(since_ms)
-        # Offsets, not records: transaction markers and compacted gaps count too, so a
-        # cut is conservative.
-        read = TopicRead(in_range=sum(ends[tp] - starts[tp] for tp in tps))
+        # Offsets, not records (see offsets_between), so a cut is conservative.
+        read = TopicRead(in_range=offsets_between(starts, ends))
         if max_records is not None and read.in_range > max_records:
             starts, cut_ms = await newest_starts(
                 starts, ends, offsets_at, low_ms=since_ms or 0, limit=max_records
@@ -372,7 +376,7 @@ async def read_topic(
                 read.in_range,
                 f" since {_iso(since_ms)}" if since_ms is not None else "",
                 max_records,
-                sum(ends[tp] - starts[tp] for tp in tps),
+                offsets_between(starts, ends),
                 f"written since {_iso(cut_ms)}"
                 if cut_ms is not None
                 else "each partition's share by offset (record times out of order)",
