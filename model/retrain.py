@@ -503,9 +503,9 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-train-time",
         type=parse_duration,
         metavar="DURATION",
-        help="stop training after the first epoch that ends this long (30m, 1h) into it, "
-        "keeping the best epoch so far (default: no limit; then runs no longer repeat "
-        "exactly)",
+        help="stop training this long (30m, 1h) into it, within an epoch if need be, "
+        "keeping the best epoch so far; such runs no longer repeat exactly (default: no "
+        "limit)",
     )
     parser.add_argument("--seed", type=int, help=f"default {train_defaults.seed}")
     parser.add_argument("--batch-size", type=int, help=f"default {train_defaults.batch_size}")

@@ -62,9 +62,10 @@ class TrainConfig(BaseModel):
     # symbols. Weights are normalised to mean 1 on the training windows. The retrain job
     # uses "relative" (it won on the development walk-forward, README.md, "Model quality").
     loss: Literal["scaled", "relative"] = "scaled"
-    # Stop after the first epoch that ends this many seconds into training, keeping the
-    # best epoch so far: bounds a scheduled retrain's time on a slow or busy node. Where it
-    # stops then depends on the machine's speed, so such runs do not repeat exactly.
+    # Stop this many seconds into training, within an epoch if need be (the cut epoch is
+    # scored like any other), keeping the best epoch so far: bounds a scheduled retrain's
+    # time on a slow or busy node. Where it stops then depends on the machine's speed, so
+    # such runs do not repeat exactly.
     max_seconds: float | None = Field(default=None, gt=0)
 
 
@@ -270,10 +271,11 @@ def train_model(
             disable=not (progress and sys.stderr.isatty()),
             leave=False,
         )
+        deadline = None if config.max_seconds is None else started + config.max_seconds
         for epoch in bar:
             model.train()
             order = torch.randperm(len(train_x), generator=shuffle).to(device)
-            total = 0.0
+            total, seen = 0.0, 0
             for start in range(0, len(order), config.batch_size):
                 batch = order[start : start + config.batch_size]
                 optimizer.zero_grad(set_to_none=True)
@@ -283,29 +285,33 @@ def train_model(
                     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
                 total += float(loss.detach()) * len(batch)
+                seen += len(batch)
+                # The limit holds within an epoch too: a cut epoch's weights are scored
+                # like any other and kept only if they are the best so far.
+                if deadline is not None and time.perf_counter() >= deadline:
+                    break
+            cut_short = seen < len(order)
             val_loss = _mean_loss(model, val_x, val_y, val_w)
-            history.append(EpochLoss(epoch, total / len(train_x), val_loss))
+            history.append(EpochLoss(epoch, total / seen, val_loss))
             if val_loss < best_val:
                 best_epoch, best_val = epoch, val_loss
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            bar.set_postfix(
-                train=f"{total / len(train_x):.3g}", val=f"{val_loss:.3g}", best=best_epoch
-            )
-            logger.debug("epoch %d: train %.6g, val %.6g", epoch, total / len(train_x), val_loss)
-            if epoch - best_epoch >= config.patience:
+            bar.set_postfix(train=f"{total / seen:.3g}", val=f"{val_loss:.3g}", best=best_epoch)
+            logger.debug("epoch %d: train %.6g, val %.6g", epoch, total / seen, val_loss)
+            if epoch - best_epoch >= config.patience and not cut_short:
                 logger.info("early stop after epoch %d (best %d)", epoch, best_epoch)
                 break
-            spent = time.perf_counter() - started
-            if config.max_seconds is not None and spent >= config.max_seconds:
-                out_of_time = epoch < config.epochs
+            if deadline is not None and time.perf_counter() >= deadline:
+                out_of_time = cut_short or epoch < config.epochs
                 if out_of_time:
                     logger.warning(
-                        "stopping after epoch %d of %d (best %d): %.0f s spent, the "
+                        "stopping %s epoch %d of %d (best %d): %.0f s spent, the "
                         "training time limit is %.0f s",
+                        f"within ({seen} of {len(order)} windows)" if cut_short else "after",
                         epoch,
                         config.epochs,
                         best_epoch,
-                        spent,
+                        time.perf_counter() - started,
                         config.max_seconds,
                     )
                 break

@@ -146,22 +146,39 @@ def test_scaling_in_chunks_gives_what_scaling_at_once_does(
         assert torch.equal(chunked[2], torch.ones(len(train)))
 
 
-def test_a_training_time_limit_stops_after_the_epoch_that_spends_it(
-    nasdaq_split: tuple[WindowSet, WindowSet],
+def test_a_training_time_limit_stops_within_the_epoch_that_spends_it(
+    nasdaq_split: tuple[WindowSet, WindowSet], caplog: pytest.LogCaptureFixture
 ) -> None:
     small = ModelConfig(hidden_size=8, window_length=WINDOW)
     unlimited = fit(nasdaq_split, small, TrainConfig(epochs=3, patience=10, device="cpu"))
     assert len(unlimited.history) == 4 and not unlimited.out_of_time
-    limited_config = TrainConfig(epochs=3, patience=10, device="cpu", max_seconds=1e-6)
-    limited = fit(nasdaq_split, small, limited_config)
-    assert len(limited.history) == 2 and limited.out_of_time  # epoch 0, then one epoch
+    train, _ = nasdaq_split
+    batch = 64
+    assert len(train) > 2 * batch  # an epoch of several batches, to be cut after the first
+    limited_config = TrainConfig(
+        epochs=3, patience=10, device="cpu", batch_size=batch, max_seconds=1e-6
+    )
+    with caplog.at_level("WARNING", logger=train_module.logger.name):
+        limited = fit(nasdaq_split, small, limited_config)
+    assert len(limited.history) == 2 and limited.out_of_time  # epoch 0, then one cut epoch
+    assert f"within ({batch} of {len(train)} windows) epoch 1 of 3" in caplog.text
+    # The cut epoch was scored like any other, and the best of the two is what was kept.
     assert limited.best_epoch in (0, 1)
     assert limited.best_val_loss == min(h.val_loss for h in limited.history)
+    cut = limited.history[1]
+    assert cut.val_loss != limited.history[0].val_loss  # one optimiser step moved it
 
 
-def test_a_limit_reached_at_the_last_epoch_is_not_out_of_time(
+def test_a_limit_spent_when_an_epoch_ends_stops_after_it(
     nasdaq_split: tuple[WindowSet, WindowSet],
 ) -> None:
-    config = TrainConfig(epochs=1, patience=10, device="cpu", max_seconds=1e-6)
-    result = fit(nasdaq_split, ModelConfig(hidden_size=8, window_length=WINDOW), config)
+    train, _ = nasdaq_split
+    whole = len(train)  # one batch per epoch: the limit can only be noticed at its end
+    small = ModelConfig(hidden_size=8, window_length=WINDOW)
+    three = TrainConfig(epochs=3, patience=10, device="cpu", batch_size=whole, max_seconds=1e-6)
+    stopped = fit(nasdaq_split, small, three)
+    assert len(stopped.history) == 2 and stopped.out_of_time
+    # At the last epoch it is not "out of time": every epoch asked for ran.
+    one = TrainConfig(epochs=1, patience=10, device="cpu", batch_size=whole, max_seconds=1e-6)
+    result = fit(nasdaq_split, small, one)
     assert len(result.history) == 2 and not result.out_of_time
