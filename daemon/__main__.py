@@ -1,9 +1,7 @@
-"""``python -m daemon`` = ``tickcast serve``."""
+"""``python -m daemon`` = ``tickcast serve``: the same parser, checks and exit codes."""
 
-import argparse
+import sys
 
-from daemon.cli import add_settings_arguments, run_serve
+from daemon.cli import main
 
-parser = argparse.ArgumentParser(prog="python -m daemon", description="run the streaming daemon")
-add_settings_arguments(parser)
-raise SystemExit(run_serve(parser.parse_args()))
+raise SystemExit(main(["serve", *sys.argv[1:]]))

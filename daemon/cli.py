@@ -225,7 +225,7 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_retrain(args: argparse.Namespace) -> int:
-    from model.retrain import run_retrain as run
+    from model.retrain import run_retrain_command as run
 
     return run(args)
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
-from model.retrain import add_retrain_arguments, run_retrain
+from model.retrain import add_retrain_arguments, run_retrain_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,15 +14,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint in service, and promote it to LATEST if it is not worse.",
     )
     add_retrain_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        return run_retrain(args)
-    except KeyboardInterrupt:
-        print("tickcast retrain: interrupted; nothing was promoted", file=sys.stderr)
-        return 130
+    return run_retrain_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -693,6 +693,20 @@ class _StopBetweenRuns:
         logger.info("%s: stopping after the current run", signal.Signals(signum).name)
 
 
+def run_retrain_command(args: argparse.Namespace) -> int:
+    """``tickcast retrain`` and ``python -m model``: :func:`run_retrain` with timestamped
+    INFO logs (what the scheduler, the promotion and the Kafka read report) and Ctrl-C
+    answered with a line rather than a traceback."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return run_retrain(args)
+    except KeyboardInterrupt:
+        print("tickcast retrain: interrupted; nothing was promoted", file=sys.stderr)
+        return 130
+
+
 def run_retrain(args: argparse.Namespace) -> int:
     """Run the retrain job for parsed ``args`` (once, or every ``--every``); exit code."""
     every = getattr(args, "every", None)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -277,3 +279,55 @@ def test_replay_delivery_failure_mid_stream_is_one_line_and_exit_1(
     assert captured.err.count("\n") == 1
     assert captured.err.startswith("tickcast replay: error: producing to t1 failed: ")
     assert captured.err.rstrip().endswith("(6 ticks acknowledged)")
+
+
+# ------------------------------------------------- the module entry points = the CLI
+def test_python_m_daemon_answers_bad_settings_like_tickcast_serve() -> None:
+    env = {**os.environ, "TICKCAST_MAX_BATCH_SIZE": "0"}
+    for entry in (["-m", "daemon"], ["-m", "daemon.cli", "serve"]):
+        done = subprocess.run(
+            [sys.executable, *entry],
+            capture_output=True, text=True, timeout=60, check=False, cwd=REPO_ROOT, env=env,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("tickcast serve: invalid settings:"), done.stderr
+        assert "max_batch_size" in done.stderr and "Traceback" not in done.stderr
+
+
+# Both retrain entry points, run_retrain replaced: one logs a line, one is interrupted.
+RETRAIN_PROBE = """
+import logging, sys
+import model.retrain
+def fake(args):
+    logging.getLogger("model.retrain").info("promoted v1 to LATEST")
+    if sys.argv[1] == "interrupt":
+        raise KeyboardInterrupt
+    return 0
+model.retrain.run_retrain = fake
+if sys.argv[2] == "tickcast":
+    from daemon.cli import main
+    sys.exit(main(["retrain", "--data", "dataset:goog"]))
+from model.__main__ import main
+sys.exit(main(["--data", "dataset:goog"]))
+"""
+
+
+@pytest.mark.parametrize("entry", ["tickcast", "python -m model"])
+def test_both_retrain_entry_points_log_info_with_times_and_answer_ctrl_c(entry: str) -> None:
+    def probe(mode: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", RETRAIN_PROBE, mode, entry.split()[0]],
+            capture_output=True, text=True, timeout=120, check=False, cwd=REPO_ROOT,
+        )  # fmt: skip
+
+    done = probe("run")
+    assert done.returncode == 0, done.stderr
+    assert re.search(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO model.retrain: promoted v1 to LATEST$",
+        done.stderr,
+        re.MULTILINE,
+    ), done.stderr
+    interrupted = probe("interrupt")
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert "tickcast retrain: interrupted; nothing was promoted" in interrupted.stderr
+    assert "Traceback" not in interrupted.stderr
