@@ -19,6 +19,8 @@ from prometheus_client import (
 )
 from prometheus_client.gc_collector import GCCollector
 
+from daemon.ticks import BAD_TICK_REASONS
+
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 FAST_SECONDS_BUCKETS = (
     0.0001,
@@ -75,6 +77,8 @@ class DaemonMetrics:
             ["reason"],
             registry=r,
         )
+        for reason in BAD_TICK_REASONS:
+            self.bad_ticks.labels(reason)  # at 0, so the first of each shows in rate()
         self.dead_letters = Counter(
             "tickcast_dead_letter_records_total",
             "Records written to the dead-letter topic.",
@@ -87,6 +91,7 @@ class DaemonMetrics:
             ["reason"],
             registry=r,
         )
+        self.ticks_dropped.labels("not_newer")
         self.ticks_warming_up = Counter(
             "tickcast_ticks_warming_up_total",
             "Valid ticks kept in a symbol's window before it is full: no prediction for them "
@@ -225,6 +230,8 @@ class DaemonMetrics:
             ["result"],
             registry=r,
         )
+        for result in ("success", "rejected"):
+            self.model_reloads.labels(result)
         # Live accuracy: |prediction - realised next price| for the GRU and for the naive
         # forecast (last price). rate(_sum)/rate(_count) gives a rolling MAE per forecaster.
         self.live_abs_error = Summary(

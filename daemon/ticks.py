@@ -68,7 +68,11 @@ class DecodedTicks:
         return len(self.symbols)
 
 
+# Every reason a tick is dead-lettered for (the tickcast_bad_ticks_total label, created at
+# 0 for each so the first of a kind shows in rate()); "unreadable" is a record batch the
+# client could not parse (the service dead-letters its offsets).
 BAD_TICK_REASONS = (
+    "unreadable",
     "empty",
     "oversized",
     "not_utf8",

@@ -12,9 +12,11 @@ from daemon.metrics import (
     FAST_SECONDS_BUCKETS,
     LAG_SECONDS_BUCKETS,
     LATENCY_SECONDS_BUCKETS,
+    DaemonMetrics,
     observe_many,
     summarize_many,
 )
+from daemon.ticks import BAD_TICK_REASONS
 
 
 def samples(histogram: Histogram) -> dict[tuple[str, str], float]:
@@ -109,3 +111,19 @@ def test_summarize_many_equals_a_loop_of_observe() -> None:
         want = get("looped" + suffix, {"forecaster": "gru"})
         assert want is not None and want > 0
         assert get("vectorised" + suffix, {"forecaster": "gru"}) == pytest.approx(want)
+
+
+def test_every_labelled_counter_starts_at_zero_for_each_known_label() -> None:
+    """rate() and increase() need a series before its first event, or the first bad tick,
+    drop or rejected checkpoint after a start never shows on the dashboard."""
+    registry = DaemonMetrics(process=False).registry
+    expected = [
+        *(("tickcast_bad_ticks_total", {"reason": r}) for r in BAD_TICK_REASONS),
+        ("tickcast_ticks_dropped_total", {"reason": "not_newer"}),
+        ("tickcast_model_reloads_total", {"result": "success"}),
+        ("tickcast_model_reloads_total", {"result": "rejected"}),
+        *(("tickcast_offset_commits_total", {"result": r}) for r in ("committed", "failed")),
+    ]
+    for name, labels in expected:
+        assert registry.get_sample_value(name, labels) == 0.0, (name, labels)
+    assert "unreadable" in BAD_TICK_REASONS

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.ticks import (
+    BAD_TICK_REASONS,
     MAX_TS_MS,
     DecodedTicks,
     _decode_clean,
@@ -87,6 +88,7 @@ def test_each_bad_value_has_its_reason(value: bytes | None, reason: str) -> None
     assert decoded.symbols == ["A", "B"]
     assert decoded.offsets.tolist() == [0, 2]
     assert [(b.record.offset, b.partition, b.reason) for b in bad] == [(1, 4, reason)]
+    assert reason in BAD_TICK_REASONS  # so its metric series exists from the start
 
 
 def test_a_clean_fetch_takes_the_fast_path() -> None:
