@@ -165,6 +165,9 @@ class TickcastService:
         self._last_round: PendingSnapshot | None = None  # until it is settled
         self._snapshot_backlog = False  # the last round was written and left symbols behind
         self._last_commit_ok = True  # commits are cumulative: the latest one decides
+        # Acknowledged offsets of this assignment whose commit failed: every later commit
+        # carries them, so "committed" always means everything acknowledged so far.
+        self._uncommitted: dict[TopicPartition, int] = {}
         # Per input partition: the offset after the last record rolled into the windows.
         self._positions: dict[TopicPartition, int] = {}
         self._assignment = 0  # rebalances so far (Chunk.assignment)
@@ -507,8 +510,10 @@ class TickcastService:
         self.metrics.symbols_tracked.set(len(self.windows))
         held = self._consumer.assignment() if self._consumer is not None else set()
         self.metrics.assigned_partitions.set(len(set(held) - set(revoked)))
-        # Chunks still in flight now belong to an assignment that has ended.
+        # Chunks still in flight now belong to an assignment that has ended; what it
+        # could not commit is redelivered to the partitions' next owner.
         self._assignment += 1
+        self._uncommitted = {}
         logger.info("partitions revoked: %s (%d symbols dropped)", sorted(parts), dropped)
 
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -1095,7 +1100,17 @@ class TickcastService:
         if self._transactional:
             committed = True  # inside each batch's transaction
         else:
-            committed = await self._commit(consumer, commit_offsets(chunks))
+            # A snapshot round's marker must not lie above the committed offset, so a
+            # failed commit is retried by the next one, even by an idle round's (no
+            # offsets of its own) or one that covers other partitions only.
+            assignment = self._assignment
+            offsets = {**self._uncommitted, **commit_offsets(chunks)}
+            committed = await self._commit(consumer, offsets)
+            if committed:
+                self._uncommitted = {}
+            elif assignment == self._assignment:  # else on_revoked dropped them meanwhile
+                held = consumer.assignment()
+                self._uncommitted = {tp: o for tp, o in offsets.items() if tp in held}
             self._last_commit_ok = committed
         for chunk in chunks:
             if chunk.snapshot is not None:
@@ -1191,7 +1206,7 @@ class TickcastService:
             )
         except KafkaError as exc:
             logger.warning(
-                "commit failed %d times; the next one covers it: %s", COMMIT_ATTEMPTS, exc
+                "commit failed %d times; the next one retries it: %s", COMMIT_ATTEMPTS, exc
             )
             commits.labels(result="failed").inc()
             return False

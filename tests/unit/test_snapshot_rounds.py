@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from aiokafka.structs import TopicPartition
 
-from daemon.service import TickcastService
+from daemon.service import COMMIT_ATTEMPTS, TickcastService
 from daemon.state_store import (
     MARKER_KEY,
     PendingSnapshot,
@@ -217,5 +217,96 @@ async def test_the_latest_commit_decides_whether_final_rounds_are_written(
         chunk = Chunk(rows=ScoringRows.empty(60), bad=[], commit={P0: 7})
         chunk.assignment = service._assignment
         service._inflight_chunks = 1
-        await service._commit_acknowledged(None, [chunk])
+        await service._commit_acknowledged(CommittingConsumer(), [chunk])
         assert service._last_commit_ok is expected
+
+
+P1 = TopicPartition("ticks", 1)
+
+
+class CommittingConsumer:
+    """Holds partitions 0 and 1; its first ``failures`` commits fail. Records every
+    commit asked for and what the group holds."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.failures = failures
+        self.asked: list[dict[TopicPartition, int]] = []
+        self.committed: dict[TopicPartition, int] = {}
+
+    def assignment(self) -> set[TopicPartition]:
+        return {P0, P1}
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        from aiokafka.errors import KafkaError
+
+        self.asked.append(dict(offsets))
+        if self.failures:
+            self.failures -= 1
+            raise KafkaError("coordinator not available")
+        self.committed.update(offsets)
+
+
+def acked(service: TickcastService, commit: dict[TopicPartition, int], snapshot: bool = False):
+    from daemon.pipeline import Chunk, ScoringRows
+
+    if snapshot:
+        service._last_snapshot = INTERVAL_PASSED
+    round_ = service._maybe_snapshot() if snapshot else None
+    chunk = Chunk(rows=ScoringRows.empty(60), bad=[], commit=commit, snapshot=round_)
+    chunk.assignment = service._assignment
+    service._inflight_chunks += 1
+    return chunk
+
+
+async def test_a_failed_commit_is_retried_by_an_idle_round_before_its_marker_goes_out(
+    service: TickcastService,
+) -> None:
+    """Without the retry the idle round (no offsets of its own) counted as committed and
+    wrote marker 7 over a committed offset of nothing: the next owner would have
+    distrusted the state topic and replayed the whole partition."""
+    writer, publisher = attach_writer(service)
+    task = asyncio.create_task(writer.run())
+    consumer = CommittingConsumer(failures=2 * COMMIT_ATTEMPTS)
+    try:
+        await service._commit_acknowledged(consumer, [acked(service, {P0: 7})])
+        assert not service._last_commit_ok and consumer.committed == {}
+        # Idle: a round with no offsets. Its commit retries offset 7 and fails once more.
+        await service._commit_acknowledged(consumer, [acked(service, {}, snapshot=True)])
+        await asyncio.wait_for(writer.wait_idle(), 5)
+        assert consumer.asked[-1] == {P0: 7}
+        assert not service._last_commit_ok
+        assert publisher.markers() == []  # the round was given up: its symbols wait
+        # The next idle round's commit goes through: now its marker may go out.
+        await service._commit_acknowledged(consumer, [acked(service, {}, snapshot=True)])
+        await asyncio.wait_for(writer.wait_idle(), 5)
+        assert consumer.committed == {P0: 7} and service._last_commit_ok
+        assert publisher.markers() and max(m for m in publisher.markers() if m) <= 7
+    finally:
+        task.cancel()
+
+
+async def test_a_commit_of_other_partitions_carries_the_failed_ones(
+    service: TickcastService,
+) -> None:
+    consumer = CommittingConsumer(failures=COMMIT_ATTEMPTS)
+    await service._commit_acknowledged(consumer, [acked(service, {P0: 7})])
+    assert not service._last_commit_ok
+    await service._commit_acknowledged(consumer, [acked(service, {P1: 3})])
+    assert consumer.asked[-1] == {P0: 7, P1: 3}  # not P1 alone
+    assert consumer.committed == {P0: 7, P1: 3} and service._last_commit_ok
+    # Newer offsets of the same partition replace the carried ones.
+    consumer.failures = COMMIT_ATTEMPTS
+    await service._commit_acknowledged(consumer, [acked(service, {P0: 9})])
+    await service._commit_acknowledged(consumer, [acked(service, {P0: 12})])
+    assert consumer.asked[-1] == {P0: 12} and consumer.committed[P0] == 12
+
+
+async def test_a_revocation_drops_what_its_assignment_could_not_commit(
+    service: TickcastService,
+) -> None:
+    consumer = CommittingConsumer(failures=COMMIT_ATTEMPTS)
+    service._consumer = consumer
+    await service._commit_acknowledged(consumer, [acked(service, {P0: 7})])
+    await service.on_revoked([P0, P1])  # the next owner is redelivered those ticks
+    await service._commit_acknowledged(consumer, [acked(service, {P1: 3})])
+    assert consumer.asked[-1] == {P1: 3} and consumer.committed == {P1: 3}
