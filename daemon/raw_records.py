@@ -46,10 +46,11 @@ def unreadable_record(exc: BaseException) -> tuple[Any, int, int] | None:
     its record batch), read off the traceback of aiokafka's
     ``PartitionRecords._unpack_records``; None when the error did not come from there.
 
-    aiokafka decodes header names as UTF-8 while it iterates a fetch, and some producers
-    (librdkafka's C API, for one) send any bytes. The UnicodeDecodeError leaves
-    ``getmany()`` without saying which record it was, and every later fetch of that
-    record batch fails at the same record, so none after it in the batch can be read.
+    aiokafka parses a fetch while it iterates it: a header name that is not UTF-8 (some
+    producers, librdkafka's C API for one, send any bytes), a record batch whose CRC
+    fails (a damaged disk) or one compressed with a codec this install lacks raises out
+    of ``getmany()`` without saying which record it was, and every later fetch of that
+    record batch fails at the same place, so none after it in the batch can be read.
     """
     found = None
     tb = exc.__traceback__

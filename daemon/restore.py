@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
 from daemon import raw_records
@@ -58,17 +59,22 @@ async def _read_to_end(
     for tp in list(todo):
         if resume_at[tp] >= todo[tp]:
             del todo[tp]
+    failed_read: tuple[TopicPartition, int] | None = None  # read once more, as live
     while todo:
         skip: tuple[TopicPartition, int] | None = None  # (partition, offset to go on from)
         try:
             fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=max_records)
-        except UnicodeDecodeError as exc:
+        except (UnicodeDecodeError, KafkaError) as exc:
             found = raw_records.unreadable_record(exc)
             if found is None or found[0] not in todo:
                 raise
             bad_tp, first, after = found
             for tp in todo:  # the failed fetch dropped what it had read, everywhere
                 consumer.seek(tp, resume_at[tp])
+            if isinstance(exc, KafkaError) and failed_read != (bad_tp, first):
+                failed_read = (bad_tp, first)  # a CRC error can be one in transit
+                continue
+            failed_read = None
             before = await raw_records.read_before(consumer, bad_tp, first)
             fetched = {bad_tp: before} if before else {}
             logger.warning(

@@ -168,6 +168,7 @@ class TickcastService:
         # Acknowledged offsets of this assignment whose commit failed: every later commit
         # carries them, so "committed" always means everything acknowledged so far.
         self._uncommitted: dict[TopicPartition, int] = {}
+        self._failed_read: tuple[TopicPartition, int] | None = None  # read once more
         # Per input partition: the offset after the last record rolled into the windows.
         self._positions: dict[TopicPartition, int] = {}
         self._assignment = 0  # rebalances so far (Chunk.assignment)
@@ -622,12 +623,8 @@ class TickcastService:
             assignment = self._assignment
             try:
                 fetched = await consumer.getmany(timeout_ms=100, max_records=s.fetch_max_records)
-            except KafkaError as exc:
-                logger.warning("fetch failed (%s); retrying", exc)
-                await asyncio.sleep(0.5)
-                continue
-            except UnicodeDecodeError as exc:
-                await self._skip_unreadable(consumer, exc)
+            except (KafkaError, UnicodeDecodeError) as exc:
+                await self._fetch_failed(consumer, exc)
                 continue
             if self._assignment != assignment:
                 # A rebalance ended while these were handed over: the partitions' next
@@ -652,18 +649,49 @@ class TickcastService:
         self.metrics.inflight_windows.set(self._inflight_windows)
         await self._chunks.put(chunk)
 
-    async def _skip_unreadable(self, consumer: AIOKafkaConsumer, exc: UnicodeDecodeError) -> None:
-        """Dead-letter what aiokafka cannot parse (a header name that is not UTF-8: that
-        record and the rest of its record batch), then go on after it, losing nothing else.
-
-        The failed ``getmany()`` dropped what it had already read, on every partition, so
-        all go back to what was processed; the partition at fault is then read one record
-        at a time up to the unreadable one. Each unreadable offset becomes a dead letter
-        without a value; its tickcast.source points at the original.
-        """
+    async def _fetch_failed(
+        self, consumer: AIOKafkaConsumer, exc: KafkaError | UnicodeDecodeError
+    ) -> None:
+        """A ``getmany()`` that raised dropped what it had already read, on every
+        partition: all go back to what was processed, so nothing is skipped. A record batch
+        aiokafka cannot parse is read once more (a CRC error can be one in transit), then
+        dead-lettered (:meth:`_skip_unreadable`); any other fetch error is retried."""
         found = raw_records.unreadable_record(exc)
-        if found is None:
+        if found is None and isinstance(exc, UnicodeDecodeError):
             raise exc
+        self._rewind_to_processed(consumer)
+        if found is None:
+            logger.warning("fetch failed (%s); retrying", exc)
+            await asyncio.sleep(0.5)
+        elif isinstance(exc, KafkaError) and self._failed_read != found[:2]:
+            self._failed_read = found[:2]
+            logger.warning("%s; reading it once more", exc)
+        else:
+            self._failed_read = None
+            await self._skip_unreadable(consumer, exc, found)
+
+    def _rewind_to_processed(self, consumer: AIOKafkaConsumer) -> None:
+        """Seek every ready partition back to the offset after its last processed record."""
+        for other in consumer.assignment():
+            if other in self._parked:
+                consumer.seek(other, self._parked[other][-1].offset + 1)
+            elif other in self._positions and other in self._ready_partitions:
+                consumer.seek(other, self._positions[other])
+
+    async def _skip_unreadable(
+        self,
+        consumer: AIOKafkaConsumer,
+        exc: BaseException,
+        found: tuple[TopicPartition, int, int],
+    ) -> None:
+        """Dead-letter what aiokafka cannot parse (a header name that is not UTF-8, a
+        batch whose CRC fails or whose codec is missing: that record and the rest of its
+        record batch), then go on after it, losing nothing else.
+
+        The partitions are back at what was processed; the partition at fault is then read
+        one record at a time up to the unreadable one. Each unreadable offset becomes a
+        dead letter without a value; its tickcast.source points at the original.
+        """
         tp, first, end = found
         logger.warning(
             "%s[%d] offsets %d..%d cannot be read (%s); dead-lettering them",
@@ -673,11 +701,6 @@ class TickcastService:
             end - 1,
             exc,
         )
-        for other in consumer.assignment():
-            if other in self._parked:
-                consumer.seek(other, self._parked[other][-1].offset + 1)
-            elif other in self._positions and other in self._ready_partitions:
-                consumer.seek(other, self._positions[other])
         assignment = self._assignment
         before = await raw_records.read_before(
             consumer, tp, first, give_up=lambda: self._assignment != assignment

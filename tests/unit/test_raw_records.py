@@ -13,7 +13,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from daemon.raw_records import install, raw_value, supported
+from daemon.raw_records import install, raw_value, supported, unreadable_record
 from daemon.ticks import decode_ticks, encode_tick
 
 TP = TopicPartition("ticks", 2)
@@ -109,3 +109,64 @@ def test_the_daemon_needs_no_install_call_of_its_own() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "True"
+
+
+def batch_bytes(base_offset: int, compression_type: int = 0) -> bytes:
+    builder = DefaultRecordBatchBuilder(
+        magic=2,
+        compression_type=compression_type,
+        is_transactional=0,
+        producer_id=-1,
+        producer_epoch=-1,
+        base_sequence=-1,
+        batch_size=1 << 20,
+    )
+    for i in range(3):
+        value = encode_tick("QQQ", 312.45 + i, 1_704_205_800_000 + base_offset + i)
+        builder.append(i, timestamp=1_704_205_800_000, key=b"QQQ", value=value, headers=[])
+    data = bytearray(builder.build())
+    data[0:8] = base_offset.to_bytes(8, "big")  # the batch's base offset (outside the CRC)
+    return bytes(data)
+
+
+def read_until_it_fails(data: bytes) -> tuple[list[Any], BaseException]:
+    records = PartitionRecords(TP, MemoryRecords(data), [], 0, None, None, True, 0)
+    read: list[Any] = []
+    try:
+        for record in records:
+            read.append(record)
+    except Exception as exc:  # what the fetch raised, to be located
+        return read, exc
+    raise AssertionError("the batch was read without an error")
+
+
+def test_a_batch_damaged_on_disk_is_found_where_the_fetch_failed() -> None:
+    from aiokafka.errors import CorruptRecordException
+
+    damaged = bytearray(batch_bytes(3))
+    damaged[-5] ^= 0x01  # inside the last record's value: the CRC no longer matches
+    read, error = read_until_it_fails(batch_bytes(0) + bytes(damaged) + batch_bytes(6))
+    assert [r.offset for r in read] == [0, 1, 2]
+    assert isinstance(error, CorruptRecordException)
+    assert unreadable_record(error) == (TP, 3, 6)  # that batch, and only it
+
+
+def test_a_batch_in_a_codec_this_install_lacks_is_found_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aiokafka import codec
+    from aiokafka.errors import UnsupportedCodecError
+
+    lz4 = batch_bytes(3, compression_type=3)  # built while lz4 is there
+    monkeypatch.setattr(codec, "has_lz4", lambda: False)
+    read, error = read_until_it_fails(batch_bytes(0) + lz4)
+    assert [r.offset for r in read] == [0, 1, 2]
+    assert isinstance(error, UnsupportedCodecError)
+    assert unreadable_record(error) == (TP, 3, 6)
+
+
+def test_the_daemon_reads_every_codec_kafka_has() -> None:
+    """lz4, snappy and zstd come with aiokafka's extras (cramjam), which tickcast requires."""
+    from aiokafka import codec
+
+    assert codec.has_gzip() and codec.has_snappy() and codec.has_lz4() and codec.has_zstd()
