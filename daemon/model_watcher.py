@@ -91,7 +91,11 @@ class ModelWatcher:
         self._requested: str | None = None
 
     def check_now(self) -> None:
-        """SIGHUP: look at LATEST without waiting for the next poll."""
+        """SIGHUP: look at LATEST without waiting for the next poll, and try again what was
+        rejected: a polled rejection is remembered until the files change, but the cause
+        may have been outside them (permissions, memory, a read error)."""
+        self._rejected = None
+        self._bad_latest = None
         self._wake.set()
 
     async def run(self) -> None:

@@ -29,6 +29,9 @@ OutRecord = tuple[bytes | None, bytes, Headers]
 
 # Placements remembered per topic (~150 B each); more distinct keys start it afresh.
 MAX_CACHED_KEYS = 1 << 21
+# Longer keys are placed afresh each time: a dead letter carries any producer's key (up to
+# TICKCAST_DLQ_MAX_VALUE_BYTES), and 2M of those could hold gigabytes.
+MAX_CACHED_KEY_BYTES = 256
 
 
 @dataclass
@@ -77,9 +80,11 @@ class BatchPublisher:
         placed = self._partition_of.setdefault(topic, {})
         cached = placed.get(key)
         if cached is None:
-            if len(placed) >= MAX_CACHED_KEYS:
-                placed.clear()  # dead letters carry any producer's keys: keep this bounded
-            cached = placed[key] = self._partitioner(key, partitions, partitions)
+            cached = self._partitioner(key, partitions, partitions)
+            if key is None or len(key) <= MAX_CACHED_KEY_BYTES:
+                if len(placed) >= MAX_CACHED_KEYS:
+                    placed.clear()  # dead letters carry any producer's keys: keep it bounded
+                placed[key] = cached
         return cached
 
     async def send(

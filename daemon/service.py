@@ -1244,10 +1244,12 @@ class TickcastService:
             await asyncio.sleep(1.0)
             self._set_model_age()
             for tp in consumer.assignment():
-                high = consumer.highwater(tp)
-                if high is None:
-                    continue
+                # A rebalance can take tp while position() waits (an offset reset), and
+                # highwater() asserts the partition is still assigned: skip it then.
                 with contextlib.suppress(Exception):
+                    high = consumer.highwater(tp)
+                    if high is None:
+                        continue
                     position = await consumer.position(tp)
                     self.metrics.consumer_lag.labels(str(tp.partition)).set(max(high - position, 0))
 

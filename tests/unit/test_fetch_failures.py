@@ -1,6 +1,7 @@
-"""What the ingest loop does when ``getmany()`` raises: every ready partition goes back to
-what was processed (the failed call dropped what it had read), a batch aiokafka cannot
-parse is read once more before it is dead-lettered, and other fetch errors are retried."""
+"""When ``getmany()`` raises, every ready partition goes back to what was processed (the
+failed call dropped what it had read), a batch aiokafka cannot parse is read once more
+before it is dead-lettered, and other fetch errors are retried; and the lag loop outlives a
+rebalance in the middle of its reads."""
 
 from __future__ import annotations
 
@@ -87,3 +88,32 @@ async def test_an_undecodable_error_from_elsewhere_is_not_swallowed(
         await service._fetch_failed(
             SeekingConsumer(), UnicodeDecodeError("utf-8", b"\xff", 0, 1, "not from a fetch")
         )
+
+
+async def test_the_lag_loop_survives_a_partition_taken_while_it_reads(
+    service: TickcastService,
+) -> None:
+    """aiokafka's highwater() asserts the partition is assigned; a rebalance during the
+    loop's await used to end the loop's task, and with it the daemon."""
+    import asyncio
+
+    class Rebalancing:
+        def assignment(self) -> set[TopicPartition]:
+            return {P0, P1}
+
+        def highwater(self, tp: TopicPartition) -> int:
+            assert tp == P1, "partition no longer assigned"
+            return 50
+
+        async def position(self, tp: TopicPartition) -> int:
+            return 40
+
+    service._consumer = Rebalancing()
+    task = asyncio.create_task(service._lag_loop())
+    await asyncio.sleep(1.3)
+    assert not task.done()
+    task.cancel()
+    lag = service.metrics.registry.get_sample_value(
+        "tickcast_consumer_lag_records", {"partition": "1"}
+    )
+    assert lag == 10

@@ -319,6 +319,35 @@ async def test_a_bad_checkpoint_is_rejected_once_with_one_log_line(
     assert not (tmp_path / "pwned").exists()
 
 
+async def test_sighup_retries_a_checkpoint_rejected_for_a_cause_outside_its_files(
+    root: Path, service: FakeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first load fails (as on a permission or read error); polls do not retry the
+    same files, but an operator's SIGHUP, once the cause is fixed, does."""
+    from daemon import model_watcher
+
+    loads = 0
+
+    def load_once_failing(*args: object, **kwargs: object) -> Predictor:
+        nonlocal loads
+        loads += 1
+        if loads == 1:
+            raise PermissionError("model.safetensors: permission denied")
+        return load_predictor(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model_watcher, "load_predictor", load_once_failing)
+    watcher = watcher_for(service, root)
+    new = make_checkpoint(root, seed=11)
+    assert not await watcher.check()
+    assert not await watcher.check()  # a poll: the same files, not retried
+    assert loads == 1 and service.reloads("rejected") == 1
+    async with polling(watcher):
+        watcher.check_now()
+        await asyncio.wait_for(service.swap_requested.wait(), 30)
+    assert [p.version for p in service.requested] == [new]
+    assert loads == 2 and service.reloads("success") == 1
+
+
 def test_the_pickle_payload_would_run_code(tmp_path: Path) -> None:
     """The pickle case is live: an unsafe loader does execute it (so the refusal matters)."""
     marker = tmp_path / "ran"

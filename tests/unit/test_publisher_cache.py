@@ -28,6 +28,19 @@ def test_placements_match_the_partitioner_and_the_cache_is_bounded(
     assert len(batch_publisher._partition_of["dlq"]) <= 3
 
 
+def test_long_keys_are_placed_right_but_never_cached() -> None:
+    """A producer's 256 KiB keys on 4,000 bad ticks once held ~1 GiB in the cache."""
+    batch_publisher = BatchPublisher(SimpleNamespace())
+    partitions = [0, 1, 2]
+    long_keys = [bytes([i]) * (publisher.MAX_CACHED_KEY_BYTES + 1) for i in range(50)]
+    short = b"x" * publisher.MAX_CACHED_KEY_BYTES
+    for key in [*long_keys, short]:
+        assert batch_publisher.partition_for("dlq", key, partitions) == DefaultPartitioner()(
+            key, partitions, partitions
+        )
+    assert list(batch_publisher._partition_of["dlq"]) == [short]
+
+
 def records(n: int) -> list[OutRecord]:
     return [(f"key-{i}".encode(), b"v", []) for i in range(n)]
 
