@@ -157,6 +157,18 @@ async def restore_windows(
                     # No marker, or state ahead of the committed offset (offsets were reset
                     # by hand): the snapshots cannot be trusted; replay from the beginning.
                     continue
+                if state.unusable:
+                    # Snapshots of another window length (the checkpoint changed it) or
+                    # damaged: the marker counts on windows that cannot be loaded. The
+                    # replay marks every window changed, so the next rounds heal the topic.
+                    logger.warning(
+                        "%s[%d]: %d snapshot(s) of another window length or damaged; "
+                        "replaying the partition from its beginning",
+                        stp.topic,
+                        stp.partition,
+                        state.unusable,
+                    )
+                    continue
                 windows.load(state.snapshot)
                 loaded += len(state.snapshot)
                 replay_from[input_tp] = state.marker

@@ -105,6 +105,9 @@ class PartitionState:
 
     snapshot: WindowSnapshot
     marker: int | None  # replay the input from here
+    # Symbol records that cannot be loaded (another window length, damaged): the marker
+    # counts on their windows, so it cannot be trusted while one is there.
+    unusable: int = 0
 
 
 def decode_partition_state(
@@ -115,14 +118,18 @@ def decode_partition_state(
     marker = None
     keys: list[bytes] = []
     values: list[bytes] = []
+    unusable = 0
     for key, value in latest.items():
         if key == MARKER_KEY:
             marker = decode_marker(value)
         elif len(value) == dtype.itemsize and value.startswith(MAGIC):
             keys.append(key)
             values.append(value)
+        else:
+            unusable += 1
     rows = np.frombuffer(b"".join(values), dtype) if values else np.zeros(0, dtype)
     valid = rows["window"] == window_length
+    unusable += int((~valid).sum())
     keys = [k for k, ok in zip(keys, valid.tolist(), strict=True) if ok]
     rows = rows[valid]
     snapshot = WindowSnapshot(
@@ -133,7 +140,7 @@ def decode_partition_state(
         last_ts=rows["last_ts"].astype(np.int64),
         offsets=rows["offset"].astype(np.int64),
     )
-    return PartitionState(snapshot, marker)
+    return PartitionState(snapshot, marker, unusable)
 
 
 @dataclass

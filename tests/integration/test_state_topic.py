@@ -346,3 +346,60 @@ async def test_a_daemon_whose_writer_is_fenced_drops_it_and_keeps_scoring(
         assert registry.get_sample_value("tickcast_state_writers_dropped_total") == 1
         assert not daemon.failed
     check_complete(predictions, stream, checkpoint_dir, allow_duplicates=False)
+
+
+async def test_snapshots_of_another_window_length_make_the_restore_replay_everything(
+    kafka_bootstrap, state_topics, tmp_path, unique_group, caplog
+):
+    """A checkpoint with a new window length needs a restart; the state topic then holds
+    windows of the old length. The restore must not load none of them yet trust the
+    markers (every window would start short, from the marker on): it replays each
+    partition from its beginning, and the windows are exact at once."""
+    import logging
+
+    from tests.integration.test_daemon_e2e import assert_same_model_output
+    from tests.support.daemon import expected_windows, make_checkpoint, reference_predictions
+
+    stream = long_real_stream()
+    first, second = stream.split(int(len(stream) * 0.8))
+    short, full = tmp_path / "window-30", tmp_path / "window-60"
+    make_checkpoint(short, window_length=30)
+    version = make_checkpoint(full)
+    async with running_daemon(settings_for(kafka_bootstrap, state_topics, short, unique_group)):
+        await produce_stream(kafka_bootstrap, state_topics["input"], first)
+        ends = await end_offsets(kafka_bootstrap, state_topics["input"])
+        await wait_for_state(
+            kafka_bootstrap,
+            state_topics,
+            lambda state: markers(state) == ends and len(symbol_keys(state)) == 5,
+            f"30-tick windows of all 5 symbols, markers at {ends}",
+        )
+    symbols = sorted(set(stream.symbols.tolist()))
+    first_run = sum(max(0, int((first.symbols == s).sum()) - 29) for s in symbols)
+
+    settings = settings_for(kafka_bootstrap, state_topics, full, unique_group)
+    with caplog.at_level(logging.WARNING, logger="daemon.restore"):
+        async with running_daemon(settings) as two:
+            registry = two.metrics.registry
+            loaded = registry.get_sample_value("tickcast_restored_snapshots_total")
+            replayed = registry.get_sample_value("tickcast_restored_ticks_total")
+            await produce_stream(kafka_bootstrap, state_topics["input"], second)
+            predictions = await consume(
+                kafka_bootstrap, state_topics["output"], first_run + len(second), settle_s=0.5
+            )
+    assert loaded == 0 and replayed == len(first)
+    assert "another window length or damaged" in caplog.text
+    after = [p for p in predictions if p.model_version == version]
+    assert len(after) == len(second)
+    for symbol in symbols:
+        mask = stream.symbols == symbol
+        prices, ts = stream.prices[mask], stream.ts[mask]
+        new = int((second.symbols == symbol).sum())
+        if not new:
+            continue  # the split left this symbol's ticks all in the first part
+        got = [p for p in after if p.symbol == symbol]
+        assert [p.ts for p in got] == ts[len(ts) - new :].tolist(), symbol  # full windows
+        windows = expected_windows(prices, 60)[len(prices) - 59 - new :]
+        assert_same_model_output(
+            [p.predicted for p in got], reference_predictions(full, windows), windows
+        )

@@ -175,3 +175,18 @@ def test_a_snapshot_under_the_marker_key_is_no_marker() -> None:
     state = decode_partition_state({MARKER_KEY: value}, partition=0, window_length=20)
     assert state.marker is None
     assert state.snapshot.symbols == []
+
+
+def test_snapshots_that_cannot_be_loaded_are_counted() -> None:
+    """Another window length (a checkpoint changed it) or a damaged value: the restore must
+    not trust the partition's marker then, since it counts on those windows."""
+    wins = windows_on({"GOOG": 0, "QQQ": 0})
+    latest = {key: value for key, value, _ in encode_snapshot(wins.take_snapshot({0: 9}).snapshot)}
+    latest[MARKER_KEY] = encode_marker(9)[1]
+    assert decode_partition_state(latest, partition=0, window_length=20).unusable == 0
+    other_length = decode_partition_state(latest, partition=0, window_length=30)
+    assert other_length.unusable == 2 and other_length.snapshot.symbols == []
+    assert other_length.marker == 9  # read, but not to be trusted alone
+    damaged = {**latest, b"QQQ": latest[b"QQQ"][:-3]}
+    state = decode_partition_state(damaged, partition=0, window_length=20)
+    assert state.unusable == 1 and state.snapshot.symbols == ["GOOG"]
