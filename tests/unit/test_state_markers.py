@@ -181,7 +181,8 @@ def test_snapshots_that_cannot_be_loaded_are_counted() -> None:
     """Another window length (a checkpoint changed it) or a damaged value: the restore must
     not trust the partition's marker then, since it counts on those windows."""
     wins = windows_on({"GOOG": 0, "QQQ": 0})
-    latest = {key: value for key, value, _ in encode_snapshot(wins.take_snapshot({0: 9}).snapshot)}
+    records = encode_snapshot(wins.take_snapshot({0: 9}).snapshot)
+    latest = {key: value for key, value, _ in records if key is not None}
     latest[MARKER_KEY] = encode_marker(9)[1]
     assert decode_partition_state(latest, partition=0, window_length=20).unusable == 0
     other_length = decode_partition_state(latest, partition=0, window_length=30)
