@@ -9,7 +9,6 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from model.kafka_access import KafkaAccess
-from model.tick_rules import MAX_SYMBOL_LENGTH, MAX_TICK_BYTES
 
 
 class Settings(KafkaAccess):
@@ -87,9 +86,8 @@ class Settings(KafkaAccess):
     commit_interval_ms: float = Field(default=100.0, ge=0)
     conflate: bool = False
 
-    # Input validation
-    max_tick_bytes: int = Field(default=MAX_TICK_BYTES, ge=64)
-    max_symbol_length: int = Field(default=MAX_SYMBOL_LENGTH, ge=1)
+    # Input validation: max_tick_bytes and max_symbol_length come from KafkaAccess, which
+    # the retrain job reads too.
     # A dead letter carries at most this much of the original value (the rest stays in the
     # input topic at tickcast.source): an oversized original plus headers could exceed the
     # broker's message limit, and a rejected dead letter would be resent forever.

@@ -1,7 +1,9 @@
-"""How to reach Kafka: the ``TICKCAST_*`` connection settings, in one place.
+"""How to reach Kafka and which of its ticks to use: the ``TICKCAST_*`` settings the
+daemon and the retrain job share, in one place.
 
 The retrain job (``--from-kafka``) and the daemon connect to the same cluster with the
-same credentials, so both read these variables through this class: the daemon's
+same credentials and must refuse the same ticks (no tick trains a model that serving
+would refuse), so both read these variables through this class: the daemon's
 ``Settings`` extends it, and ``model`` never imports ``daemon``.
 """
 
@@ -10,8 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.tick_rules import MAX_SYMBOL_LENGTH, MAX_TICK_BYTES
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -30,6 +34,11 @@ class KafkaAccess(BaseSettings):
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     ssl_cafile: Path | None = None
+
+    # Input validation (model.tick_rules): larger or longer is dead-lettered by the daemon
+    # and left out of training.
+    max_tick_bytes: int = Field(default=MAX_TICK_BYTES, ge=64)
+    max_symbol_length: int = Field(default=MAX_SYMBOL_LENGTH, ge=1)
 
     def client_kwargs(self) -> dict[str, Any]:
         """aiokafka connection arguments for the configured security protocol."""

@@ -27,7 +27,13 @@ import pandas as pd
 
 from model.data import DataError, PriceSeries
 from model.kafka_access import KafkaAccess
-from model.tick_rules import MAX_TICK_BYTES, MAX_TS_MS, InvalidTickError, validate_tick
+from model.tick_rules import (
+    MAX_SYMBOL_LENGTH,
+    MAX_TICK_BYTES,
+    MAX_TS_MS,
+    InvalidTickError,
+    validate_tick,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -122,19 +128,23 @@ def parse_since(text: str, now: datetime | None = None) -> int:
     return int(stamp.value // 1_000_000)  # .value: nanoseconds since the epoch, UTC
 
 
-def decode_tick(value: bytes | None) -> tuple[str, float, int] | str:
+def decode_tick(
+    value: bytes | None,
+    max_tick_bytes: int = MAX_TICK_BYTES,
+    max_symbol_length: int = MAX_SYMBOL_LENGTH,
+) -> tuple[str, float, int] | str:
     """(symbol, price, ts) of one record value, or the reason it cannot be used: the
-    daemon's rules (:mod:`model.tick_rules`) at their default limits."""
+    daemon's rules (:mod:`model.tick_rules`) at the daemon's limits."""
     if not value:
         return "empty"
-    if len(value) > MAX_TICK_BYTES:
+    if len(value) > max_tick_bytes:
         return "oversized"
     try:
         obj = orjson.loads(value)
     except orjson.JSONDecodeError:
         return "not_json"
     try:
-        return validate_tick(obj)
+        return validate_tick(obj, max_symbol_length)
     except InvalidTickError as invalid:
         return invalid.reason
 
@@ -147,7 +157,10 @@ class TickColumns:
     of a fetch are dropped once decoded.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, max_tick_bytes: int = MAX_TICK_BYTES, max_symbol_length: int = MAX_SYMBOL_LENGTH
+    ) -> None:
+        self.limits = (max_tick_bytes, max_symbol_length)  # TICKCAST_MAX_*, as the daemon's
         self.records = 0
         self.invalid: Counter[str] = Counter()
         self._codes: dict[str, int] = {}  # symbol -> code, in order of first appearance
@@ -160,7 +173,7 @@ class TickColumns:
         prices: list[float] = []
         for value in values:
             self.records += 1
-            decoded = decode_tick(value)
+            decoded = decode_tick(value, *self.limits)
             if isinstance(decoded, str):
                 self.invalid[decoded] += 1
                 continue
@@ -434,7 +447,7 @@ def load_kafka_series(
     event loop), connecting with ``access``'s security settings. ``max_records`` keeps
     the read to the newest records (see :func:`read_topic`)."""
     bootstrap, topic = access.bootstrap_servers, access.input_topic
-    columns = TickColumns()
+    columns = TickColumns(access.max_tick_bytes, access.max_symbol_length)
     try:
         read = asyncio.run(
             read_topic(

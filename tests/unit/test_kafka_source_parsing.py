@@ -406,6 +406,34 @@ def test_tick_columns_across_fetches_keep_the_first_of_a_repeat(goog: PriceSerie
     )
 
 
+def test_training_refuses_the_ticks_the_daemon_is_configured_to_refuse(
+    goog: PriceSeries, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TICKCAST_MAX_SYMBOL_LENGTH / TICKCAST_MAX_TICK_BYTES reach load_kafka_series as they
+    reach the daemon: no tick trains a model that serving would refuse."""
+    import model.kafka_source as kafka_source
+    from model.kafka_access import KafkaAccess
+
+    monkeypatch.setenv("TICKCAST_MAX_SYMBOL_LENGTH", "4")
+    monkeypatch.setenv("TICKCAST_MAX_TICK_BYTES", "100")
+    access = KafkaAccess()
+    assert (access.max_symbol_length, access.max_tick_bytes) == (4, 100)
+    long_symbol = [
+        tick("GOOGL", float(p), int(t)) for p, t in zip(goog.prices, goog.ts, strict=True)
+    ]
+    padded = orjson.dumps({"symbol": "PAD", "price": 1.0, "ts": 1, "pad": "x" * 80})
+    assert len(padded) > 100
+
+    async def read_topic(bootstrap, topic, into, **kwargs):
+        into.add([*ticks_of(goog, slice(0, 100)), *long_symbol[:50], padded])
+        return kafka_source.TopicRead(in_range=151)
+
+    monkeypatch.setattr(kafka_source, "read_topic", read_topic)
+    result = kafka_source.load_kafka_series(access, min_ticks=2)
+    assert [s.symbol for s in result.series] == ["GOOG"]
+    assert dict(result.invalid) == {"bad_symbol": 50, "oversized": 1}
+
+
 # --------------------------------------------------------------------------- newest_start
 
 
