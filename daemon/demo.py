@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -408,7 +408,12 @@ class PredictionView:
 
 
 async def follow_predictions(
-    bootstrap: str, topic: str, view: PredictionView, *, from_start: bool
+    bootstrap: str,
+    topic: str,
+    view: PredictionView,
+    *,
+    from_start: bool,
+    client_kwargs: Mapping[str, Any] | None = None,
 ) -> None:
     """Read ``topic`` with a group-less consumer into ``view`` until cancelled."""
     from aiokafka import AIOKafkaConsumer
@@ -421,6 +426,7 @@ async def follow_predictions(
         # A fresh embedded broker: read everything. An existing Kafka: only this run's.
         auto_offset_reset="earliest" if from_start else "latest",
         client_id="tickcast-demo-view",
+        **dict(client_kwargs or {}),
     )
     await consumer.start()
     try:
@@ -669,12 +675,16 @@ async def _run(
 
         settings = demo_settings(args, broker.bootstrap, checkpoint_dir, broker.kind)
         topics = [settings.input_topic, settings.output_topic, settings.dlq_topic]
-        await create_topics(broker.bootstrap, topics, partitions=args.partitions)
+        access = settings.client_kwargs()  # an existing Kafka may want SASL or TLS
+        await create_topics(
+            broker.bootstrap, topics, partitions=args.partitions, client_kwargs=access
+        )
         await create_topics(
             broker.bootstrap,
             [settings.state_topic],
             partitions=args.partitions,
             config={"cleanup.policy": "compact"},
+            client_kwargs=access,
         )
 
         idempotence = settings.enable_idempotence
@@ -736,7 +746,11 @@ async def _drive(
     view = PredictionView()
     follower = asyncio.create_task(
         follow_predictions(
-            broker.bootstrap, settings.output_topic, view, from_start=broker.kind != "external"
+            broker.bootstrap,
+            settings.output_topic,
+            view,
+            from_start=broker.kind != "external",
+            client_kwargs=settings.client_kwargs(),
         )
     )
     producer = AIOKafkaProducer(
@@ -745,6 +759,7 @@ async def _drive(
         enable_idempotence=idempotence,
         linger_ms=5,
         client_id="tickcast-demo-replay",
+        **settings.client_kwargs(),
     )
     n_symbols = len(set(stream.symbols.tolist()))
     replay: asyncio.Task[None] | None = None

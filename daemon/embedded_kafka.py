@@ -481,15 +481,19 @@ async def create_topics(
     *,
     replication_factor: int = 1,
     timeout_s: float = 30.0,
+    client_kwargs: Mapping[str, Any] | None = None,
 ) -> None:
     """Create topics (existing ones are left as they are) and wait until every partition
-    has a leader, so producers and consumers can use them at once."""
+    has a leader, so producers and consumers can use them at once. ``client_kwargs``:
+    the connection's security settings (``Settings.client_kwargs()``)."""
     names = list(names)
     if not names:
         return
     deadline = time.monotonic() + timeout_s
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
+        bootstrap_servers=bootstrap,
+        request_timeout_ms=int(timeout_s * 1000),
+        **dict(client_kwargs or {}),
     )
     try:
         await admin.start()

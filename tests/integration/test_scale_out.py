@@ -222,6 +222,49 @@ def test_retrain_from_kafka_connects_with_the_daemons_sasl_settings(
     assert (trained_on.symbol, trained_on.source) == ("NDX", f"kafka:{topic}")
 
 
+def test_demo_on_an_existing_kafka_connects_every_client_with_sasl(sasl_broker, tmp_path):
+    """``tickcast demo --bootstrap-servers`` on a SASL-only listener: the daemon, the
+    topic creation, the replay producer and the view's consumer all use the TICKCAST_*
+    security settings (three of them once connected without)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.support.daemon import free_port, make_checkpoint
+
+    _, sasl = sasl_broker
+    make_checkpoint(tmp_path / "ck")
+    suffix = uuid4().hex[:8]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "TICKCAST_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "TICKCAST_SASL_MECHANISM": "PLAIN",
+        "TICKCAST_SASL_USERNAME": "tickcast",
+        "TICKCAST_SASL_PASSWORD": "tickcast-secret",
+        **{
+            f"TICKCAST_{name}_TOPIC": f"{name.lower()}-{suffix}"
+            for name in ("INPUT", "OUTPUT", "DLQ", "STATE")
+        },
+    }
+    summary_path = tmp_path / "summary.json"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "daemon.demo", "--headless", "--duration", "8",
+            "--bootstrap-servers", sasl, "--checkpoint-dir", str(tmp_path / "ck"),
+            "--summary-json", str(summary_path), "--metrics-port", str(free_port()),
+            "--device", "cpu",
+        ],
+        env=env, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["broker"] == "external"
+    assert summary["predictions"] > 0
+    assert summary["predictions"] == summary["predictions_published"]
+
+
 async def test_wrong_sasl_password_fails_start_with_a_clear_error(sasl_broker, tmp_path):
     from aiokafka.errors import KafkaError
 
