@@ -65,7 +65,8 @@ def dead_letter_record(tick: BadTick, input_topic: str, max_value_bytes: int) ->
     r = tick.record
     source = f"{input_topic}/{tick.partition}/{r.offset}"
     headers = [*list(r.headers or ())]
-    if sum(len(k.encode()) + len(v or b"") for k, v in headers) > DLQ_MAX_HEADER_BYTES:
+    # On the wire each header also costs its two lengths (varints, up to 5 bytes each).
+    if sum(len(k.encode()) + len(v or b"") + 10 for k, v in headers) > DLQ_MAX_HEADER_BYTES:
         # The original's headers alone could push the dead letter over the broker's
         # limit: it would be refused and resent forever.
         headers = [("tickcast.headers_dropped", str(len(headers)).encode())]

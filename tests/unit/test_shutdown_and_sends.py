@@ -142,6 +142,16 @@ def test_a_dead_letter_drops_headers_that_could_push_it_over_the_limit(
     assert ("trace", b"1") in kept and "tickcast.headers_dropped" not in dict(kept)
 
 
+def test_many_empty_headers_count_their_wire_overhead_too(service: TickcastService) -> None:
+    """Names and values alone stay under the cap, but each header also costs its lengths
+    on the wire: 30,000 one-byte headers are ~60 KiB more than their contents."""
+    many = tuple((f"{i % 10}", b"") for i in range(30_000))
+    assert sum(len(k) + len(v) for k, v in many) < DLQ_MAX_HEADER_BYTES
+    record = UnreadableRecord(offset=9, value=b"{", headers=many)
+    _, _, headers = dead_letter(service, BadTick(record, 0, "not_json", "bad"))
+    assert dict(headers)["tickcast.headers_dropped"] == b"30000"
+
+
 async def test_in_daemon_thread_returns_and_raises_like_the_call() -> None:
     assert await in_daemon_thread(sum, [1, 2, 3]) == 6
     with pytest.raises(ZeroDivisionError):
