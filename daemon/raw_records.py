@@ -27,6 +27,7 @@ from typing import Any
 import aiokafka
 from aiokafka import AIOKafkaConsumer
 from aiokafka.consumer import fetcher
+from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,15 @@ async def read_before(
     while not give_up() and await consumer.position(tp) < first:
         if time.monotonic() > deadline:
             raise RuntimeError(f"cannot reach offset {first} of {tp}")
-        fetched = await consumer.getmany(tp, timeout_ms=500, max_records=1)
+        try:
+            fetched = await consumer.getmany(tp, timeout_ms=500, max_records=1)
+        except (KafkaError, UnicodeDecodeError) as exc:
+            found = unreadable_record(exc)
+            if found is None or found[:2] != (tp, first):
+                raise
+            # Nothing readable is left before it: the position stood at a gap (a
+            # transaction marker, records compacted away) that the fetch passed over.
+            break
         records.extend(r for r in fetched.get(tp, ()) if r.offset < first)
     return None if give_up() else records
 

@@ -40,11 +40,13 @@ async def _read_to_end(
     start: dict[TopicPartition, int | None],
     end: dict[TopicPartition, int],
     max_records: int,
+    passed_over: set[TopicPartition] | None = None,
 ) -> Any:
     """Yield record lists of each partition from ``start`` (None: beginning) below ``end``.
 
     Records aiokafka cannot parse (see :func:`raw_records.unreadable_record`) are passed
-    over: the daemon that met them live dead-lettered them, and they never reached a window.
+    over, and their partitions added to ``passed_over``: in the input, the daemon that met
+    them live dead-lettered them, and they never reached a window.
     """
     todo = {tp: stop for tp, stop in end.items() if stop > 0}
     from_beginning = [tp for tp in todo if start.get(tp) is None]
@@ -75,6 +77,8 @@ async def _read_to_end(
                 failed_read = (bad_tp, first)  # a CRC error can be one in transit
                 continue
             failed_read = None
+            if passed_over is not None:
+                passed_over.add(bad_tp)
             before = await raw_records.read_before(consumer, bad_tp, first)
             fetched = {bad_tp: before} if before else {}
             logger.warning(
@@ -143,11 +147,18 @@ async def restore_windows(
             consumer.assign(list(state_tps))
             ends = await consumer.end_offsets(list(state_tps))
             latest: dict[TopicPartition, dict[bytes, bytes]] = {tp: {} for tp in state_tps}
-            async for stp, records in _read_to_end(consumer, {}, ends, fetch_max_records):
+            damaged: set[TopicPartition] = set()
+            async for stp, records in _read_to_end(
+                consumer, {}, ends, fetch_max_records, passed_over=damaged
+            ):
                 latest[stp].update((r.key, r.value) for r in records if r.key and r.value)
             for stp, values in latest.items():
                 input_tp = state_tps[stp]
                 state = decode_partition_state(values, input_tp.partition, windows.window_length)
+                if stp in damaged:
+                    # A batch of it could not be read (a disk fault): a snapshot in it
+                    # may be missing or older than the marker counts on.
+                    state.unusable += 1
                 end = todo[input_tp]
                 if (
                     state.marker is None

@@ -492,6 +492,10 @@ class TickcastService:
             if self._state_writer is not None:
                 self._state_writer.discard_queued()
                 self._state_writer.abandon_current()
+        if self._uncommitted and self._consumer is not None:
+            # The last moment these partitions' offsets can be committed by this member:
+            # what an earlier commit could not, else the next owner is redelivered it.
+            await self._commit(self._consumer, self._uncommitted)
         parts = {tp.partition for tp in revoked if tp.topic == self.settings.input_topic}
         if self._state_producers is not None:
             # A write still open here (the drain timed out) is aborted by the next owner.
@@ -515,6 +519,7 @@ class TickcastService:
         # could not commit is redelivered to the partitions' next owner.
         self._assignment += 1
         self._uncommitted = {}
+        self._failed_read = None
         logger.info("partitions revoked: %s (%d symbols dropped)", sorted(parts), dropped)
 
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -652,18 +657,22 @@ class TickcastService:
     async def _fetch_failed(
         self, consumer: AIOKafkaConsumer, exc: KafkaError | UnicodeDecodeError
     ) -> None:
-        """A ``getmany()`` that raised dropped what it had already read, on every
-        partition: all go back to what was processed, so nothing is skipped. A record batch
-        aiokafka cannot parse is read once more (a CRC error can be one in transit), then
-        dead-lettered (:meth:`_skip_unreadable`); any other fetch error is retried."""
+        """A record batch aiokafka cannot parse fails ``getmany()`` while it hands records
+        over, dropping what it had already read, on every partition: all go back to what
+        was processed, so nothing is skipped. The batch is read once more (a CRC error can
+        be one in transit), then dead-lettered (:meth:`_skip_unreadable`). Any other fetch
+        error is retried as it is: aiokafka raises those only when it read nothing, and
+        where it moved past a record itself (one too large to fetch), a rewind would bring
+        the same error back for good."""
         found = raw_records.unreadable_record(exc)
-        if found is None and isinstance(exc, UnicodeDecodeError):
-            raise exc
-        self._rewind_to_processed(consumer)
         if found is None:
+            if isinstance(exc, UnicodeDecodeError):
+                raise exc
             logger.warning("fetch failed (%s); retrying", exc)
             await asyncio.sleep(0.5)
-        elif isinstance(exc, KafkaError) and self._failed_read != found[:2]:
+            return
+        self._rewind_to_processed(consumer)
+        if isinstance(exc, KafkaError) and self._failed_read != found[:2]:
             self._failed_read = found[:2]
             logger.warning("%s; reading it once more", exc)
         else:
@@ -1098,7 +1107,10 @@ class TickcastService:
                 await self._await_deliveries(item)
                 self._count_acknowledged(item)
                 acknowledged.extend(item.completed)
-            if acknowledged and (closing or time.monotonic() - last_commit >= interval):
+            # At the end, offsets whose commit failed earlier get one more try too.
+            if (acknowledged or (closing and self._uncommitted)) and (
+                closing or time.monotonic() - last_commit >= interval
+            ):
                 await self._commit_acknowledged(consumer, acknowledged)
                 acknowledged = []
                 last_commit = time.monotonic()

@@ -3,6 +3,7 @@ codec Kafka has, and one corrupted on the broker's disk."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from uuid import uuid4
@@ -33,20 +34,29 @@ async def produce_batches(
     partition: int,
     batches: list[list[tuple[bytes, bytes]]],
     compression: str | None = None,
+    transactional: bool = False,
 ) -> None:
-    """Each list of records as its own record batch (sent, then awaited) on ``partition``."""
+    """Each list of records as its own record batch (sent, then awaited) on ``partition``;
+    ``transactional``: each in its own transaction, so a commit marker follows each."""
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", linger_ms=50, compression_type=compression
+        bootstrap_servers=bootstrap,
+        acks="all",
+        linger_ms=50,
+        compression_type=compression,
+        transactional_id=f"tx-{uuid4().hex[:8]}" if transactional else None,
     )
     await producer.start()
     try:
         for batch in batches:
-            sent = [
-                await producer.send(topic, value, key=key, partition=partition)
-                for key, value in batch
-            ]
-            for delivery in sent:
-                await delivery
+            async with contextlib.AsyncExitStack() as stack:
+                if transactional:
+                    await stack.enter_async_context(producer.transaction())
+                sent = [
+                    await producer.send(topic, value, key=key, partition=partition)
+                    for key, value in batch
+                ]
+                for delivery in sent:
+                    await delivery
     finally:
         await producer.stop()
 
@@ -95,14 +105,19 @@ def corrupt_on_disk(broker: KafkaBroker, topic: str, partition: int, value: byte
         log.write(bytes([data[at + len(value) // 2]]))
 
 
+@pytest.mark.parametrize("transactional", [False, True], ids=["plain", "transactional"])
 async def test_a_batch_corrupted_on_the_brokers_disk_is_dead_lettered_and_nothing_else_lost(
-    kafka_broker: KafkaBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    kafka_broker: KafkaBroker,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    transactional: bool,
 ) -> None:
     """Partition 0 holds three record batches, the middle one damaged on disk; partition 1
     is intact. aiokafka fails a whole fetch on the bad CRC, dropping what it had read from
     the other partition too. The daemon reads it once more, then dead-letters the damaged
     batch's offsets as `unreadable`; every other tick of both partitions is predicted, and
-    a restart's restore passes over the batch too."""
+    a restart's restore passes over the batch too. Written in transactions, a commit
+    marker sits between the batches: the offset before the damaged one holds no record."""
     bootstrap = kafka_broker.bootstrap
     series = load_series("dataset:nasdaq")[0]
     n, first_bad, end_bad = 100, 65, 70
@@ -116,7 +131,11 @@ async def test_a_batch_corrupted_on_the_brokers_disk_is_dead_lettered_and_nothin
     topics = {k: f"{k}-{uuid4().hex[:8]}" for k in ("input", "output", "dlq")}
     await create_topics(bootstrap, list(topics.values()), partitions=2)
     await produce_batches(
-        bootstrap, topics["input"], 0, [a[:first_bad], a[first_bad:end_bad], a[end_bad:]]
+        bootstrap,
+        topics["input"],
+        0,
+        [a[:first_bad], a[first_bad:end_bad], a[end_bad:]],
+        transactional=transactional,
     )
     await produce_batches(bootstrap, topics["input"], 1, [b])
     corrupt_on_disk(kafka_broker, topics["input"], 0, a[first_bad + 2][1])
@@ -138,7 +157,9 @@ async def test_a_batch_corrupted_on_the_brokers_disk_is_dead_lettered_and_nothin
     ts_b = series.ts[b_start : b_start + n]
     assert [p.ts for p in predictions if p.symbol == "NDX2"] == ts_b[59:].tolist()
     assert len(predictions) == expected  # none twice
-    sources = [f"{topics['input']}/0/{offset}".encode() for offset in range(first_bad, end_bad)]
+    shift = 1 if transactional else 0  # the first transaction's commit marker
+    bad_offsets = range(first_bad + shift, end_bad + shift)
+    sources = [f"{topics['input']}/0/{offset}".encode() for offset in bad_offsets]
     assert [dict(d.headers)["tickcast.source"] for d in dead] == sources
     assert {dict(d.headers)["tickcast.reason"] for d in dead} == {b"unreadable"}
     assert registry.get_sample_value("tickcast_bad_ticks_total", {"reason": "unreadable"}) == (

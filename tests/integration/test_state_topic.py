@@ -403,3 +403,49 @@ async def test_snapshots_of_another_window_length_make_the_restore_replay_everyt
         assert_same_model_output(
             [p.predicted for p in got], reference_predictions(full, windows), windows
         )
+
+
+async def test_a_state_batch_damaged_on_disk_makes_its_partition_a_full_replay(
+    kafka_broker, state_topics, checkpoint_dir, unique_group, caplog
+):
+    """A snapshot batch that no longer matches its CRC cannot be read: the restore must not
+    pass over it and trust the marker (the symbol's window would start short, or from an
+    older snapshot); that partition is replayed from its beginning, and every prediction
+    after the restart is still exact."""
+    import logging
+
+    from tests.integration.test_fetch_errors import corrupt_on_disk
+
+    bootstrap = kafka_broker.bootstrap
+    stream = long_real_stream()
+    first, second = stream.split(int(len(stream) * 0.8))
+    settings = settings_for(bootstrap, state_topics, checkpoint_dir, unique_group)
+    async with running_daemon(settings):
+        await produce_stream(bootstrap, state_topics["input"], first)
+        await consume(bootstrap, state_topics["output"], expected_count(first))
+        ends = await end_offsets(bootstrap, state_topics["input"])
+        state = await wait_for_state(
+            bootstrap,
+            state_topics,
+            lambda state: markers(state) == ends and len(symbol_keys(state)) == 5,
+            f"state topic covering all 5 symbols and the input up to {ends}",
+        )
+    # Damage the batch holding one symbol's latest snapshot.
+    partition, values = next((p, v) for p, v in state.items() if len(v) > 1)
+    symbol = next(key for key in values if key != MARKER_KEY)
+    corrupt_on_disk(kafka_broker, state_topics["state"], partition, values[symbol])
+
+    with caplog.at_level(logging.WARNING, logger="daemon.restore"):
+        async with running_daemon(settings) as two:
+            registry = two.metrics.registry
+            loaded = registry.get_sample_value("tickcast_restored_snapshots_total")
+            replayed = registry.get_sample_value("tickcast_restored_ticks_total")
+            await produce_stream(bootstrap, state_topics["input"], second)
+            total = expected_count(stream)
+            predictions = await consume(bootstrap, state_topics["output"], total, settle_s=1.0)
+    assert f"{state_topics['state']}[{partition}]" in caplog.text
+    assert "another window length or damaged" in caplog.text
+    on_damaged = len(values) - 1  # its symbols come from the replay instead
+    assert loaded == 5 - on_damaged
+    assert replayed is not None and replayed >= ends[partition]
+    check_complete(predictions, stream, checkpoint_dir, allow_duplicates=False)

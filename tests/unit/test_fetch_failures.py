@@ -74,10 +74,14 @@ async def test_a_batch_read_fine_on_the_second_try_is_not_dead_lettered(
     assert service.skipped == []  # type: ignore[attr-defined]
 
 
-async def test_other_fetch_errors_rewind_and_retry(service: TickcastService) -> None:
+async def test_other_fetch_errors_are_retried_where_the_consumer_stands(
+    service: TickcastService,
+) -> None:
+    """aiokafka raises those only when it handed nothing over, and past a record too large
+    to fetch it moves on by itself: a rewind would bring that error back for good."""
     consumer = SeekingConsumer()
     await service._fetch_failed(consumer, KafkaConnectionError("broker gone"))
-    assert sorted(consumer.seeks) == [(P0, 65), (P1, 40)]
+    assert consumer.seeks == []
     assert service.skipped == []  # type: ignore[attr-defined]
 
 

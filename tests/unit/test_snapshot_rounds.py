@@ -301,12 +301,32 @@ async def test_a_commit_of_other_partitions_carries_the_failed_ones(
     assert consumer.asked[-1] == {P0: 12} and consumer.committed[P0] == 12
 
 
-async def test_a_revocation_drops_what_its_assignment_could_not_commit(
+async def test_a_revocation_tries_the_failed_commit_once_more_then_drops_it(
     service: TickcastService,
 ) -> None:
     consumer = CommittingConsumer(failures=COMMIT_ATTEMPTS)
     service._consumer = consumer
     await service._commit_acknowledged(consumer, [acked(service, {P0: 7})])
-    await service.on_revoked([P0, P1])  # the next owner is redelivered those ticks
+    assert consumer.committed == {}
+    await service.on_revoked([P0, P1])  # the last moment this member can commit them
+    assert consumer.committed == {P0: 7}
+    consumer.failures = 2 * COMMIT_ATTEMPTS
+    await service._commit_acknowledged(consumer, [acked(service, {P0: 9})])
+    await service.on_revoked([P0, P1])  # fails again: the next owner is redelivered them
     await service._commit_acknowledged(consumer, [acked(service, {P1: 3})])
-    assert consumer.asked[-1] == {P1: 3} and consumer.committed == {P1: 3}
+    assert consumer.asked[-1] == {P1: 3} and consumer.committed == {P0: 7, P1: 3}
+
+
+async def test_the_last_commit_at_shutdown_retries_a_failed_one(
+    service: TickcastService,
+) -> None:
+    """Nothing new was acknowledged before the stop: the carried offsets still get their
+    try, or the next owner is redelivered them and the final snapshots are skipped."""
+    consumer = CommittingConsumer(failures=COMMIT_ATTEMPTS)
+    service._consumer = consumer
+    service._publisher = object()  # type: ignore[assignment]
+    await service._commit_acknowledged(consumer, [acked(service, {P0: 7})])
+    assert not service._last_commit_ok
+    await service._dispatched.put(None)  # the pipeline's end
+    await asyncio.wait_for(service._ack_loop(), 10)
+    assert consumer.committed == {P0: 7} and service._last_commit_ok
