@@ -89,6 +89,7 @@ class ModelWatcher:
         # The version handed to the service: an idle daemon swaps only at its next batch,
         # and must not reload (and recount) the same version every poll until then.
         self._requested: str | None = None
+        self._signals = 0  # SIGHUPs so far
 
     def check_now(self) -> None:
         """SIGHUP: look at LATEST without waiting for the next poll, and try again what was
@@ -96,6 +97,7 @@ class ModelWatcher:
         may have been outside them (permissions, memory, a read error)."""
         self._rejected = None
         self._bad_latest = None
+        self._signals += 1  # a check already loading must not remember its rejection
         self._wake.set()
 
     async def run(self) -> None:
@@ -113,6 +115,7 @@ class ModelWatcher:
         keeps serving unless the new one loads and passes validation.
         """
         current = self._service.predictor
+        signals = self._signals
         try:
             version = read_latest(self._dir)
         except Exception as exc:  # an unusable LATEST (NUL bytes, a directory, '../x', ...)
@@ -151,7 +154,8 @@ class ModelWatcher:
             if candidate.version != version:
                 raise CheckpointError(f"meta.json names version {candidate.version!r}")
         except Exception as exc:  # any failure rejects the checkpoint, never the daemon
-            self._rejected = signature
+            # Remembered (not retried by polls) unless a SIGHUP came while it loaded.
+            self._rejected = signature if signals == self._signals else None
             self._service.metrics.model_reloads.labels("rejected").inc()
             logger.error(
                 "checkpoint %s rejected, still serving %s: %s: %s",

@@ -348,6 +348,31 @@ async def test_sighup_retries_a_checkpoint_rejected_for_a_cause_outside_its_file
     assert loads == 2 and service.reloads("success") == 1
 
 
+async def test_a_sighup_during_a_failing_load_is_not_swallowed(
+    root: Path, service: FakeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator fixes the cause and sends SIGHUP while the failing load still runs:
+    the check it wakes must try again, not find the rejection just remembered."""
+    from daemon import model_watcher
+
+    loads = 0
+    watcher = watcher_for(service, root)
+
+    def load_failing_while_signalled(*args: object, **kwargs: object) -> Predictor:
+        nonlocal loads
+        loads += 1
+        if loads == 1:
+            watcher.check_now()  # SIGHUP arrives mid-load
+            raise PermissionError("model.safetensors: permission denied")
+        return load_predictor(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model_watcher, "load_predictor", load_failing_while_signalled)
+    new = make_checkpoint(root, seed=11)
+    assert not await watcher.check()
+    assert await watcher.check()  # the check SIGHUP woke
+    assert loads == 2 and [p.version for p in service.requested] == [new]
+
+
 def test_the_pickle_payload_would_run_code(tmp_path: Path) -> None:
     """The pickle case is live: an unsafe loader does execute it (so the refusal matters)."""
     marker = tmp_path / "ran"
