@@ -180,6 +180,14 @@ async def restore_windows(
                         state.unusable,
                     )
                     continue
+                if state.stale:
+                    logger.info(
+                        "%s[%d]: %d snapshot(s) of another window length ignored (symbols "
+                        "that have not ticked since it changed)",
+                        stp.topic,
+                        stp.partition,
+                        state.stale,
+                    )
                 windows.load(state.snapshot)
                 loaded += len(state.snapshot)
                 replay_from[input_tp] = state.marker

@@ -51,7 +51,10 @@ from daemon.windows import SnapshotRound, SymbolWindows, WindowSnapshot
 logger = logging.getLogger(__name__)
 
 MAGIC = b"TCS1"
-MARKER_MAGIC = b"TCM1"
+# A marker: TCM2, the offset, and the window length of the daemon that wrote it (TCM1, the
+# offset alone, is what daemons before it wrote; it is still read).
+MARKER_MAGIC = b"TCM2"
+MARKER_MAGIC_V1 = b"TCM1"
 # Symbols are printable (ticks.py), so this key can never be a symbol's.
 MARKER_KEY = b"\x00tickcast.offset"
 
@@ -89,14 +92,27 @@ def encode_snapshot(snapshot: WindowSnapshot) -> list[OutRecord]:
     ]
 
 
-def encode_marker(offset: int) -> OutRecord:
-    return (MARKER_KEY, MARKER_MAGIC + int(offset).to_bytes(8, "little", signed=True), [])
+def encode_marker(offset: int, window_length: int) -> OutRecord:
+    value = (
+        MARKER_MAGIC
+        + int(offset).to_bytes(8, "little", signed=True)
+        + int(window_length).to_bytes(4, "little")
+    )
+    return (MARKER_KEY, value, [])
 
 
 def decode_marker(value: bytes) -> int | None:
-    if len(value) != 12 or not value.startswith(MARKER_MAGIC):
+    """The offset a marker holds (either format), or None if it is no marker."""
+    if (len(value), value[:4]) not in ((16, MARKER_MAGIC), (12, MARKER_MAGIC_V1)):
         return None
-    return int.from_bytes(value[4:], "little", signed=True)
+    return int.from_bytes(value[4:12], "little", signed=True)
+
+
+def marker_window_length(value: bytes) -> int | None:
+    """The window length of the daemon that wrote a marker; None for a TCM1 marker."""
+    if decode_marker(value) is None or len(value) != 16:
+        return None
+    return int.from_bytes(value[12:], "little")
 
 
 @dataclass
@@ -105,9 +121,15 @@ class PartitionState:
 
     snapshot: WindowSnapshot
     marker: int | None  # replay the input from here
-    # Symbol records that cannot be loaded (another window length, damaged): the marker
-    # counts on their windows, so it cannot be trusted while one is there.
+    # Symbol records that cannot be loaded (damaged, or of another window length than the
+    # marker's writer served): the marker counts on their windows, so it cannot be trusted
+    # while one is there.
     unusable: int = 0
+    # Records of another window length under a marker of this one: left by symbols the
+    # marker's writer never had a window for (after its full replay every symbol it had
+    # was saved at its length before a marker passed it), so the marker does not count
+    # on them and they are ignored.
+    stale: int = 0
 
 
 def decode_partition_state(
@@ -118,18 +140,21 @@ def decode_partition_state(
     marker = None
     keys: list[bytes] = []
     values: list[bytes] = []
-    unusable = 0
+    damaged = other_length = 0
+    marker_window = None
     for key, value in latest.items():
         if key == MARKER_KEY:
-            marker = decode_marker(value)
+            marker, marker_window = decode_marker(value), marker_window_length(value)
         elif len(value) == dtype.itemsize and value.startswith(MAGIC):
             keys.append(key)
             values.append(value)
+        elif _other_window_length(value, window_length):
+            other_length += 1
         else:
-            unusable += 1
+            damaged += 1
     rows = np.frombuffer(b"".join(values), dtype) if values else np.zeros(0, dtype)
     valid = rows["window"] == window_length
-    unusable += int((~valid).sum())
+    damaged += int((~valid).sum())
     keys = [k for k, ok in zip(keys, valid.tolist(), strict=True) if ok]
     rows = rows[valid]
     snapshot = WindowSnapshot(
@@ -140,7 +165,18 @@ def decode_partition_state(
         last_ts=rows["last_ts"].astype(np.int64),
         offsets=rows["offset"].astype(np.int64),
     )
-    return PartitionState(snapshot, marker, unusable)
+    if marker_window == window_length:
+        return PartitionState(snapshot, marker, damaged, stale=other_length)
+    return PartitionState(snapshot, marker, damaged + other_length)
+
+
+def _other_window_length(value: bytes, window_length: int) -> bool:
+    """A well-formed snapshot record of a window length other than ``window_length``."""
+    header = snapshot_dtype(0).itemsize
+    if len(value) < header or not value.startswith(MAGIC):
+        return False
+    length = int.from_bytes(value[header - 4 : header], "little", signed=True)
+    return length != window_length and len(value) == snapshot_dtype(max(length, 0)).itemsize
 
 
 @dataclass
@@ -493,7 +529,7 @@ class StateWriter:
                 if partition not in writable:
                     continue
                 sent += await self._producers.publisher(partition).send_to_partition(
-                    self._topic, partition, [encode_marker(offset)]
+                    self._topic, partition, [encode_marker(offset, self._windows.window_length)]
                 )
             await acknowledged([d.future for d in sent])
         self.written += written

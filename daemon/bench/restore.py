@@ -143,7 +143,7 @@ async def measure_restore(
             )
             deliveries = await publisher.send_to_partition(topics["state"], p, records)
             deliveries += await publisher.send_to_partition(
-                topics["state"], p, [encode_marker(marker[p])]
+                topics["state"], p, [encode_marker(marker[p], window_length)]
             )
             await asyncio.gather(*(d.future for d in deliveries))
     finally:

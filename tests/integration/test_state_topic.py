@@ -271,7 +271,7 @@ async def test_a_previous_owners_late_snapshot_write_is_fenced_off(
     )
     ((_, stale_value, _),) = encode_snapshot(stale)
     key = symbol.encode()
-    marker = encode_marker(0)[1]
+    marker = encode_marker(0, 60)[1]
 
     async def write(value: bytes, key: bytes) -> None:
         await (await zombie.send(topics["state"], value, key=key, partition=0))
@@ -403,6 +403,45 @@ async def test_snapshots_of_another_window_length_make_the_restore_replay_everyt
         assert_same_model_output(
             [p.predicted for p in got], reference_predictions(full, windows), windows
         )
+
+    # Once the 60-tick daemon's rounds and markers are in, a 30-tick record of a symbol
+    # that never ticks again (written here by hand) no longer forces a full replay.
+    ends = await end_offsets(kafka_bootstrap, state_topics["input"])
+    await wait_for_state(
+        kafka_bootstrap,
+        state_topics,
+        lambda state: (
+            markers(state) == ends
+            and all(
+                len(v) == 512 for values in state.values() for v in values.values() if len(v) > 16
+            )
+        ),
+        f"60-tick windows of every symbol, markers at {ends}",
+    )
+    ghost = WindowSnapshot(
+        symbols=["GHOST"],
+        partitions=np.zeros(1, np.int32),
+        prices=np.ones((1, 30), np.float64),
+        count=np.full(1, 30, np.int64),
+        last_ts=np.ones(1, np.int64),
+        offsets=np.zeros(1, np.int64),
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        ((key, value, _),) = encode_snapshot(ghost)
+        await (await producer.send(state_topics["state"], value, key=key, partition=0))
+    finally:
+        await producer.stop()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="daemon.restore"):
+        async with running_daemon(settings) as three:
+            registry = three.metrics.registry
+            loaded = registry.get_sample_value("tickcast_restored_snapshots_total")
+            replayed = registry.get_sample_value("tickcast_restored_ticks_total")
+    assert loaded == 5 and replayed is not None and replayed < len(stream) / 4
+    assert "1 snapshot(s) of another window length ignored" in caplog.text
+    assert "replaying the partition from its beginning" not in caplog.text
 
 
 async def test_a_state_batch_damaged_on_disk_makes_its_partition_a_full_replay(

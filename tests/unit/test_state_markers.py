@@ -17,10 +17,12 @@ from daemon.state_store import (
     MAGIC,
     MARKER_KEY,
     MARKER_MAGIC,
+    MARKER_MAGIC_V1,
     decode_marker,
     decode_partition_state,
     encode_marker,
     encode_snapshot,
+    marker_window_length,
     snapshot_dtype,
 )
 from daemon.windows import SymbolWindows
@@ -34,32 +36,40 @@ INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
 @given(INT64)
 def test_marker_round_trip(offset: int) -> None:
-    key, value, headers = encode_marker(offset)
+    key, value, headers = encode_marker(offset, 60)
     assert key == MARKER_KEY
     assert headers == []
-    assert len(value) == 12 and value.startswith(MARKER_MAGIC)
+    assert len(value) == 16 and value.startswith(MARKER_MAGIC)
     assert decode_marker(value) == offset
+    assert marker_window_length(value) == 60
+
+
+def test_a_marker_of_the_earlier_format_is_still_read() -> None:
+    """TCM1 (the offset alone), what daemons before the window length was added wrote."""
+    value = MARKER_MAGIC_V1 + (130).to_bytes(8, "little", signed=True)
+    assert decode_marker(value) == 130
+    assert marker_window_length(value) is None
 
 
 @pytest.mark.parametrize("offset", [0, 1, 130, 2**63 - 1, -1])
 def test_marker_round_trip_edges(offset: int) -> None:
-    assert decode_marker(encode_marker(offset)[1]) == offset
+    assert decode_marker(encode_marker(offset, 60)[1]) == offset
 
 
 def test_marker_takes_numpy_integers() -> None:
     offset = np.int64(1_234_567_890_123)
-    value = encode_marker(offset)[1]  # type: ignore[arg-type]
+    value = encode_marker(offset, 60)[1]  # type: ignore[arg-type]
     assert decode_marker(value) == 1_234_567_890_123
     assert type(decode_marker(value)) is int
 
 
 def test_marker_is_little_endian() -> None:
-    assert encode_marker(1)[1] == MARKER_MAGIC + b"\x01" + b"\x00" * 7
+    assert encode_marker(1, 60)[1] == MARKER_MAGIC + b"\x01" + b"\x00" * 7 + b"\x3c\x00\x00\x00"
 
 
 def test_marker_beyond_int64_is_refused() -> None:
     with pytest.raises(OverflowError):
-        encode_marker(2**63)
+        encode_marker(2**63, 60)
 
 
 def test_marker_key_is_no_symbol() -> None:
@@ -126,7 +136,7 @@ def test_partitions_decode_separately() -> None:
     records = encode_snapshot(wins.take_snapshot({2: 130, 5: 77}).snapshot)
     by_key = {key: value for key, value, _ in records if key is not None}
     part2 = {k: v for k, v in by_key.items() if k in (b"GOOG", b"SPY")}
-    part2[MARKER_KEY] = encode_marker(130)[1]
+    part2[MARKER_KEY] = encode_marker(130, 20)[1]
     state = decode_partition_state(part2, partition=2, window_length=20)
     assert sorted(state.snapshot.symbols) == ["GOOG", "SPY"]
     assert (state.snapshot.partitions == 2).all()
@@ -158,13 +168,13 @@ def test_empty_state() -> None:
 
 
 def test_marker_only_state() -> None:
-    state = decode_partition_state({MARKER_KEY: encode_marker(42)[1]}, 3, 20)
+    state = decode_partition_state({MARKER_KEY: encode_marker(42, 20)[1]}, 3, 20)
     assert state.marker == 42
     assert state.snapshot.symbols == []
 
 
 def test_a_marker_under_a_symbol_key_is_no_snapshot() -> None:
-    latest = {b"GOOG": encode_marker(42)[1]}
+    latest = {b"GOOG": encode_marker(42, 20)[1]}
     state = decode_partition_state(latest, partition=0, window_length=20)
     assert state.snapshot.symbols == [] and state.marker is None
 
@@ -183,7 +193,7 @@ def test_snapshots_that_cannot_be_loaded_are_counted() -> None:
     wins = windows_on({"GOOG": 0, "QQQ": 0})
     records = encode_snapshot(wins.take_snapshot({0: 9}).snapshot)
     latest = {key: value for key, value, _ in records if key is not None}
-    latest[MARKER_KEY] = encode_marker(9)[1]
+    latest[MARKER_KEY] = encode_marker(9, 20)[1]
     assert decode_partition_state(latest, partition=0, window_length=20).unusable == 0
     other_length = decode_partition_state(latest, partition=0, window_length=30)
     assert other_length.unusable == 2 and other_length.snapshot.symbols == []
@@ -191,3 +201,25 @@ def test_snapshots_that_cannot_be_loaded_are_counted() -> None:
     damaged = {**latest, b"QQQ": latest[b"QQQ"][:-3]}
     state = decode_partition_state(damaged, partition=0, window_length=20)
     assert state.unusable == 1 and state.snapshot.symbols == ["GOOG"]
+
+
+def test_other_length_records_under_a_marker_of_this_length_are_ignored() -> None:
+    """Written by a daemon of this window length after its full replay, the marker counts
+    on no symbol left at the old length (those symbols never ticked for it): such records
+    no longer force a full replay on every restore. Under a marker of the old length, or
+    one of the earlier format, they still do."""
+    wins = windows_on({"GOOG": 0, "QQQ": 0})
+    records = encode_snapshot(wins.take_snapshot({0: 9}).snapshot)
+    old = {key: value for key, value, _ in records if key is not None}
+    for marker, stale in (
+        (encode_marker(9, 30)[1], True),
+        (encode_marker(9, 20)[1], False),
+        (MARKER_MAGIC_V1 + (9).to_bytes(8, "little", signed=True), False),
+    ):
+        state = decode_partition_state({**old, MARKER_KEY: marker}, 0, window_length=30)
+        assert state.marker == 9 and state.snapshot.symbols == []
+        assert (state.stale, state.unusable) == ((2, 0) if stale else (0, 2))
+    # A damaged record is never stale.
+    damaged = {b"GOOG": old[b"GOOG"][:-3], MARKER_KEY: encode_marker(9, 30)[1]}
+    state = decode_partition_state(damaged, 0, window_length=30)
+    assert (state.stale, state.unusable) == (0, 1)

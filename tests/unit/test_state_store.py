@@ -44,7 +44,7 @@ def test_snapshot_round_trip_restores_identical_windows():
     assert sorted(snap.symbols) == ["A", "B"]
     assert not wins.dirty.any()  # taking a snapshot marks the symbols clean
     records = encode_snapshot(snap)
-    latest = {key: value for key, value, _ in [*records, encode_marker(130)] if key is not None}
+    latest = {key: value for key, value, _ in [*records, encode_marker(130, 60)] if key is not None}
     state = decode_partition_state(latest, partition=2, window_length=60)
     assert state.marker == 130
     assert (state.snapshot.offsets == 130).all()
