@@ -122,6 +122,37 @@ def scrape(port: int, name: str) -> float | None:
     return None
 
 
+async def snapshot_the_head(bootstrap, topics, settings, head):
+    """Run a daemon over ``head`` until the state topic covers all 5 symbols with markers
+    at the input's ends (the snapshot after the last commit); (ends, state, symbols
+    written)."""
+    async with running_daemon(settings) as one:
+        await produce_stream(bootstrap, topics["input"], head)
+        await consume(bootstrap, topics["output"], expected_count(head))
+        ends = await end_offsets(bootstrap, topics["input"])
+        state = await wait_for_state(
+            bootstrap,
+            topics,
+            lambda state: markers(state) == ends and len(symbol_keys(state)) == 5,
+            f"state topic covering all 5 symbols and the input up to {ends}",
+        )
+        written = one.metrics.registry.get_sample_value("tickcast_snapshot_symbols_total")
+    return ends, state, written
+
+
+async def restart_for_the_tail(bootstrap, topics, settings, stream, tail):
+    """Restart over the state topic, then feed ``tail``; (snapshots loaded, records
+    replayed, every prediction of ``stream``)."""
+    async with running_daemon(settings) as two:
+        registry = two.metrics.registry
+        loaded = registry.get_sample_value("tickcast_restored_snapshots_total")
+        replayed = registry.get_sample_value("tickcast_restored_ticks_total")
+        await produce_stream(bootstrap, topics["input"], tail)
+        total = expected_count(stream)
+        predictions = await consume(bootstrap, topics["output"], total, settle_s=1.0)
+    return loaded, replayed, predictions
+
+
 @ROUND_SIZES
 async def test_restart_loads_snapshots_and_replays_only_the_tail(
     kafka_bootstrap, state_topics, checkpoint_dir, unique_group, round_size
@@ -129,27 +160,12 @@ async def test_restart_loads_snapshots_and_replays_only_the_tail(
     stream = long_real_stream()
     first, second = stream.split(int(len(stream) * 0.8))
     settings = settings_for(kafka_bootstrap, state_topics, checkpoint_dir, unique_group, round_size)
-    async with running_daemon(settings) as one:
-        await produce_stream(kafka_bootstrap, state_topics["input"], first)
-        await consume(kafka_bootstrap, state_topics["output"], expected_count(first))
-        # The snapshot after the last commit: every symbol, markers at the input's ends.
-        ends = await end_offsets(kafka_bootstrap, state_topics["input"])
-        await wait_for_state(
-            kafka_bootstrap,
-            state_topics,
-            lambda state: markers(state) == ends and len(symbol_keys(state)) == 5,
-            f"state topic covering all 5 symbols and the input up to {ends}",
-        )
-        written = one.metrics.registry.get_sample_value("tickcast_snapshot_symbols_total")
+    *_, written = await snapshot_the_head(kafka_bootstrap, state_topics, settings, first)
     assert written and written >= 5
 
-    async with running_daemon(settings) as two:
-        registry = two.metrics.registry
-        loaded = registry.get_sample_value("tickcast_restored_snapshots_total")
-        replayed = registry.get_sample_value("tickcast_restored_ticks_total")
-        await produce_stream(kafka_bootstrap, state_topics["input"], second)
-        total = expected_count(stream)
-        predictions = await consume(kafka_bootstrap, state_topics["output"], total, settle_s=1.0)
+    loaded, replayed, predictions = await restart_for_the_tail(
+        kafka_bootstrap, state_topics, settings, stream, second
+    )
     assert loaded == 5, "every symbol's window comes from its snapshot"
     assert replayed is not None
     assert replayed < len(first) / 4, f"replayed {replayed} of {len(first)} records"
@@ -459,29 +475,16 @@ async def test_a_state_batch_damaged_on_disk_makes_its_partition_a_full_replay(
     stream = long_real_stream()
     first, second = stream.split(int(len(stream) * 0.8))
     settings = settings_for(bootstrap, state_topics, checkpoint_dir, unique_group)
-    async with running_daemon(settings):
-        await produce_stream(bootstrap, state_topics["input"], first)
-        await consume(bootstrap, state_topics["output"], expected_count(first))
-        ends = await end_offsets(bootstrap, state_topics["input"])
-        state = await wait_for_state(
-            bootstrap,
-            state_topics,
-            lambda state: markers(state) == ends and len(symbol_keys(state)) == 5,
-            f"state topic covering all 5 symbols and the input up to {ends}",
-        )
+    ends, state, _ = await snapshot_the_head(bootstrap, state_topics, settings, first)
     # Damage the batch holding one symbol's latest snapshot.
     partition, values = next((p, v) for p, v in state.items() if len(v) > 1)
     symbol = next(key for key in values if key != MARKER_KEY)
     corrupt_on_disk(kafka_broker, state_topics["state"], partition, values[symbol])
 
     with caplog.at_level(logging.WARNING, logger="daemon.restore"):
-        async with running_daemon(settings) as two:
-            registry = two.metrics.registry
-            loaded = registry.get_sample_value("tickcast_restored_snapshots_total")
-            replayed = registry.get_sample_value("tickcast_restored_ticks_total")
-            await produce_stream(bootstrap, state_topics["input"], second)
-            total = expected_count(stream)
-            predictions = await consume(bootstrap, state_topics["output"], total, settle_s=1.0)
+        loaded, replayed, predictions = await restart_for_the_tail(
+            bootstrap, state_topics, settings, stream, second
+        )
     assert f"{state_topics['state']}[{partition}]" in caplog.text
     assert "another window length or damaged" in caplog.text
     on_damaged = len(values) - 1  # its symbols come from the replay instead
