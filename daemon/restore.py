@@ -147,14 +147,25 @@ async def restore_windows(
             consumer.assign(list(state_tps))
             ends = await consumer.end_offsets(list(state_tps))
             latest: dict[TopicPartition, dict[bytes, bytes]] = {tp: {} for tp in state_tps}
+            written_at: dict[TopicPartition, dict[bytes, int]] = {tp: {} for tp in state_tps}
             damaged: set[TopicPartition] = set()
             async for stp, records in _read_to_end(
                 consumer, {}, ends, fetch_max_records, passed_over=damaged
             ):
-                latest[stp].update((r.key, r.value) for r in records if r.key and r.value)
+                values, offsets = latest[stp], written_at[stp]
+                for r in records:
+                    if not r.key:
+                        continue
+                    if r.value:
+                        values[r.key], offsets[r.key] = r.value, r.offset
+                    else:  # a tombstone deletes the key, as compaction will
+                        values.pop(r.key, None)
+                        offsets.pop(r.key, None)
             for stp, values in latest.items():
                 input_tp = state_tps[stp]
-                state = decode_partition_state(values, input_tp.partition, windows.window_length)
+                state = decode_partition_state(
+                    values, input_tp.partition, windows.window_length, written_at[stp]
+                )
                 if stp in damaged:
                     # A batch of it could not be read (a disk fault): a snapshot in it
                     # may be missing or older than the marker counts on.

@@ -125,23 +125,32 @@ class PartitionState:
     # marker's writer served): the marker counts on their windows, so it cannot be trusted
     # while one is there.
     unusable: int = 0
-    # Records of another window length under a marker of this one: left by symbols the
-    # marker's writer never had a window for (after its full replay every symbol it had
-    # was saved at its length before a marker passed it), so the marker does not count
-    # on them and they are ignored.
+    # Records of another window length written before a marker of this length: the marker
+    # does not count on them (a symbol its writer had a window for was saved at this
+    # length, or holds the marker back to where a replay rebuilds it), so they are ignored.
     stale: int = 0
 
 
 def decode_partition_state(
-    latest: dict[bytes, bytes], partition: int, window_length: int
+    latest: dict[bytes, bytes],
+    partition: int,
+    window_length: int,
+    written_at: dict[bytes, int] | None = None,
 ) -> PartitionState:
-    """Latest value per key of one state partition -> windows to load (bad records skipped)."""
+    """Latest value per key of one state partition -> windows to load (bad records skipped).
+
+    ``written_at``: each key's offset in the state partition. A record of another window
+    length is stale only if it was written before the marker (of this length): one written
+    after it, by a daemon of the other length whose marker never followed (it was killed
+    first, unfenced), replaced a snapshot the marker counts on. Without offsets, none is.
+    """
     dtype = snapshot_dtype(window_length)
     marker = None
     keys: list[bytes] = []
     values: list[bytes] = []
-    damaged = other_length = 0
+    damaged = before_marker = after_marker = 0
     marker_window = None
+    marker_at = (written_at or {}).get(MARKER_KEY)
     for key, value in latest.items():
         if key == MARKER_KEY:
             marker, marker_window = decode_marker(value), marker_window_length(value)
@@ -149,7 +158,11 @@ def decode_partition_state(
             keys.append(key)
             values.append(value)
         elif _other_window_length(value, window_length):
-            other_length += 1
+            at = (written_at or {}).get(key)
+            if marker_at is not None and at is not None and at < marker_at:
+                before_marker += 1
+            else:
+                after_marker += 1
         else:
             damaged += 1
     rows = np.frombuffer(b"".join(values), dtype) if values else np.zeros(0, dtype)
@@ -166,17 +179,20 @@ def decode_partition_state(
         offsets=rows["offset"].astype(np.int64),
     )
     if marker_window == window_length:
-        return PartitionState(snapshot, marker, damaged, stale=other_length)
-    return PartitionState(snapshot, marker, damaged + other_length)
+        return PartitionState(snapshot, marker, damaged + after_marker, stale=before_marker)
+    return PartitionState(snapshot, marker, damaged + after_marker + before_marker)
+
+
+SNAPSHOT_HEADER_BYTES = snapshot_dtype(0).itemsize  # magic, offset, count, last_ts, window
 
 
 def _other_window_length(value: bytes, window_length: int) -> bool:
     """A well-formed snapshot record of a window length other than ``window_length``."""
-    header = snapshot_dtype(0).itemsize
-    if len(value) < header or not value.startswith(MAGIC):
+    header = SNAPSHOT_HEADER_BYTES
+    if len(value) <= header or not value.startswith(MAGIC):
         return False
     length = int.from_bytes(value[header - 4 : header], "little", signed=True)
-    return length != window_length and len(value) == snapshot_dtype(max(length, 0)).itemsize
+    return length != window_length and len(value) == header + 8 * length
 
 
 @dataclass

@@ -41,6 +41,7 @@ def long_real_stream() -> TickStream:
     return TickStream.merge(trimmed)
 
 
+@pytest.mark.timeout(600)  # the wait for the predictions alone may take 300 s (below)
 @pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
 async def test_kill_one_of_two_instances_mid_stream_then_add_a_third(
     kafka_bootstrap, topic_factory, checkpoint_dir, unique_group, tmp_path, delivery

@@ -203,23 +203,38 @@ def test_snapshots_that_cannot_be_loaded_are_counted() -> None:
     assert state.unusable == 1 and state.snapshot.symbols == ["GOOG"]
 
 
-def test_other_length_records_under_a_marker_of_this_length_are_ignored() -> None:
-    """Written by a daemon of this window length after its full replay, the marker counts
-    on no symbol left at the old length (those symbols never ticked for it): such records
-    no longer force a full replay on every restore. Under a marker of the old length, or
-    one of the earlier format, they still do."""
+def test_other_length_records_before_a_marker_of_this_length_are_ignored() -> None:
+    """Written by a daemon of this window length, the marker does not count on records of
+    another length written before it (their symbols never ticked for it): they no longer
+    force a full replay on every restore. Written after it (a daemon of the other length
+    killed between its records and its marker), or under a marker of the old length or of
+    the earlier format, or with no offsets to order them by, they still do."""
     wins = windows_on({"GOOG": 0, "QQQ": 0})
+    current = windows_on({"SPY": 0}, window_length=30)
     records = encode_snapshot(wins.take_snapshot({0: 9}).snapshot)
     old = {key: value for key, value, _ in records if key is not None}
-    for marker, stale in (
-        (encode_marker(9, 30)[1], True),
-        (encode_marker(9, 20)[1], False),
-        (MARKER_MAGIC_V1 + (9).to_bytes(8, "little", signed=True), False),
-    ):
-        state = decode_partition_state({**old, MARKER_KEY: marker}, 0, window_length=30)
-        assert state.marker == 9 and state.snapshot.symbols == []
-        assert (state.stale, state.unusable) == ((2, 0) if stale else (0, 2))
-    # A damaged record is never stale.
-    damaged = {b"GOOG": old[b"GOOG"][:-3], MARKER_KEY: encode_marker(9, 30)[1]}
-    state = decode_partition_state(damaged, 0, window_length=30)
+    ((spy, spy_value, _),) = encode_snapshot(current.take_snapshot({0: 9}).snapshot)
+    assert spy is not None
+    before = {b"GOOG": 3, b"QQQ": 4, spy: 5, MARKER_KEY: 6}
+    cases: list[tuple[bytes, dict[bytes, int] | None, int]] = [
+        (encode_marker(9, 30)[1], before, 2),
+        (encode_marker(9, 30)[1], {**before, b"QQQ": 7}, 1),
+        (encode_marker(9, 30)[1], None, 0),
+        (encode_marker(9, 20)[1], before, 0),
+        (MARKER_MAGIC_V1 + (9).to_bytes(8, "little", signed=True), before, 0),
+    ]
+    for marker, written_at, stale in cases:
+        latest = {**old, spy: spy_value, MARKER_KEY: marker}
+        state = decode_partition_state(latest, 0, window_length=30, written_at=written_at)
+        assert state.marker == 9 and state.snapshot.symbols == ["SPY"]
+        assert (state.stale, state.unusable) == (stale, 2 - stale)
+
+
+@pytest.mark.parametrize("window", [2**28, 2**31 - 1, 0, -5])
+def test_a_snapshot_with_an_impossible_window_field_is_damaged_not_fatal(window: int) -> None:
+    wins = windows_on({"GOOG": 0})
+    ((_, value, _),) = encode_snapshot(wins.take_snapshot({0: 9}).snapshot)
+    forged = value[:28] + window.to_bytes(4, "little", signed=True) + value[32:]
+    latest = {b"GOOG": forged, MARKER_KEY: encode_marker(9, 30)[1]}
+    state = decode_partition_state(latest, 0, window_length=30, written_at={b"GOOG": 1})
     assert (state.stale, state.unusable) == (0, 1)
