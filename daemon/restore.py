@@ -108,6 +108,21 @@ async def _read_to_end(
                 del todo[tp]
 
 
+def fold_state_records(
+    records: list[Any], values: dict[bytes, bytes], written_at: dict[bytes, int]
+) -> None:
+    """Read state records (in log order) into the latest value and offset of each key, as
+    compaction will leave them: a tombstone (no value) deletes its key."""
+    for r in records:
+        if not r.key:
+            continue
+        if r.value:
+            values[r.key], written_at[r.key] = r.value, r.offset
+        else:
+            values.pop(r.key, None)
+            written_at.pop(r.key, None)
+
+
 async def restore_windows(
     windows: SymbolWindows,
     until: dict[TopicPartition, int],
@@ -152,15 +167,7 @@ async def restore_windows(
             async for stp, records in _read_to_end(
                 consumer, {}, ends, fetch_max_records, passed_over=damaged
             ):
-                values, offsets = latest[stp], written_at[stp]
-                for r in records:
-                    if not r.key:
-                        continue
-                    if r.value:
-                        values[r.key], offsets[r.key] = r.value, r.offset
-                    else:  # a tombstone deletes the key, as compaction will
-                        values.pop(r.key, None)
-                        offsets.pop(r.key, None)
+                fold_state_records(records, latest[stp], written_at[stp])
             for stp, values in latest.items():
                 input_tp = state_tps[stp]
                 state = decode_partition_state(

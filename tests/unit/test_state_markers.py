@@ -238,3 +238,23 @@ def test_a_snapshot_with_an_impossible_window_field_is_damaged_not_fatal(window:
     latest = {b"GOOG": forged, MARKER_KEY: encode_marker(9, 30)[1]}
     state = decode_partition_state(latest, 0, window_length=30, written_at={b"GOOG": 1})
     assert (state.stale, state.unusable) == (0, 1)
+
+
+def test_state_records_fold_into_the_latest_value_per_key_as_compaction_leaves_it() -> None:
+    from types import SimpleNamespace
+
+    from daemon.restore import fold_state_records
+
+    def record(offset: int, key: bytes | None, value: bytes | None) -> SimpleNamespace:
+        return SimpleNamespace(offset=offset, key=key, value=value)
+
+    values: dict[bytes, bytes] = {}
+    written_at: dict[bytes, int] = {}
+    fold_state_records(
+        [record(0, b"A", b"a0"), record(1, b"B", b"b0"), record(2, None, b"x")], values, written_at
+    )
+    fold_state_records(
+        [record(3, b"A", b"a1"), record(4, b"B", None), record(5, b"C", b"c0")], values, written_at
+    )
+    assert values == {b"A": b"a1", b"C": b"c0"}  # B's tombstone deleted it
+    assert written_at == {b"A": 3, b"C": 5}
