@@ -3,7 +3,9 @@
 safetensors holds raw tensors only, so loading one can never execute code (unlike a
 pickle). ``meta.json`` records the architecture, window length, scaling, training data,
 evaluation figures and lineage, plus a SHA-256 of the weights so that a truncated or
-tampered file is refused. ``<dir>/LATEST`` names the version in service and is replaced
+tampered file is refused; the weights file records the architecture too, so an edit of
+``meta.json`` that changes no tensor shape (``residual``, ``window_length``) is refused
+as well. ``<dir>/LATEST`` names the version in service and is replaced
 atomically: write a temp file, fsync, then ``os.replace`` and fsync the directory, so a
 reader never sees half of it, nor (after a power loss) a pointer to empty files.
 """
@@ -39,6 +41,7 @@ MAX_LATEST_BYTES = 1024  # a version name and a newline; anything longer is not 
 MAX_VERSION_BYTES = 255  # NAME_MAX: a version is one directory name
 DIR_MODE = 0o755  # readable by a daemon that runs as another user
 FILE_MODE = 0o644
+ARCHITECTURE_KEY = "tickcast.architecture"  # in the weights file's safetensors metadata
 
 
 class CheckpointError(Exception):
@@ -195,7 +198,14 @@ def save_checkpoint(checkpoint_dir: Path | str, model: PriceGRU, meta: Checkpoin
     state = {
         name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
     }
-    weights = save_safetensors(state, metadata={"format": "pt", "version": meta.version})
+    # The architecture goes into the hashed weights file too: fields that change no tensor
+    # shape (residual, window_length) are then still covered by the hash.
+    metadata = {
+        "format": "pt",
+        "version": meta.version,
+        ARCHITECTURE_KEY: model.config.model_dump_json(),
+    }
+    weights = save_safetensors(state, metadata=metadata)
     meta = meta.model_copy(
         update={
             "architecture": model.config,
@@ -225,7 +235,9 @@ def read_meta(version_dir: Path) -> CheckpointMeta:
         raise CheckpointError(f"{meta_path} is missing") from exc
     except OSError as exc:  # PermissionError, IsADirectoryError, EIO
         raise CheckpointError(f"cannot read {meta_path}: {exc.strerror or exc}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError: bad JSON or UTF-8, or an integer over Python's 4,300-digit limit;
+        # RecursionError: nesting deeper than the parser's stack.
         raise CheckpointError(f"{meta_path} is not valid JSON: {exc}") from exc
     try:
         meta = CheckpointMeta.model_validate(raw)
@@ -252,7 +264,9 @@ def load_checkpoint(version_dir: Path | str, device: torch.device | str = "cpu")
     """Load and validate one version directory; raise :class:`CheckpointError` if unusable.
 
     Checks the meta, the weights' hash, the tensor names and shapes against the recorded
-    architecture, and that every weight is finite.
+    architecture (before allocating the model), that architecture against the one saved
+    in the weights file (checkpoints written before it was saved there skip this), and
+    that every weight is finite.
     """
     version_dir = Path(version_dir)
     if not version_dir.is_dir():
@@ -277,8 +291,11 @@ def load_checkpoint(version_dir: Path | str, device: torch.device | str = "cpu")
         state = load_safetensors(weights)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{weights_path} is not a safetensors file: {exc}") from exc
-    model = PriceGRU(meta.architecture)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    # Shapes from a model on the meta device: an architecture that does not fit (a
+    # hand-edited hidden size of 4096) is refused before gigabytes are allocated for it.
+    with torch.device("meta"):
+        skeleton = PriceGRU(meta.architecture)
+    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in state.items()}
     if expected != found:
         missing = sorted(set(expected) - set(found))
@@ -288,12 +305,36 @@ def load_checkpoint(version_dir: Path | str, device: torch.device | str = "cpu")
             f"{weights_path} does not fit architecture {meta.architecture.model_dump()}: "
             f"missing {missing}, unexpected {unexpected}, wrong shape {wrong}"
         )
+    saved_with = _saved_architecture(weights)
+    if saved_with is not None and saved_with != meta.architecture:
+        raise CheckpointError(
+            f"{version_dir / META_FILE}: architecture {meta.architecture.model_dump()} differs "
+            f"from the one saved with the weights {saved_with.model_dump()}: tampered"
+        )
     for name, tensor in state.items():
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{weights_path}: weight {name!r} holds NaN or infinity")
+    model = PriceGRU(meta.architecture)
     model.load_state_dict(state)
     model.to(device).eval()
     return Checkpoint(model=model, meta=meta, path=version_dir)
+
+
+def _saved_architecture(weights: bytes) -> ModelConfig | None:
+    """The architecture recorded in a safetensors file's metadata, or None (before it was).
+
+    ``weights`` has already been parsed by safetensors, so its header (an 8-byte
+    little-endian length, then that much JSON) is known to be well formed.
+    """
+    header_length = int.from_bytes(weights[:8], "little")
+    header = json.loads(weights[8 : 8 + header_length])
+    recorded = header.get("__metadata__", {}).get(ARCHITECTURE_KEY)
+    if recorded is None:
+        return None
+    try:
+        return ModelConfig.model_validate_json(recorded)
+    except ValidationError as exc:
+        raise CheckpointError(f"the architecture saved with the weights is invalid: {exc}") from exc
 
 
 def read_latest(checkpoint_dir: Path | str) -> str | None:

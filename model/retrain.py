@@ -47,6 +47,7 @@ from model.checkpoint import (
     new_version,
     promote,
     read_latest,
+    read_meta,
     save_checkpoint,
 )
 from model.data import (
@@ -898,6 +899,7 @@ def retrain_once(args: argparse.Namespace) -> int:
         # promoting: another run's promotion lands before or after all three.
         with promotion_lock(checkpoint_dir):
             parent = read_latest(checkpoint_dir)
+            served_length = _window_length_of(checkpoint_dir, parent)
             decision = decide_promotion(
                 checkpoint_dir,
                 outcome.split,
@@ -914,8 +916,24 @@ def retrain_once(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     except OSError as exc:
         return _fail(f"could not write the checkpoint: {exc}", EXIT_FAILURE)
+    length_change = (
+        [served_length, meta.window_length]
+        if decision.promote and served_length not in (None, meta.window_length)
+        else None
+    )
     if decision.promote:
         logger.info("promoted %s to LATEST: %s", meta.version, decision.reason)
+        if length_change:
+            logger.warning(
+                "%s uses %d-tick windows, %s in service used %d: running daemons refuse a "
+                "checkpoint of another window length and keep serving %s until they are "
+                "restarted (a restart rebuilds every window at the new length)",
+                meta.version,
+                meta.window_length,
+                parent,
+                served_length,
+                parent,
+            )
     else:
         logger.warning("kept %s out of service: %s", meta.version, decision.reason)
 
@@ -926,6 +944,7 @@ def retrain_once(args: argparse.Namespace) -> int:
         "promoted": decision.promote,
         "reason": decision.reason,
         "parent_version": parent,
+        "window_length_change": length_change,
         "incumbent_rmse": decision.incumbent_rmse,
         "candidate_rmse": decision.candidate_rmse,
         "compared_windows": decision.compared_windows,
@@ -939,6 +958,16 @@ def retrain_once(args: argparse.Namespace) -> int:
     }
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
+
+
+def _window_length_of(checkpoint_dir: Path, version: str | None) -> int | None:
+    """The window length ``version`` records, or None without one (or a readable meta)."""
+    if version is None:
+        return None
+    try:
+        return read_meta(checkpoint_dir / version).window_length
+    except CheckpointError:
+        return None
 
 
 def _plot(path: Path, outcome: FitOutcome) -> Path:
@@ -1000,6 +1029,12 @@ def format_report(report: dict[str, Any]) -> str:
         rows.append(format_walk_forward(walk))
     status = "promoted to LATEST" if report["promoted"] else "NOT promoted"
     rows.append(f"{status}: {report['reason']}")
+    if report.get("window_length_change"):
+        served, new = report["window_length_change"]
+        rows.append(
+            f"window length {served} -> {new}: running daemons keep the old checkpoint "
+            "until they are restarted"
+        )
     rows.append(f"checkpoint: {report['checkpoint']}")
     rows.append(f"plot: {report['plot']}")
     return "\n".join(rows)

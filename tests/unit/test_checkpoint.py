@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save as save_safetensors
 
 import model.checkpoint as checkpoint_module
 from model.checkpoint import (
@@ -140,11 +141,74 @@ def test_tampered_meta_is_refused(tmp_path: Path, changes: dict[str, Any], messa
         load_checkpoint(version_dir)
 
 
-def test_meta_that_is_not_json_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"version": ',
+        # Valid JSON that Python's parser still refuses: an integer over its 4,300-digit
+        # limit (ValueError) and nesting deeper than its stack (RecursionError).
+        '{"note": ' + "9" * 5000 + "}",
+        '{"note": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    ],
+    ids=["truncated", "huge-integer", "deep-nesting"],
+)
+def test_meta_that_is_not_json_is_refused(tmp_path: Path, text: str) -> None:
     version_dir = save(tmp_path)
-    (version_dir / META_FILE).write_text('{"version": ')
+    (version_dir / META_FILE).write_text(text)
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_checkpoint(version_dir)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"residual": False}, {"window_length": 30}],
+    ids=["residual", "window_length"],
+)
+def test_an_architecture_edit_that_keeps_the_shapes_is_refused(
+    tmp_path: Path, changes: dict[str, Any]
+) -> None:
+    # Neither field changes a tensor's shape, and the weights' hash still matches: only
+    # the architecture saved inside the weights file shows the edit.
+    version_dir = save(tmp_path)
+    rewrite_meta(version_dir, architecture={**CONFIG.model_dump(), **changes})
+    with pytest.raises(CheckpointError, match="differs from the one saved with the weights"):
+        load_checkpoint(version_dir)
+
+
+def test_a_checkpoint_without_the_saved_architecture_still_loads(
+    tmp_path: Path, windows: np.ndarray
+) -> None:
+    # Checkpoints written before the architecture went into the weights file.
+    model = make_model()
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    weights = save_safetensors(state, metadata={"format": "pt", "version": "old"})
+    version_dir = save(tmp_path, model, version="old")
+    (version_dir / WEIGHTS_FILE).write_bytes(weights)
+    rewrite_meta(version_dir, weights_sha256=hashlib.sha256(weights).hexdigest())
+    loaded = load_checkpoint(version_dir)
+    assert torch.equal(predict_prices(loaded.model, windows), predict_prices(model, windows))
+
+
+def test_an_oversized_architecture_is_refused_before_it_is_allocated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # hidden_size 4096 × 8 layers is ~2.8 GiB of float32: built for real, a checkpoint
+    # that is refused anyway could get a memory-limited daemon killed.
+    built_on: list[str] = []
+
+    class RecordingGRU(PriceGRU):
+        def __init__(self, config: ModelConfig | None = None) -> None:
+            super().__init__(config)
+            built_on.append(next(self.parameters()).device.type)
+
+    monkeypatch.setattr(checkpoint_module, "PriceGRU", RecordingGRU)
+    version_dir = save(tmp_path)
+    rewrite_meta(
+        version_dir, architecture={**CONFIG.model_dump(), "hidden_size": 4096, "num_layers": 8}
+    )
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(version_dir)
+    assert built_on == ["meta"]
 
 
 def test_non_finite_weights_are_refused(tmp_path: Path) -> None:

@@ -82,6 +82,7 @@ def test_retrain_end_to_end(
     assert second["evaluation"] == first["evaluation"]
     assert second["promoted"] is True
     assert second["incumbent_rmse"] == pytest.approx(evaluation["gru"]["rmse"])
+    assert second["window_length_change"] is None
     assert read_latest(tmp_path / "ck") == second["version"]
 
 
@@ -129,6 +130,30 @@ def test_a_worse_model_is_not_promoted_unless_forced(
     assert better["promoted"] is True
     assert better["reason"].startswith("not worse:")
     assert read_latest(tmp_path) == better["version"]
+
+
+def test_promoting_another_window_length_warns_that_daemons_keep_the_old_model(
+    goog_csv: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A serving daemon refuses a checkpoint of another window length (its windows hold that
+    # many ticks), so such a promotion takes effect only as instances restart.
+    caplog.set_level(logging.WARNING, logger="model.retrain")
+    served = install(tmp_path, PriceGRU(ModelConfig(hidden_size=8, window_length=WINDOW + 5)))
+    argv = ["--data", str(goog_csv), "--checkpoint-dir", str(tmp_path), *FAST, "--force"]
+    report = run_json(capsys, *argv)
+    assert report["promoted"] is True
+    assert report["window_length_change"] == [WINDOW + 5, WINDOW]
+    assert f"{served} in service used {WINDOW + 5}" in caplog.text
+    assert "until they are restarted" in caplog.text
+
+    assert run_retrain(parse(*argv)) == 0  # now the same length: no change to report
+    assert "window length" not in capsys.readouterr().out
+    install(tmp_path, PriceGRU(ModelConfig(hidden_size=8, window_length=WINDOW + 5)))
+    assert run_retrain(parse(*argv)) == 0
+    assert f"window length {WINDOW + 5} -> {WINDOW}" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
