@@ -83,7 +83,13 @@ class BatchPublisher:
             cached = self._partitioner(key, partitions, partitions)
             if key is None or len(key) <= MAX_CACHED_KEY_BYTES:
                 if len(placed) >= MAX_CACHED_KEYS:
-                    placed.clear()  # dead letters carry any producer's keys: keep it bounded
+                    # Dead letters carry any producer's keys: keep it bounded. The key-less
+                    # placement stays: it is a random pick, and a retried send must place
+                    # its records where the failed try did (a hashed key lands there anyway).
+                    keyless = placed.get(None)
+                    placed.clear()
+                    if keyless is not None:
+                        placed[None] = keyless
                 placed[key] = cached
         return cached
 

@@ -10,6 +10,10 @@ from pydantic_settings import SettingsConfigDict
 
 from model.kafka_access import KafkaAccess
 
+# The windows' order check packs a fetch's symbols into one int64 range, each spanning up
+# to the largest valid ts (1e13 ms): past ~460,000 symbols in one fetch that overflows.
+MAX_FETCH_RECORDS = 100_000
+
 
 class Settings(KafkaAccess):
     """``TICKCAST_*`` environment variables; CLI flags of the same name override them.
@@ -71,7 +75,7 @@ class Settings(KafkaAccess):
     live_batch_size: int = Field(default=256, ge=1, le=65536)
     # Short: a fetch already gathers up to FETCH_MAX_WAIT_MS of ticks into one chunk.
     max_batch_delay_ms: float = Field(default=1.0, ge=0)
-    fetch_max_records: int = Field(default=5000, ge=1)
+    fetch_max_records: int = Field(default=5000, ge=1, le=MAX_FETCH_RECORDS)
     # The broker answers a fetch once it has this many bytes, or after this wait: under
     # load, fewer and fuller fetches (Kafka's own defaults, 1 byte / 500 ms, answer every
     # fetch with whatever just arrived: a few ticks per request round trip).

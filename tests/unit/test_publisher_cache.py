@@ -28,6 +28,21 @@ def test_placements_match_the_partitioner_and_the_cache_is_bounded(
     assert len(batch_publisher._partition_of["dlq"]) <= 3
 
 
+def test_the_keyless_placement_survives_the_cache_being_cleared(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Key-less records go to a random partition; a retried send relies on finding them
+    # where the failed try put them, however many keys were placed in between.
+    monkeypatch.setattr(publisher, "MAX_CACHED_KEYS", 3)
+    batch_publisher = BatchPublisher(SimpleNamespace())
+    partitions = list(range(64))
+    keyless = batch_publisher.partition_for("dlq", None, partitions)
+    for i in range(20):
+        batch_publisher.partition_for("dlq", f"key-{i}".encode(), partitions)
+        assert batch_publisher.partition_for("dlq", None, partitions) == keyless
+    assert len(batch_publisher._partition_of["dlq"]) <= 3
+
+
 def test_long_keys_are_placed_right_but_never_cached() -> None:
     """A producer's 256 KiB keys on 4,000 bad ticks once held ~1 GiB in the cache."""
     batch_publisher = BatchPublisher(SimpleNamespace())

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
+from daemon.settings import MAX_FETCH_RECORDS, Settings
 from daemon.windows import NO_TS, SymbolWindows
 from model.data import load_series
+from model.tick_rules import MAX_TS_MS
 
 
 class ReferenceWindows:
@@ -196,3 +200,19 @@ def test_a_round_never_written_leaves_its_symbols_replaying_from_before_it():
     again = wins.take_snapshot({0: 12}, max_symbols=1)
     assert again.snapshot.symbols == ["A"]
     assert again.markers == {0: 5}  # B's snapshot never landed: replay from its first tick
+
+
+def test_the_largest_allowed_fetch_of_distinct_symbols_with_a_late_tick_is_applied():
+    # The order check packs every symbol of a fetch into one int64 range as wide as the
+    # fetch's ts span; at the fetch cap, with the widest valid span and one late tick
+    # (which takes that path), it must still fit.
+    n = MAX_FETCH_RECORDS
+    wins = SymbolWindows(2)
+    symbols = [f"S{i}" for i in range(n - 1)] + ["S0"]
+    slots = wins.slots_for(symbols, np.zeros(n, np.int32))
+    ts = np.full(n, MAX_TS_MS // 2, np.int64)
+    ts[0], ts[1], ts[-1] = MAX_TS_MS - 1, 1, 2  # S0 newest first, then late
+    applied = wins.apply(slots, np.ones(n), ts)  # prices irrelevant here
+    assert applied.dropped == 1
+    with pytest.raises(ValidationError, match="fetch_max_records"):
+        Settings(fetch_max_records=MAX_FETCH_RECORDS + 1)
