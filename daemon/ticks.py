@@ -13,11 +13,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import msgspec
 import numpy as np
 import orjson
 
-from model.tick_rules import MAX_PRICE, MAX_TS_MS, MIN_PRICE, InvalidTickError, validate_tick
+from model.tick_rules import (
+    MAX_PRICE,
+    MAX_TS_MS,
+    MIN_PRICE,
+    InvalidTickError,
+    decode_tick_value,
+    parse_schema_tick,
+)
 
 
 class RawRecord(Protocol):
@@ -109,16 +115,6 @@ def decode_ticks(
     )
 
 
-class _CleanTick(msgspec.Struct, gc=False):
-    """The fast path's schema, checked in C while parsing: symbol a string, price a JSON
-    number, ts a JSON integer (not a bool, not 1.0); unknown fields skipped."""
-
-    symbol: str
-    price: float
-    ts: int
-
-
-_parse_clean_tick = msgspec.json.Decoder(_CleanTick).decode
 _SYMBOL = operator.attrgetter("symbol")
 _PRICE = operator.attrgetter("price")
 _TS = operator.attrgetter("ts")
@@ -139,7 +135,7 @@ def _decode_clean(
         sizes = np.fromiter(map(len, values), np.int64, n)
         if n == 0 or sizes.min() == 0 or sizes.max() > max_tick_bytes:
             return None
-        ticks = list(map(_parse_clean_tick, values))
+        ticks = list(map(parse_schema_tick, values))
         # msgspec skips unknown fields without checking their UTF-8; one C pass does.
         b"".join(values).decode("utf-8")
         symbols = list(map(_SYMBOL, ticks))
@@ -165,21 +161,6 @@ def _decode_clean(
     )
 
 
-def _clean_tick_of(value: bytes, max_symbol_length: int) -> tuple[str, float, int] | None:
-    """One record through the fast path's rules (see :func:`_decode_clean`), or None."""
-    try:
-        tick = _parse_clean_tick(value)
-        value.decode("utf-8")
-    except Exception:
-        return None
-    symbol, price, ts = tick.symbol, tick.price, tick.ts
-    if not 0 < len(symbol) <= max_symbol_length or not symbol.isprintable():
-        return None
-    if not (MIN_PRICE <= price <= MAX_PRICE and 0 < ts < MAX_TS_MS):
-        return None
-    return symbol, price, ts
-
-
 def decode_one_by_one(
     records: Sequence[RawRecord],
     partitions: np.ndarray,
@@ -194,7 +175,6 @@ def decode_one_by_one(
     good_partitions: list[int] = []
     offsets: list[int] = []
     bad: list[BadTick] = []
-    loads = orjson.loads
     for record, partition in zip(records, np.asarray(partitions).tolist(), strict=True):
         value = record.value
         if not value:
@@ -204,30 +184,8 @@ def decode_one_by_one(
             detail = f"value is {len(value)} bytes, limit {max_tick_bytes}"
             bad.append(BadTick(record, partition, "oversized", detail))
             continue
-        clean = _clean_tick_of(value, max_symbol_length)
-        if clean is not None:
-            symbol, price, ts = clean
-            symbols.append(symbol)
-            prices.append(price)
-            times.append(ts)
-            good_partitions.append(partition)
-            offsets.append(record.offset)
-            continue
-        # Not a tick the fast path would take: orjson parses it to name the reason (or to
-        # accept what that schema refuses, such as a ts of 1.0).
         try:
-            obj = loads(value)
-        except (orjson.JSONDecodeError, RecursionError) as exc:
-            try:
-                value.decode("utf-8")
-            except UnicodeDecodeError:
-                bad.append(BadTick(record, partition, "not_utf8", "value is not UTF-8"))
-            else:
-                detail = f"value is not JSON: {exc}"[:200]
-                bad.append(BadTick(record, partition, "not_json", detail))
-            continue
-        try:
-            symbol, price, ts = validate_tick(obj, max_symbol_length)
+            symbol, price, ts = decode_tick_value(value, max_symbol_length)
         except InvalidTickError as invalid:
             bad.append(BadTick(record, partition, invalid.reason, invalid.detail))
             continue

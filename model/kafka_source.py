@@ -22,7 +22,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import numpy as np
-import orjson
 import pandas as pd
 
 from model.data import DataError, PriceSeries
@@ -32,7 +31,7 @@ from model.tick_rules import (
     MAX_TICK_BYTES,
     MAX_TS_MS,
     InvalidTickError,
-    validate_tick,
+    decode_tick_value,
 )
 
 logger = logging.getLogger(__name__)
@@ -140,11 +139,7 @@ def decode_tick(
     if len(value) > max_tick_bytes:
         return "oversized"
     try:
-        obj = orjson.loads(value)
-    except orjson.JSONDecodeError:
-        return "not_json"
-    try:
-        return validate_tick(obj, max_symbol_length)
+        return decode_tick_value(value, max_symbol_length)
     except InvalidTickError as invalid:
         return invalid.reason
 

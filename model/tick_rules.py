@@ -7,7 +7,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import msgspec
 import numpy as np
+import orjson
 
 # Event times must fit a float64 exactly and be after 1970; the upper bound (year ~2286)
 # rejects values in micro- or nanoseconds, a common producer mistake.
@@ -63,3 +65,53 @@ def validate_tick(obj: Any, max_symbol_length: int = MAX_SYMBOL_LENGTH) -> tuple
     if not 0 < ts < MAX_TS_MS:
         raise InvalidTickError("bad_ts", f"ts {ts} is not epoch milliseconds")
     return symbol, price, ts
+
+
+class _SchemaTick(msgspec.Struct, gc=False):
+    """A tick's schema, checked in C while parsing: symbol a string, price a JSON number,
+    ts a JSON integer (not a bool, not 1.0); unknown fields skipped unparsed."""
+
+    symbol: str
+    price: float
+    ts: int
+
+
+# Raises on anything that does not fit the schema; the daemon maps it over whole fetches.
+parse_schema_tick = msgspec.json.Decoder(_SchemaTick).decode
+
+
+def schema_tick(value: bytes, max_symbol_length: int) -> tuple[str, float, int] | None:
+    """(symbol, price, ts) when ``value`` fits the schema and the rules, else None."""
+    try:
+        tick = parse_schema_tick(value)
+        value.decode("utf-8")  # msgspec skips unknown fields without checking their UTF-8
+    except Exception:
+        return None
+    symbol, price, ts = tick.symbol, tick.price, tick.ts
+    if not 0 < len(symbol) <= max_symbol_length or not symbol.isprintable():
+        return None
+    if not (MIN_PRICE <= price <= MAX_PRICE and 0 < ts < MAX_TS_MS):
+        return None
+    return symbol, price, ts
+
+
+def decode_tick_value(value: bytes, max_symbol_length: int) -> tuple[str, float, int]:
+    """(symbol, price, ts) of one non-empty record value, or raise
+    :class:`InvalidTickError`: the daemon's decoder and the retrain job's reader both call
+    this, so they accept exactly the same ticks."""
+    clean = schema_tick(value, max_symbol_length)
+    if clean is not None:
+        return clean
+    # Not a tick the schema takes: orjson parses it to name the reason (or to accept what
+    # the schema refuses, such as a ts of 1.0). Unknown fields are parsed here, so one
+    # orjson refuses (a number like 1e999) makes the tick not JSON only if the schema
+    # failed as well.
+    try:
+        obj = orjson.loads(value)
+    except (orjson.JSONDecodeError, RecursionError) as exc:
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidTickError("not_utf8", "value is not UTF-8") from None
+        raise InvalidTickError("not_json", f"value is not JSON: {exc}"[:200]) from None
+    return validate_tick(obj, max_symbol_length)

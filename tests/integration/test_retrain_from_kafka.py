@@ -121,7 +121,8 @@ def test_retrain_from_kafka_trains_on_the_retained_ticks(
     summary = json.loads(summary_line.split(": ", 1)[1])
     assert summary["records"] == 2 * PER_SYMBOL + len(GARBAGE) + 5 + 10
     assert summary["invalid"] == {
-        "not_json": 2,
+        "not_json": 1,
+        "not_utf8": 1,
         "bad_price": 2,
         "missing_field": 1,
         "bad_ts": 1,

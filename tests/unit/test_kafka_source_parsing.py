@@ -227,7 +227,7 @@ INVALID = [
     (b"", "empty"),
     (b"x" * (MAX_TICK_BYTES + 1), "oversized"),
     (b"{not json", "not_json"),
-    (b"\xff\xfe", "not_json"),  # invalid UTF-8: orjson refuses it
+    (b"\xff\xfe", "not_utf8"),
     # JSON has no NaN or infinity: orjson refuses them, so no non-finite price gets through.
     (b'{"symbol": "A", "price": NaN, "ts": 5}', "not_json"),
     (b'{"symbol": "A", "price": Infinity, "ts": 5}', "not_json"),

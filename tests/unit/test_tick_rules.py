@@ -60,3 +60,26 @@ def test_the_daemon_and_the_retrain_job_judge_every_tick_alike(
     obj = {k: v for k, v in fields.items() if v is not MISSING}
     value = json.dumps(obj if top_level else [obj]).encode()  # orjson: no ints beyond 64 bits
     assert decode_tick(value) == daemon_verdict(value)
+
+
+# Raw values the hypothesis test above cannot write through json.dumps: extra fields that
+# the daemon's schema skips unparsed but orjson refuses, bytes that are not UTF-8, and
+# JSON that is not a tick at all.
+RAW_VALUES = [
+    b'{"symbol": "A", "price": 2, "ts": 5, "x": 1e999}',  # taken by both (the field is skipped)
+    b'{"symbol": "A", "price": 2, "ts": 5, "x": NaN}',
+    b'{"symbol": "A", "price": 2, "ts": 5, "x": 99999999999999999999999}',
+    b'{"symbol": "A", "price": 2, "ts": 5, "x": "\xff"}',
+    b'{"symbol": "A", "price": 2, "ts": 5.0, "x": 1e999}',
+    b'{"symbol": "A", "price": 1e999, "ts": 5}',
+    b"\xff\xfe",
+    b"{not json",
+    b'{"symbol": "A", "price": 2, "ts": 5, "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+]
+
+
+def test_the_daemon_and_the_retrain_job_judge_raw_values_alike() -> None:
+    verdicts = [decode_tick(value) for value in RAW_VALUES]
+    assert verdicts == [daemon_verdict(value) for value in RAW_VALUES]
+    assert verdicts[0] == ("A", 2.0, 5)  # an unusable extra field does not spoil a tick
+    assert verdicts[6] == "not_utf8"
