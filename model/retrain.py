@@ -961,7 +961,7 @@ def retrain_once(args: argparse.Namespace) -> int:
 
 
 def _window_length_of(checkpoint_dir: Path, version: str | None) -> int | None:
-    """The window length ``version`` records, or None without one (or a readable meta)."""
+    """The window length ``version`` records; None without a version or a readable meta."""
     if version is None:
         return None
     try:
